@@ -1,0 +1,232 @@
+"""The robust gating game on a finite space, where every quantity is exact.
+
+`solve` runs the primal-dual algorithm of MATH.md §4 with a sequence-level
+gate (§2.2) over N points: either a free table of scores s(x) ("tabular") or a
+small network over the experts' log-probabilities at x ("mlp", which contains
+the Bayes-posterior gate). `robust_gate.reference.solve_exact` solves the same
+game by convex optimization, independently, for comparison.
+
+Reported numbers are computed in float64 from the final gate, and the model is
+normalized exactly (Z_w is a finite sum), so every loss is that of a real model.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from robust_gate import checks, dual, gating, objectives, primal_dual
+from robust_gate import uncertainty as uncertainty_lib
+
+GATES = ("tabular", "mlp")
+# Adam step sizes that converge on the test instances (BUILD_NOTES.md); the
+# network diverges at the table's 0.1.
+_DEFAULT_PRIMAL_LR = {"tabular": 0.1, "mlp": 0.01}
+# Expert log-probabilities are floored here when used as gate-network features.
+_FEATURE_FLOOR = -30.0
+
+
+class FiniteSolution(NamedTuple):
+  """What `solve` returns; arrays are float64 numpy."""
+  model_probs: np.ndarray     # [N] p_g, sums to 1.
+  gate: np.ndarray            # [N, M] g(x, j) = softmax(s(x))_j / Z (in G_1).
+  lam_avg: np.ndarray         # [K] λ̄, the average λ played.
+  lam_last: np.ndarray        # [K] the last λ.
+  domain_kl: np.ndarray       # [K] KL(D_k ‖ p_g).
+  domain_loss: np.ndarray     # [K] L_k = CE(D_k, p_g) − b_k (the game's losses).
+  worst_case: float           # max_{λ∈Λ} Σ_k λ_k L_k (linearized objective).
+  lam_worst: np.ndarray       # [K] a maximizer of the above.
+  mixture_worst_case: float   # max_{λ∈Λ} KL(D_λ ‖ p_g) (exact mixture objective).
+  history: dict               # per-step metrics: "lam" [S, K], "losses" [S, K], ...
+
+
+class _GateMLP(nn.Module):
+  """Sequence-level gate scores s_w(x) from the experts' log-probs at x."""
+  num_experts: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, features_NxF):
+    h = nn.gelu(nn.Dense(self.hidden)(features_NxF))
+    linear = nn.Dense(self.num_experts, kernel_init=nn.initializers.zeros)(
+        features_NxF)
+    return linear + nn.Dense(self.num_experts,
+                             kernel_init=nn.initializers.zeros)(h)
+
+
+def solve(domain_probs_KxN, expert_logprobs_MxN, *,
+          uncertainty: uncertainty_lib.UncertaintySet | None = None,
+          gate: str = "tabular", steps: int = 3000, seed: int = 0,
+          primal_lr: float | None = None, dual_lr: float = 0.1,
+          dual_smoothing: float = 0.0, ema_decay: float = 0.0,
+          baseline: str = "entropy", hidden: int = 32,
+          batch_size: int | None = None) -> FiniteSolution:
+  """Runs the robust gating game on a finite space of N points.
+
+  Args:
+    domain_probs_KxN: D_k(x), each row a distribution.
+    expert_logprobs_MxN: log p_j(x), each row normalized; -inf allowed.
+    uncertainty: Λ; None means the whole simplex.
+    gate: "tabular" (free scores per point) or "mlp" (a network over the
+      experts' log-probabilities at x).
+    steps: number of primal-dual steps (all in one lax.scan).
+    seed: PRNG seed (network init, minibatch sampling).
+    primal_lr: Adam learning rate of the gate; None: 0.1 tabular, 0.01 mlp.
+    dual_lr: mirror-ascent step η; it decays as η/√(1 + t/100).
+    dual_smoothing: ε, mixing toward Λ's prior after each dual step.
+    ema_decay: EMA of the gate parameters; the EMA gate is reported when > 0.
+    baseline: "entropy" (L_k is the exact KL), "expert" or "none" (§3).
+    hidden: width of the "mlp" gate.
+    batch_size: None for exact expectations, else B samples per domain per
+      step (the stochastic algorithm).
+
+  Returns:
+    A FiniteSolution.
+  """
+  probs = checks.check_probabilities(domain_probs_KxN)
+  logp = checks.check_logprobs(expert_logprobs_MxN)
+  checks.check_support(probs, logp)
+  K, N = probs.shape
+  M = logp.shape[0]
+  if uncertainty is None:
+    uncertainty = uncertainty_lib.simplex(K)
+  if uncertainty.num_domains != K:
+    raise checks.InputError(f"uncertainty set is over {uncertainty.num_domains} "
+                            f"domains but domain_probs has K={K}.")
+  if gate not in GATES:
+    raise checks.InputError(f"unknown gate {gate!r}; choose one of {GATES}.")
+  for name, value in (("steps", steps), ("hidden", hidden)):
+    if not isinstance(value, int) or value < 1:
+      raise checks.InputError(f"{name} must be a positive int, got {value!r}.")
+  if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    raise checks.InputError(f"batch_size must be None or a positive int, got "
+                            f"{batch_size!r}.")
+  if primal_lr is None:
+    primal_lr = _DEFAULT_PRIMAL_LR[gate]
+  for name, value in (("primal_lr", primal_lr), ("dual_lr", dual_lr)):
+    if not np.isfinite(value) or value < 0:
+      raise checks.InputError(f"{name} must be finite and ≥ 0, got {value}.")
+
+  # Points no expert covers carry no domain mass (check_support) and get p = 0
+  # under every gate; dropping them keeps every gradient finite.
+  covered = logp.max(axis=0) > -np.inf
+  probs_c = jnp.asarray(probs[:, covered], jnp.float32)
+  logp_c = jnp.asarray(logp[:, covered], jnp.float32)
+  baseline_K = objectives.finite_baselines(
+      baseline, jnp.asarray(probs, jnp.float32), jnp.asarray(logp, jnp.float32))
+
+  key_init, key_game = jax.random.split(jax.random.PRNGKey(seed))
+  log_gate_fn, params = _make_gate(gate, logp_c, hidden, key_init)
+
+  def loss_fn(params, batch, key):
+    del batch
+    logp_N = gating.finite_sequence_logp(log_gate_fn(params), logp_c)
+    if batch_size is None:
+      return objectives.cross_entropy(probs_c, logp_N) - baseline_K
+    idx_KxB = jax.random.categorical(key, jnp.log(probs_c),
+                                     shape=(batch_size, K)).T
+    return -jnp.mean(logp_N[idx_KxB], axis=1) - baseline_K
+
+  primal_opt = optax.adam(primal_lr)
+  dual_opt = dual.mirror_ascent(
+      lambda t: dual_lr / jnp.sqrt(1.0 + t / 100.0), uncertainty,
+      smoothing=dual_smoothing)
+  step_fn = primal_dual.make_step(loss_fn, primal_opt, dual_opt,
+                                  ema_decay=ema_decay)
+  state = primal_dual.init_state(params, primal_opt, dual_opt, key_game)
+  state, history = primal_dual.run(step_fn, state, steps)
+
+  final_params = state.ema_params if ema_decay > 0 else state.params
+  log_gate_NxM = np.asarray(log_gate_fn(final_params), np.float64)
+  return _report(probs, logp, covered, log_gate_NxM, baseline_K, uncertainty,
+                 np.asarray(state.lam_avg_K, np.float64),
+                 np.asarray(state.lam_K, np.float64),
+                 jax.tree_util.tree_map(np.asarray, history))
+
+
+def _make_gate(gate, logp_MxN, hidden, key):
+  """Returns (log_gate_fn(params) -> [N, M] log-softmax, initial params)."""
+  M, N = logp_MxN.shape
+  if gate == "tabular":
+    return (lambda scores_NxM: jax.nn.log_softmax(scores_NxM, axis=-1),
+            jnp.zeros((N, M)))
+  features_NxM = jnp.maximum(logp_MxN.T, _FEATURE_FLOOR) / -_FEATURE_FLOOR
+  model = _GateMLP(num_experts=M, hidden=hidden)
+  params = model.init(key, features_NxM)
+  return (lambda p: jax.nn.log_softmax(model.apply(p, features_NxM), axis=-1),
+          params)
+
+
+def _report(probs, logp, covered, log_gate_NcxM, baseline_K, uncertainty,
+            lam_avg, lam_last, history) -> FiniteSolution:
+  """Evaluates the final gate exactly, in float64."""
+  N = probs.shape[1]
+  log_c = _logsumexp(log_gate_NcxM + logp[:, covered].T, axis=1)
+  log_z = _logsumexp(log_c, axis=0)
+  model_probs = np.zeros(N)
+  model_probs[covered] = np.exp(log_c - log_z)
+  gate_NxM = np.zeros((N, logp.shape[0]))
+  gate_NxM[covered] = np.exp(log_gate_NcxM - log_z)
+  domain_kl = kl_np(probs, model_probs)
+  domain_loss = domain_kl + entropy_np(probs) - np.asarray(baseline_K, np.float64)
+  worst_case, lam_worst = uncertainty.max_linear(jnp.asarray(domain_loss,
+                                                             jnp.float32))
+  return FiniteSolution(
+      model_probs=model_probs, gate=gate_NxM, lam_avg=lam_avg, lam_last=lam_last,
+      domain_kl=domain_kl, domain_loss=domain_loss,
+      worst_case=float(np.dot(np.asarray(lam_worst, np.float64), domain_loss)),
+      lam_worst=np.asarray(lam_worst, np.float64),
+      mixture_worst_case=max_mixture_kl(probs, model_probs, uncertainty),
+      history=history)
+
+
+def _logsumexp(a, axis):
+  m = np.max(a, axis=axis, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  return np.squeeze(m, axis) + np.log(np.sum(np.exp(a - m), axis=axis))
+
+
+def entropy_np(probs_KxN: np.ndarray) -> np.ndarray:
+  """H(D_k) in float64 numpy."""
+  pos = probs_KxN > 0
+  return -np.sum(np.where(pos, probs_KxN * np.log(np.where(pos, probs_KxN, 1)), 0),
+                 axis=-1)
+
+
+def kl_np(probs_KxN: np.ndarray, q_N: np.ndarray) -> np.ndarray:
+  """KL(D_k ‖ q) in float64 numpy; inf where q misses D_k's mass."""
+  pos = probs_KxN > 0
+  with np.errstate(divide="ignore"):
+    log_ratio = np.log(np.where(pos, probs_KxN, 1)) - np.log(
+        np.broadcast_to(q_N, probs_KxN.shape))
+  return np.sum(np.where(pos, probs_KxN * log_ratio, 0.0), axis=-1)
+
+
+def max_mixture_kl(probs_KxN: np.ndarray, q_N: np.ndarray,
+                   uncertainty: uncertainty_lib.UncertaintySet) -> float:
+  """max_{λ∈Λ} KL(D_λ ‖ q), the exact mixture objective's worst case (§3).
+
+  KL(D_λ ‖ q) is convex in λ, so on a polytope (simplex, box) the maximum is at
+  a vertex and this is exact. On a KL ball it is the best of projected
+  mirror-ascent runs from several starts: a lower bound, tight in practice.
+  """
+  if uncertainty.kind != "kl_ball":
+    return float(np.max(kl_np(uncertainty.vertices() @ probs_KxN, q_N)))
+  K = probs_KxN.shape[0]
+  probs = jnp.asarray(probs_KxN, jnp.float32)
+  logq = jnp.log(jnp.asarray(q_N, jnp.float32))
+
+  def ascend(log_lam0_K):
+    def body(_, log_lam_K):
+      g_K = jax.grad(lambda lam: objectives.mixture_kl(lam, probs, logq))(
+          jnp.exp(log_lam_K))
+      return uncertainty.project_log(log_lam_K + 0.5 * g_K)
+    log_lam_K = jax.lax.fori_loop(0, 500, body, log_lam0_K)
+    return objectives.mixture_kl(jnp.exp(log_lam_K), probs, logq)
+
+  starts_SxK = jnp.log(jnp.concatenate(
+      [uncertainty.prior_K[None], 0.5 * uncertainty.prior_K + 0.5 * jnp.eye(K)]))
+  return float(jnp.max(jax.jit(jax.vmap(ascend))(starts_SxK)))

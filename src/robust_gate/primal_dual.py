@@ -1,0 +1,123 @@
+"""The stochastic primal-dual game and its certificate (MATH.md §4).
+
+    state = init_state(params, primal_opt, dual, key)
+    step  = make_step(loss_fn, primal_opt, dual)      # pure: (state, batch) -> (state, metrics)
+    state, metrics = run(step, state, num_steps)      # lax.scan under jit
+
+`loss_fn(params, batch, key) -> losses_K` returns the per-domain losses L̂_k(w)
+of one stratified minibatch (or exact expectations). Each step:
+
+  1. L̂ = loss_fn(w, batch, fold_in(key, step));
+  2. primal descent with ∇_w Σ_k λ_k L̂_k(w) through any optax optimizer;
+  3. dual mirror ascent λ ← Proj^KL_Λ(λ ⊙ exp(η L̂(w))) (same L̂, simultaneous);
+  4. running mean λ̄ of the λ played and an EMA of w.
+"""
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from robust_gate.dual import DualState, DualTransform
+from robust_gate.uncertainty import UncertaintySet
+
+LossFn = Callable[[Any, Any, jax.Array], jax.Array]
+
+
+@struct.dataclass
+class GameState:
+  step: jax.Array          # number of completed steps (int32).
+  params: Any              # gate parameters w.
+  opt_state: Any           # primal optimizer state.
+  dual_state: DualState    # log λ and the dual step count.
+  lam_avg_K: jax.Array     # λ̄, the running mean of the λ played (Λ's prior at step 0).
+  ema_params: Any          # EMA of w (equal to w when ema_decay = 0).
+  key: jax.Array           # base PRNG key; step t uses fold_in(key, t).
+
+  @property
+  def lam_K(self) -> jax.Array:
+    """The current (last) λ."""
+    return jnp.exp(self.dual_state.log_lam_K)
+
+
+def init_state(params: Any, primal_opt: optax.GradientTransformation,
+               dual: DualTransform, key: jax.Array, lam_K=None) -> GameState:
+  """The game's initial state; λ starts at `lam_K` or at Λ's prior."""
+  dual_state = dual.init(lam_K)
+  return GameState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=primal_opt.init(params), dual_state=dual_state,
+      lam_avg_K=jnp.exp(dual_state.log_lam_K),
+      ema_params=jax.tree_util.tree_map(jnp.copy, params), key=key)
+
+
+def make_step(loss_fn: LossFn, primal_opt: optax.GradientTransformation,
+              dual: DualTransform, *, ema_decay: float = 0.0):
+  """Builds the pure step `(state, batch) -> (state, metrics)` of §4."""
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+
+  def step(state: GameState, batch: Any):
+    lam_K = state.lam_K
+    key = jax.random.fold_in(state.key, state.step)
+
+    def objective(params):
+      losses_K = loss_fn(params, batch, key)
+      chex.assert_shape(losses_K, lam_K.shape)
+      return jnp.dot(lam_K, losses_K), losses_K
+
+    (obj, losses_K), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    updates, opt_state = primal_opt.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    _, dual_state = dual.update(jax.lax.stop_gradient(losses_K),
+                                        state.dual_state)
+    ema_params = optax.incremental_update(params, state.ema_params,
+                                          1.0 - ema_decay)
+    # Renormalized each step: float32 running means otherwise drift off Σ = 1.
+    lam_avg_K = state.lam_avg_K + (lam_K - state.lam_avg_K) / (state.step + 1)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        dual_state=dual_state,
+        lam_avg_K=lam_avg_K / jnp.sum(lam_avg_K),
+        ema_params=ema_params)
+    metrics = {"objective": obj, "losses": losses_K, "lam": lam_K,
+               "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  return step
+
+
+@functools.partial(jax.jit, static_argnames=("step_fn", "num_steps"),
+                   donate_argnames=("state",))
+def run(step_fn, state: GameState, num_steps: int, batches: Any = None):
+  """Runs `num_steps` steps inside one `lax.scan` under jit.
+
+  Args:
+    step_fn: from make_step (hashable; build it once and reuse it).
+    state: the GameState (donated).
+    num_steps: number of steps.
+    batches: None (loss_fn samples from its key, or uses exact expectations)
+      or a pytree with leading axis num_steps, one slice per step.
+
+  Returns:
+    (state, metrics) with every metric stacked over steps.
+  """
+  return jax.lax.scan(step_fn, state, batches, length=num_steps)
+
+
+class Certificate(NamedTuple):
+  """The §4 certificate on held-out losses."""
+  upper: jax.Array          # U = max_{λ∈Λ} Σ_k λ_k L_k.
+  lam_worst_K: jax.Array    # a maximizing λ.
+  losses_K: jax.Array       # the per-domain L_k.
+
+
+def certificate(losses_K: jax.Array, uncertainty: UncertaintySet) -> Certificate:
+  """The upper value over Λ of the linearized objective at held-out losses."""
+  upper, lam_worst_K = uncertainty.max_linear(losses_K)
+  return Certificate(upper, lam_worst_K, losses_K)

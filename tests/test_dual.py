@@ -1,0 +1,71 @@
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from robust_gate import dual, uncertainty
+
+
+def test_simplex_step_is_exponentiated_gradient():
+  s = uncertainty.simplex(3)
+  d = dual.mirror_ascent(0.5, s)
+  state = d.init()
+  losses = jnp.array([1.0, 0.0, -1.0])
+  lam, state = d.update(losses, state)
+  expected = np.exp(0.5 * np.array([1.0, 0.0, -1.0]))
+  np.testing.assert_allclose(lam, expected / expected.sum(), rtol=1e-6)
+  assert int(state.count) == 1
+
+
+def test_zero_learning_rate_keeps_lambda_fixed():
+  s = uncertainty.simplex(4)
+  d = dual.mirror_ascent(0.0, s)
+  state = d.init(jnp.array([0.1, 0.2, 0.3, 0.4]))
+  for _ in range(3):
+    lam, state = d.update(jnp.array([5.0, -1.0, 2.0, 0.0]), state)
+  np.testing.assert_allclose(lam, [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
+
+
+def test_schedule_and_smoothing():
+  s = uncertainty.simplex(2)
+  d = dual.mirror_ascent(optax.constant_schedule(1.0), s, smoothing=0.25)
+  lam, _ = d.update(jnp.array([1.0, 0.0]), d.init())
+  q = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum()
+  np.testing.assert_allclose(lam, 0.75 * q + 0.25 * 0.5, rtol=1e-6)
+
+
+def test_ascent_finds_the_worst_domain():
+  """With fixed losses, λ concentrates on the largest one (Λ = simplex)."""
+  d = dual.mirror_ascent(0.3, uncertainty.simplex(3))
+  update = jax.jit(d.update)
+  state = d.init()
+  for _ in range(200):
+    lam, state = update(jnp.array([0.2, 0.9, 0.5]), state)
+  assert lam[1] > 0.999
+
+
+def test_bad_smoothing_is_an_error():
+  with pytest.raises(ValueError, match="smoothing"):
+    dual.mirror_ascent(0.1, uncertainty.simplex(2), smoothing=1.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(hnp.arrays(np.float32, 3, elements=st.floats(-50, 50, width=32)),
+       st.floats(0, 10), st.floats(0, 0.9))
+def test_any_finite_losses_keep_lambda_in_the_set(losses, lr, eps):
+  for s in (uncertainty.simplex(3), uncertainty.box([0.1, 0.0, 0.2], [0.6, 0.5, 1.0]),
+            uncertainty.kl_ball([0.2, 0.3, 0.5], 0.1)):
+    d = dual.mirror_ascent(lr, s, smoothing=eps)
+    lam, state = _jit_update(d, s)(jnp.asarray(losses), d.init())
+    assert np.all(np.isfinite(lam))
+    assert s.contains(np.asarray(lam), atol=1e-4), (s.kind, lam)
+
+
+_CACHE = {}
+
+
+def _jit_update(d, s):
+  return jax.jit(d.update)
