@@ -199,10 +199,11 @@ def entropy_np(probs_KxN: np.ndarray) -> np.ndarray:
 def kl_np(probs_KxN: np.ndarray, q_N: np.ndarray) -> np.ndarray:
   """KL(D_k ‖ q) in float64 numpy; inf where q misses D_k's mass."""
   pos = probs_KxN > 0
+  q_KxN = np.broadcast_to(q_N, probs_KxN.shape)
   with np.errstate(divide="ignore"):
-    log_ratio = np.log(np.where(pos, probs_KxN, 1)) - np.log(
-        np.broadcast_to(q_N, probs_KxN.shape))
-  return np.sum(np.where(pos, probs_KxN * log_ratio, 0.0), axis=-1)
+    log_ratio = np.where(pos, np.log(np.where(pos, probs_KxN, 1.0)) -
+                         np.log(np.where(pos, q_KxN, 1.0)), 0.0)
+  return np.sum(probs_KxN * log_ratio, axis=-1)
 
 
 def max_mixture_kl(probs_KxN: np.ndarray, q_N: np.ndarray,

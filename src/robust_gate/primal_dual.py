@@ -86,7 +86,7 @@ def make_step(loss_fn: LossFn, primal_opt: optax.GradientTransformation,
         lam_avg_K=lam_avg_K / jnp.sum(lam_avg_K),
         ema_params=ema_params)
     metrics = {"objective": obj, "losses": losses_K, "lam": lam_K,
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return step

@@ -1,0 +1,69 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from conftest import random_instance
+from robust_gate import dual, gating, objectives, primal_dual, uncertainty
+
+
+def _game(seed=0, K=3, N=12, dual_lr=0.2, lam_set=None):
+  D, logE = random_instance(np.random.default_rng(seed), K, N, perturbed=True)
+  probs, logp = jnp.asarray(D, jnp.float32), jnp.asarray(logE, jnp.float32)
+  baseline = objectives.entropy(probs)
+
+  def loss_fn(scores, batch, key):
+    """Stochastic: 16 samples per domain, so the PRNG stream matters."""
+    logp_N = gating.finite_sequence_logp(jax.nn.log_softmax(scores), logp)
+    idx = jax.random.categorical(key, jnp.log(probs), shape=(16, K)).T
+    shift = 0.0 if batch is None else 1e-3 * batch  # batches reach the loss
+    return -jnp.mean(logp_N[idx], axis=1) - baseline + shift
+
+  lam_set = lam_set or uncertainty.simplex(K)
+  opt = optax.adam(0.05)
+  d = dual.mirror_ascent(dual_lr, lam_set)
+  step = primal_dual.make_step(loss_fn, opt, d, ema_decay=0.9)
+  state = primal_dual.init_state(jnp.zeros((N, K)), opt, d, jax.random.PRNGKey(seed))
+  return step, state, lam_set
+
+
+def test_scan_equals_the_same_number_of_single_steps():
+  step, state, _ = _game()
+  batches = jnp.arange(40, dtype=jnp.float32)
+  scanned, metrics = primal_dual.run(step, state, 40, batches)
+  _, state, _ = _game()
+  jit_step = jax.jit(step)
+  lams = []
+  for t in range(40):
+    state, m = jit_step(state, batches[t])
+    lams.append(m["lam"])
+  for a, b in zip(jax.tree_util.tree_leaves(scanned), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["lam"], np.stack(lams), rtol=2e-5, atol=1e-7)
+  assert int(scanned.step) == 40
+
+
+def test_lambda_average_and_last_stay_in_the_set():
+  box = uncertainty.box([0.1, 0.2, 0.1], [0.5, 0.7, 0.6])
+  step, state, _ = _game(lam_set=box, dual_lr=2.0)
+  state, metrics = primal_dual.run(step, state, 200)
+  assert box.contains(state.lam_K) and box.contains(state.lam_avg_K)
+  np.testing.assert_allclose(state.lam_avg_K, np.mean(metrics["lam"], axis=0), atol=1e-5)
+  for lam in np.asarray(metrics["lam"]):
+    assert box.contains(lam)
+
+
+def test_zero_dual_step_is_erm():
+  step, state, _ = _game(dual_lr=0.0)
+  state, metrics = primal_dual.run(step, state, 50)
+  np.testing.assert_allclose(metrics["lam"], np.full((50, 3), 1 / 3), rtol=1e-6)
+  np.testing.assert_allclose(state.lam_avg_K, np.full(3, 1 / 3), rtol=1e-6)
+
+
+def test_certificate_is_the_max_over_the_set():
+  losses = jnp.array([0.3, 0.9, 0.5])
+  c = primal_dual.certificate(losses, uncertainty.simplex(3))
+  np.testing.assert_allclose(c.upper, 0.9)
+  np.testing.assert_allclose(c.lam_worst_K, [0, 1, 0])
+  c = primal_dual.certificate(losses, uncertainty.box([0.2, 0.0, 0.2], [1.0, 0.5, 1.0]))
+  np.testing.assert_allclose(c.upper, 0.2 * 0.3 + 0.5 * 0.9 + 0.3 * 0.5, rtol=1e-6)
