@@ -147,6 +147,28 @@ def solve(domain_probs_KxN, expert_logprobs_MxN, *,
                  jax.tree_util.tree_map(np.asarray, history))
 
 
+def random_instance(seed: int, num_domains: int, num_points: int,
+                    num_experts: int | None = None, perturbed: bool = False,
+                    expert_noise: float = 0.3):
+  """A random finite game: (domain_probs_KxN, expert_logprobs_MxN), float64.
+
+  Domains are sparse Dirichlet(0.3) draws (masses below 1e-3 set to zero).
+  Expert j is domain j mod K, exact, or when `perturbed` mixed with weight
+  `expert_noise` with a random full-support distribution.
+  """
+  rng = np.random.default_rng(seed)
+  probs = rng.dirichlet(np.full(num_points, 0.3), size=num_domains)
+  probs = np.where(probs > 1e-3, probs, 0.0)
+  probs /= probs.sum(axis=1, keepdims=True)
+  M = num_domains if num_experts is None else num_experts
+  experts = probs[np.arange(M) % num_domains]
+  if perturbed:
+    experts = (1 - expert_noise) * experts + expert_noise * rng.dirichlet(
+        np.ones(num_points), size=M)
+  with np.errstate(divide="ignore"):
+    return probs, np.log(experts)
+
+
 def _make_gate(gate, logp_MxN, hidden, key):
   """Returns (log_gate_fn(params) -> [N, M] log-softmax, initial params)."""
   M, N = logp_MxN.shape
