@@ -1,0 +1,161 @@
+"""Expert language models and the causal gate network (Flax), as pure functions.
+
+* `TransformerLM`: a small causal transformer over tokens (bytes, characters,
+  pixel intensities). Experts, the monolithic baselines and the distilled student
+  share it; K experts are one stacked parameter pytree evaluated with `vmap`.
+* `CausalGate`: the gate of MATH.md §2.1. Its input at position t is the prefix
+  x_≤t and the experts' log-likelihoods of the prefix, log p_j(x_<t) (from the
+  cache); its logits start as those log-likelihoods, i.e. at the Bayes-posterior
+  gate with a uniform prior, and a small MLP learns corrections.
+
+Token layout (robust_gate.data): inputs [BOS, x_1..x_n, pad], targets
+[x_1..x_n, EOS, pad], BOS = EOS = 0, a mask over the n + 1 real targets.
+"""
+
+import dataclasses
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  vocab_size: int
+  max_len: int
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  d_ff: int = 256
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"LMConfig.{f.name} must be a positive int, got {v!r}.")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"LMConfig.d_model={self.d_model} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+
+
+class _Block(nn.Module):
+  config: LMConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    c = self.config
+    B, T, D = x_BxTxD.shape
+    H = c.num_heads
+    h = nn.LayerNorm()(x_BxTxD)
+    qkv = nn.Dense(3 * D, use_bias=False)(h).reshape(B, T, 3, H, D // H)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scores_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(D // H)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    scores_BxHxTxT = jnp.where(causal, scores_BxHxTxT, -1e9)
+    attn = jax.nn.softmax(scores_BxHxTxT, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(B, T, D)
+    x_BxTxD = x_BxTxD + nn.Dense(D, use_bias=False)(out)
+    h = nn.LayerNorm()(x_BxTxD)
+    h = nn.Dense(D)(nn.gelu(nn.Dense(c.d_ff)(h)))
+    return x_BxTxD + h
+
+
+class TransformerLM(nn.Module):
+  """Causal transformer; returns next-token logits [B, T, V]."""
+  config: LMConfig
+
+  @nn.compact
+  def __call__(self, inputs_BxT):
+    c = self.config
+    chex.assert_rank(inputs_BxT, 2)
+    T = inputs_BxT.shape[1]
+    x = nn.Embed(c.vocab_size, c.d_model)(inputs_BxT)
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02),
+                       (c.max_len, c.d_model))[:T]
+    for _ in range(c.num_layers):
+      x = _Block(c)(x)
+    return nn.Dense(c.vocab_size)(nn.LayerNorm()(x))
+
+
+def init_lm(config: LMConfig, key: jax.Array):
+  """Parameters of one TransformerLM."""
+  return TransformerLM(config).init(key, jnp.zeros((1, config.max_len), jnp.int32))
+
+
+def init_stacked_lm(config: LMConfig, key: jax.Array, num_models: int):
+  """Parameters of `num_models` TransformerLMs stacked on a leading axis."""
+  return jax.vmap(lambda k: init_lm(config, k))(jax.random.split(key, num_models))
+
+
+def next_token_logprobs(config: LMConfig, params, inputs_BxT) -> jax.Array:
+  """Full next-token log-distributions log p(· | x_≤t), [B, T, V] (fp32)."""
+  logits = TransformerLM(config).apply(params, inputs_BxT)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def token_logprobs(config: LMConfig, params, inputs_BxT, targets_BxT) -> jax.Array:
+  """log p(target_t | x_≤t) of the observed targets, [B, T]."""
+  logp_BxTxV = next_token_logprobs(config, params, inputs_BxT)
+  return jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+
+
+def stacked_token_logprobs(config: LMConfig, params_M, inputs_BxT,
+                           targets_BxT) -> jax.Array:
+  """Every stacked model's log-probs of the same targets, [B, T, M]."""
+  logp_MxBxT = jax.vmap(token_logprobs, in_axes=(None, 0, None, None))(
+      config, params_M, inputs_BxT, targets_BxT)
+  return jnp.moveaxis(logp_MxBxT, 0, -1)
+
+
+def prefix_loglik(logp_BxTxM: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+  """log p_j(x_<t): exclusive cumulative sum of the observed-token log-probs."""
+  masked = jnp.where(mask_BxT[..., None], logp_BxTxM, 0.0)
+  return jnp.cumsum(masked, axis=1) - masked
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+  num_experts: int
+  vocab_size: int
+  max_len: int
+  hidden: int = 32
+  embed: int = 8
+
+
+class CausalGate(nn.Module):
+  """log π_w(x_≤t) ∈ log Δ_M from the prefix and the experts' prefix likelihoods."""
+  config: GateConfig
+
+  @nn.compact
+  def __call__(self, inputs_BxT, prefix_loglik_BxTxM):
+    c = self.config
+    T = inputs_BxT.shape[1]
+    # Relative prefix log-likelihoods; -inf (an expert that missed a token) stays
+    # -inf in the logits and is floored for the network's features.
+    rel_BxTxM = prefix_loglik_BxTxM - jnp.max(prefix_loglik_BxTxM, -1, keepdims=True)
+    alive_BxTxM = jnp.isfinite(rel_BxTxM)
+    rel_BxTxM = jnp.where(alive_BxTxM, rel_BxTxM, -1e4)  # no inf in any gradient
+    feats = jnp.concatenate([
+        jnp.maximum(rel_BxTxM, -30.0) / 10.0,
+        nn.Embed(c.vocab_size, c.embed)(inputs_BxT),
+        jnp.broadcast_to(nn.Embed(c.max_len, c.embed)(jnp.arange(T))[None],
+                         inputs_BxT.shape + (c.embed,)),
+    ], axis=-1)
+    h = nn.gelu(nn.Dense(c.hidden)(feats))
+    correction = nn.Dense(c.num_experts, kernel_init=nn.initializers.zeros)(h)
+    temperature = self.param("posterior_scale", nn.initializers.ones, ())
+    logits = jnp.where(alive_BxTxM, temperature * rel_BxTxM, -jnp.inf)
+    return jax.nn.log_softmax(logits + correction, axis=-1)
+
+
+def init_gate(config: GateConfig, key: jax.Array):
+  T = config.max_len
+  return CausalGate(config).init(key, jnp.zeros((1, T), jnp.int32),
+                                 jnp.zeros((1, T, config.num_experts)))
+
+
+def gate_log_weights(config: GateConfig, params, inputs_BxT,
+                     prefix_loglik_BxTxM) -> jax.Array:
+  """log π_w, [B, T, M]."""
+  return CausalGate(config).apply(params, inputs_BxT, prefix_loglik_BxTxM)

@@ -1,0 +1,142 @@
+"""Training phases as primal-dual games over per-domain losses (MATH.md §4, §6).
+
+One mechanism trains everything: `primal_dual.make_step` with a loss function
+that returns per-domain losses from a stratified minibatch drawn inside jit.
+
+* experts: K stacked models, model k scored on domain k, λ fixed (dual step 0);
+* monolithic models: one model on every domain, λ fixed (ERM on the uniform
+  mixture) or moved by the dual player (group DRO);
+* gates: a causal gate over the cached expert log-probs, λ fixed (ERM gate) or
+  robust (the game).
+
+`fit` runs the steps in `lax.scan` chunks and prints progress with rate and ETA.
+"""
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from robust_gate import data as data_lib
+from robust_gate import dual as dual_lib
+from robust_gate import gating, models, primal_dual
+from robust_gate import uncertainty as uncertainty_lib
+
+
+def device_arrays(d: data_lib.DomainData) -> dict:
+  return {"inputs": jnp.asarray(d.inputs_NxT), "targets": jnp.asarray(d.targets_NxT),
+          "mask": jnp.asarray(d.mask_NxT)}
+
+
+def per_domain_token_loss(nll_KxBxT, mask_KxBxT, baseline_K):
+  """Σ NLL / Σ tokens per domain, minus b_k: nats per token."""
+  total_K = jnp.sum(jnp.where(mask_KxBxT, nll_KxBxT, 0.0), axis=(1, 2))
+  return total_K / jnp.sum(mask_KxBxT, axis=(1, 2)) - baseline_K
+
+
+def expert_loss_fn(config: models.LMConfig, d: data_lib.DomainData, per_domain: int):
+  """Stacked experts, expert k trained on domain k: losses [K]."""
+  arrays, index = device_arrays(d), data_lib.domain_index(d)
+
+  def loss_fn(params_K, batch, key):
+    del batch
+    idx_KxB = data_lib.stratified_batch(key, index, per_domain)
+    nll_KxBxT = -jax.vmap(models.token_logprobs, in_axes=(None, 0, 0, 0))(
+        config, params_K, arrays["inputs"][idx_KxB], arrays["targets"][idx_KxB])
+    return per_domain_token_loss(nll_KxBxT, arrays["mask"][idx_KxB], 0.0)
+
+  return loss_fn
+
+
+def monolithic_loss_fn(config: models.LMConfig, d: data_lib.DomainData,
+                       per_domain: int, baseline_K):
+  """One model scored on every domain: losses [K]."""
+  arrays, index = device_arrays(d), data_lib.domain_index(d)
+
+  def loss_fn(params, batch, key):
+    del batch
+    idx_KxB = data_lib.stratified_batch(key, index, per_domain)
+    K, B = idx_KxB.shape
+    flat = idx_KxB.reshape(-1)
+    logp = models.token_logprobs(config, params, arrays["inputs"][flat],
+                                 arrays["targets"][flat])
+    return per_domain_token_loss(-logp.reshape(K, B, -1), arrays["mask"][idx_KxB],
+                                 baseline_K)
+
+  return loss_fn
+
+
+def gate_loss_fn(config: models.GateConfig, d: data_lib.DomainData, cache_NxTxM,
+                 per_domain: int, baseline_K):
+  """The causal gated mixture over cached expert log-probs: losses [K]."""
+  arrays, index = device_arrays(d), data_lib.domain_index(d)
+  cache = jnp.asarray(cache_NxTxM)
+
+  def loss_fn(params, batch, key):
+    del batch
+    flat = data_lib.stratified_batch(key, index, per_domain).reshape(-1)
+    logp_mix = gated_logprobs(config, params, arrays["inputs"][flat], cache[flat],
+                              arrays["mask"][flat])
+    K = baseline_K.shape[0]
+    return per_domain_token_loss(-logp_mix.reshape(K, per_domain, -1),
+                                 arrays["mask"][flat].reshape(K, per_domain, -1),
+                                 baseline_K)
+
+  return loss_fn
+
+
+def gated_logprobs(config: models.GateConfig, params, inputs_BxT, logp_BxTxM,
+                   mask_BxT):
+  """log p_w(x_t | x_<t) of the causal gated model (MATH.md §2.1), [B, T]."""
+  prefix = models.prefix_loglik(logp_BxTxM, mask_BxT)
+  log_gate = models.gate_log_weights(config, params, inputs_BxT, prefix)
+  return gating.causal_mixture_logp(log_gate, logp_BxTxM)
+
+
+def make_game(loss_fn, params, *, num_domains: int, lr: float, dual_lr: float,
+              seed: int, uncertainty=None, weight_decay: float = 0.0):
+  """(step_fn, initial GameState): Adam(W) primal, mirror-ascent dual."""
+  uncertainty = uncertainty or uncertainty_lib.simplex(num_domains)
+  primal = optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
+  dual = dual_lib.mirror_ascent(dual_lr, uncertainty)
+  step = primal_dual.make_step(loss_fn, primal, dual)
+  state = primal_dual.init_state(params, primal, dual, jax.random.PRNGKey(seed))
+  return step, state
+
+
+def fit(step_fn, state, num_steps: int, *, name: str, log: Callable = print,
+        chunk: int = 100) -> tuple[Any, dict]:
+  """Runs `num_steps` in lax.scan chunks, logging rate and ETA after each."""
+  history, done, start = [], 0, time.perf_counter()
+  while done < num_steps:
+    n = min(chunk, num_steps - done)
+    state, metrics = primal_dual.run(step_fn, state, n)
+    metrics = jax.tree_util.tree_map(np.asarray, metrics)
+    history.append(metrics)
+    done += n
+    elapsed = time.perf_counter() - start
+    rate = done / elapsed
+    losses = metrics["losses"][-1]
+    if not np.all(np.isfinite(losses)):
+      raise FloatingPointError(f"{name}: non-finite per-domain loss at step {done}: "
+                               f"{losses}")
+    log(f"{name}: step {done}/{num_steps}  {rate:.1f} steps/s  "
+        f"ETA {(num_steps - done) / rate:.0f}s  loss max {losses.max():.4f} "
+        f"mean {losses.mean():.4f}  λ {np.round(metrics['lam'][-1], 3).tolist()}")
+  return state, {k: np.concatenate([h[k] for h in history]) for k in history[0]}
+
+
+def score_experts(config: models.LMConfig, params_M, d: data_lib.DomainData,
+                  batch_size: int = 512) -> np.ndarray:
+  """The cache: log p_j(target_t | x_≤t) of every expert, [N, T, M] float32."""
+  fn = jax.jit(lambda p, x, y: models.stacked_token_logprobs(config, p, x, y))
+  N = len(d.inputs_NxT)
+  pad = -N % batch_size  # one compiled shape: pad the last batch
+  inputs = np.pad(d.inputs_NxT, ((0, pad), (0, 0)))
+  targets = np.pad(d.targets_NxT, ((0, pad), (0, 0)))
+  out = [np.asarray(fn(params_M, inputs[i:i + batch_size], targets[i:i + batch_size]))
+         for i in range(0, N + pad, batch_size)]
+  return np.concatenate(out)[:N]
