@@ -127,16 +127,3 @@ def fit(step_fn, state, num_steps: int, *, name: str, log: Callable = print,
         f"ETA {(num_steps - done) / rate:.0f}s  loss max {losses.max():.4f} "
         f"mean {losses.mean():.4f}  λ {np.round(metrics['lam'][-1], 3).tolist()}")
   return state, {k: np.concatenate([h[k] for h in history]) for k in history[0]}
-
-
-def score_experts(config: models.LMConfig, params_M, d: data_lib.DomainData,
-                  batch_size: int = 512) -> np.ndarray:
-  """The cache: log p_j(target_t | x_≤t) of every expert, [N, T, M] float32."""
-  fn = jax.jit(lambda p, x, y: models.stacked_token_logprobs(config, p, x, y))
-  N = len(d.inputs_NxT)
-  pad = -N % batch_size  # one compiled shape: pad the last batch
-  inputs = np.pad(d.inputs_NxT, ((0, pad), (0, 0)))
-  targets = np.pad(d.targets_NxT, ((0, pad), (0, 0)))
-  out = [np.asarray(fn(params_M, inputs[i:i + batch_size], targets[i:i + batch_size]))
-         for i in range(0, N + pad, batch_size)]
-  return np.concatenate(out)[:N]

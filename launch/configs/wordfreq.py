@@ -1,0 +1,53 @@
+"""Default main job: six wordfreq languages, byte-level experts (2-core CPU, < 10 min)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                # seeds model init, sampling and the game
+  c.data_dir = ""           # TFDS data dir; "" = <workdir>/tfds
+  c.baseline = "expert"     # b_k (MATH.md §3): "expert", "entropy" (markov only), "none"
+  c.uncertainty = "simplex"  # Λ: "simplex", "box" or "kl_ball"
+  c.box_lo = 0.05           # box Λ: every λ_k ≥ box_lo
+  c.box_hi = 0.5            # box Λ: every λ_k ≤ box_hi
+  c.kl_radius = 0.1         # kl_ball Λ: KL(λ ‖ uniform) ≤ kl_radius
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "wordfreq"  # local dataset: "wordfreq", "digits" or "markov"
+  c.data.max_len = 16       # context T: BOS + up to T−1 tokens, then EOS
+  c.data.options = ml_collections.ConfigDict()  # builder options (robust_gate.datasets)
+  c.data.options.languages = ("en", "de", "fr", "es", "fi", "pl")  # domains
+  c.data.options.examples_per_split = (4000, 1000, 1000)  # per language
+
+  c.expert = ml_collections.ConfigDict()
+  c.expert.d_model = 64     # width of each expert transformer
+  c.expert.num_layers = 2   # transformer blocks
+  c.expert.num_heads = 4    # attention heads
+  c.expert.d_ff = 256       # MLP width
+  c.expert.steps = 1200     # Adam steps (all experts at once)
+  c.expert.lr = 3e-3        # Adam learning rate
+  c.expert.per_domain = 32  # sequences per domain (= per expert) per step
+
+  c.monolithic = ml_collections.ConfigDict()
+  c.monolithic.steps = 1200      # steps of the expert-sized monolithic models
+  c.monolithic.lr = 3e-3         # their Adam learning rate
+  c.monolithic.per_domain = 32   # sequences per domain per step (K× an expert's batch)
+  c.monolithic.dro_dual_lr = 0.5  # group-DRO dual step size η
+
+  c.monolithic_large = ml_collections.ConfigDict()  # about all experts' parameters
+  c.monolithic_large.d_model = 128
+  c.monolithic_large.num_layers = 4
+  c.monolithic_large.num_heads = 4
+  c.monolithic_large.d_ff = 512
+  c.monolithic_large.steps = 600  # fewer steps: each costs ~6× (see BUILD_NOTES.md)
+  c.monolithic_large.lr = 1e-3
+
+  c.gate = ml_collections.ConfigDict()
+  c.gate.hidden = 32        # gate MLP width
+  c.gate.embed = 8          # gate token and position embedding width
+  c.gate.steps = 1500       # primal-dual steps
+  c.gate.lr = 3e-3          # Adam learning rate of the gate
+  c.gate.dual_lr = 0.5      # mirror-ascent step size η of the robust gate
+  c.gate.per_domain = 64    # cached sequences per domain per step
+  return c

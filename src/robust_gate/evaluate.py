@@ -1,0 +1,149 @@
+"""Evaluation: per-domain held-out losses of every method, tables, plots (MATH.md §6).
+
+Losses are reported in bits per token. `domain_loss` is L_k = CE(D_k, model) − b_k
+with the same baseline the game used (default: b_k = the domain's own expert's
+held-out cross-entropy, so L_k is the excess over that expert); `domain_ce` is
+the raw cross-entropy. The worst case is `max_{λ∈Λ} Σ_k λ_k L_k`.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robust_gate import gating, models
+from robust_gate.data import DomainData
+
+LN2 = math.log(2.0)
+
+
+def domain_ce(logp_NxT: np.ndarray, data: DomainData) -> np.ndarray:
+  """Cross-entropy per domain, nats per token (Σ NLL / Σ tokens), [K]."""
+  nll = -np.where(data.mask_NxT, logp_NxT, 0.0).sum(axis=1)
+  tokens = data.mask_NxT.sum(axis=1)
+  K = data.num_domains
+  return (np.bincount(data.domain_N, nll, K) /
+          np.bincount(data.domain_N, tokens, K))
+
+
+def lm_logprobs(config: models.LMConfig, params, data: DomainData,
+                batch_size: int = 512) -> np.ndarray:
+  fn = jax.jit(lambda p, x, y: models.token_logprobs(config, p, x, y))
+  N = len(data.inputs_NxT)
+  pad = -N % batch_size
+  x = np.pad(data.inputs_NxT, ((0, pad), (0, 0)))
+  y = np.pad(data.targets_NxT, ((0, pad), (0, 0)))
+  return np.concatenate([np.asarray(fn(params, x[i:i + batch_size], y[i:i + batch_size]))
+                         for i in range(0, N + pad, batch_size)])[:N]
+
+
+def gate_logprobs_and_usage(config: models.GateConfig, params, data: DomainData,
+                            cache_NxTxM) -> tuple[np.ndarray, np.ndarray]:
+  """The gated model's log-probs [N, T] and mean gate weights per domain [K, M]."""
+  @jax.jit
+  def fn(p, x, c, m):
+    prefix = models.prefix_loglik(c, m)
+    log_gate = models.gate_log_weights(config, p, x, prefix)
+    return gating.causal_mixture_logp(log_gate, c), jnp.exp(log_gate)
+  logp, gate = fn(params, data.inputs_NxT, cache_NxTxM, data.mask_NxT)
+  return np.asarray(logp), usage(np.asarray(gate), data)
+
+
+def fixed_gate_logprobs(log_gate_NxTxM, cache_NxTxM) -> np.ndarray:
+  return np.asarray(jax.nn.logsumexp(log_gate_NxTxM + cache_NxTxM, axis=-1))
+
+
+def usage(gate_NxTxM: np.ndarray, data: DomainData) -> np.ndarray:
+  """Mean gate weight of each expert over each domain's tokens, [K, M]."""
+  w = np.where(data.mask_NxT[..., None], gate_NxTxM, 0.0).sum(axis=1)
+  K = data.num_domains
+  tot = np.stack([np.bincount(data.domain_N, w[:, j], K) for j in range(w.shape[1])], 1)
+  return tot / np.bincount(data.domain_N, data.mask_NxT.sum(1), K)[:, None]
+
+
+def method_entry(ce_nats_K, baseline_nats_K, uncertainty, domains) -> dict:
+  loss_K = (np.asarray(ce_nats_K) - np.asarray(baseline_nats_K)) / LN2
+  worst, _ = uncertainty.max_linear(jnp.asarray(loss_K, jnp.float32))
+  return {"domain_loss": dict(zip(domains, map(float, loss_K))),
+          "domain_ce": dict(zip(domains, map(float, np.asarray(ce_nats_K) / LN2))),
+          "mean": float(loss_K.mean()), "worst_case": float(worst)}
+
+
+def gradient_conflict(loss_fn, params, key) -> np.ndarray:
+  """Cosine matrix of the per-domain gradients ∇L_k at `params` on one batch, [K, K]."""
+  jac = jax.jacrev(lambda p: loss_fn(p, None, key))(params)
+  flat = np.concatenate([np.asarray(l).reshape(np.asarray(l).shape[0], -1)
+                         for l in jax.tree_util.tree_leaves(jac)], axis=1)
+  flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-30)
+  return flat @ flat.T
+
+
+def format_table(results: dict) -> str:
+  domains = results["domains"]
+  head = f"{'method':22s}" + "".join(f"{d[:9]:>10s}" for d in domains) + \
+      f"{'mean':>10s}{'worst':>10s}"
+  lines = [f"per-domain loss L_k, {results['units']} (baseline: {results['baseline']})",
+           head, "-" * len(head)]
+  for name, m in results["methods"].items():
+    lines.append(f"{name:22s}" + "".join(f"{m['domain_loss'][d]:10.4f}" for d in domains)
+                 + f"{m['mean']:10.4f}{m['worst_case']:10.4f}")
+  lines.append("λ̄ (robust gate): " + ", ".join(
+      f"{d}={w:.3f}" for d, w in results["lambda_bar"].items()))
+  return "\n".join(lines)
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:
+  """PNG plots: λ over training, per-domain loss by method, gate usage."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  domains, paths = results["domains"], []
+
+  fig, axes = plt.subplots(1, len(lam_history), figsize=(6 * len(lam_history), 3.5),
+                           squeeze=False)
+  for ax, (name, lam_SxK) in zip(axes[0], lam_history.items()):
+    for k, d in enumerate(domains):
+      ax.plot(lam_SxK[:, k], label=d)
+    ax.set(title=f"λ over training: {name}", xlabel="step", ylabel="λ_k")
+  axes[0, 0].legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(os.path.join(workdir, "lambda.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  methods = list(results["methods"])
+  fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(domains) + 4), 4))
+  width = 0.8 / len(methods)
+  for i, name in enumerate(methods):
+    vals = [results["methods"][name]["domain_loss"][d] for d in domains]
+    ax.bar(np.arange(len(domains)) + i * width, vals, width, label=name)
+  ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
+  ax.set(ylabel=f"L_k ({results['units']})", title="held-out loss per domain by method")
+  ax.legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  paths.append(os.path.join(workdir, "domain_losses.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  use = np.asarray(results["gate_usage"]["robust_gate"])
+  fig, ax = plt.subplots(figsize=(4 + 0.4 * use.shape[1], 1 + 0.4 * use.shape[0]))
+  im = ax.imshow(use, vmin=0, vmax=1, cmap="viridis")
+  ax.set_yticks(range(len(domains)), domains)
+  ax.set_xticks(range(use.shape[1]), results["experts"], rotation=45)
+  ax.set(title="robust gate: mean weight per expert", ylabel="domain", xlabel="expert")
+  fig.colorbar(im)
+  fig.tight_layout()
+  paths.append(os.path.join(workdir, "gate_usage.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+  return paths
