@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_len = 16       # context T: BOS + up to T−1 tokens, then EOS
   c.data.options = ml_collections.ConfigDict()  # builder options (robust_gate.datasets)
   c.data.options.languages = ("en", "de", "fr", "es", "fi", "pl")  # domains
-  c.data.options.examples_per_split = (4000, 1000, 1000)  # per language
+  c.data.options.examples_per_split = (4000, 2000, 2000)  # per language
+  c.data.options.frequency_power = 0.5  # words sampled ∝ frequency ** power
 
   c.expert = ml_collections.ConfigDict()
   c.expert.d_model = 64     # width of each expert transformer
@@ -45,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.gate = ml_collections.ConfigDict()
   c.gate.hidden = 32        # gate MLP width
-  c.gate.embed = 8          # gate token and position embedding width
+  c.gate.token_embed = 0    # gate token-embedding width (0: none; it memorizes words)
+  c.gate.pos_embed = 8      # gate position-embedding width
   c.gate.steps = 1500       # primal-dual steps
   c.gate.lr = 3e-3          # Adam learning rate of the gate
   c.gate.dual_lr = 0.5      # mirror-ascent step size η of the robust gate

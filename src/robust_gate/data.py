@@ -59,12 +59,13 @@ class DomainData:
 
 
 def encode(sequences: Sequence[np.ndarray], domain_N, domains: Sequence[str],
-           vocab_size: int, max_len: int) -> DomainData:
+           vocab_size: int, max_len: int, truncate: bool = False) -> DomainData:
   """Encodes token sequences (values in 1..vocab_size−1) into a DomainData.
 
   Raises InputError for empty sequences, tokens outside the vocabulary,
-  sequences longer than `max_len − 1` (they need BOS/EOS room), labels outside
-  the domain list, and domains without examples.
+  sequences longer than `max_len − 1` (they need BOS/EOS room) unless
+  `truncate` crops them (then the last target is a token, not EOS), labels
+  outside the domain list, and domains without examples.
   """
   domains = tuple(domains)
   if not domains:
@@ -84,16 +85,23 @@ def encode(sequences: Sequence[np.ndarray], domain_N, domains: Sequence[str],
     seq = np.asarray(seq)
     if seq.size == 0:
       raise InputError(f"example {i} (domain {domains[domain_N[i]]!r}) is empty.")
-    if seq.size > T - 1:
+    if seq.size > T - 1 and truncate:
+      seq = seq[:T]
+    elif seq.size > T - 1:
       raise InputError(f"example {i} has {seq.size} tokens; the context holds "
                        f"{T - 1} plus BOS/EOS (max_len={T}).")
     if seq.min() < 1 or seq.max() >= vocab_size:
       raise InputError(f"example {i} has token {seq.min() if seq.min() < 1 else seq.max()} "
                        f"outside the vocabulary 1..{vocab_size - 1} (0 is BOS/EOS).")
     n = seq.size
-    inputs[i, 1:n + 1] = seq
-    targets[i, :n] = seq
-    mask[i, :n + 1] = True
+    if n == T:  # truncated: no room for EOS, the last token is the last target
+      inputs[i, 1:] = seq[:-1]
+      targets[i] = seq
+      mask[i] = True
+    else:
+      inputs[i, 1:n + 1] = seq
+      targets[i, :n] = seq
+      mask[i, :n + 1] = True
   data = DomainData(inputs, targets, mask, domain_N, domains, vocab_size)
   empty = np.flatnonzero(data.counts() == 0)
   if empty.size:
@@ -117,7 +125,7 @@ def text_to_tokens(text, index: int = 0) -> np.ndarray:
 def from_data_source(source, *, domains: Sequence[str], vocab_size: int,
                      max_len: int, text_key: str | None = None,
                      tokens_key: str | None = "tokens",
-                     domain_key: str = "domain") -> DomainData:
+                     domain_key: str = "domain", truncate: bool = False) -> DomainData:
   """Reads a random-access TFDS data source (or any list of dicts)."""
   if len(source) == 0:
     raise InputError("the dataset split is empty.")
@@ -140,7 +148,7 @@ def from_data_source(source, *, domains: Sequence[str], vocab_size: int,
       seqs.append(text_to_tokens(ex[text_key], i))
     else:
       seqs.append(np.asarray(ex[tokens_key], np.int32))
-  return encode(seqs, labels, names, vocab_size, max_len)
+  return encode(seqs, labels, names, vocab_size, max_len, truncate)
 
 
 def load_local(name: str, split: str, data_dir: str, max_len: int,
@@ -162,11 +170,13 @@ def _token_vocab(name, builder) -> int:
 def load_catalog(name: str, split: str, *, text_key: str, domain_key: str,
                  max_len: int, data_dir: str | None = None,
                  domains: Sequence[str] | None = None,
-                 max_examples: int | None = None) -> DomainData:
+                 max_examples: int | None = None,
+                 truncate: bool = True) -> DomainData:
   """Loads any TFDS catalog dataset by name: a text feature and a domain key.
 
-  Text is encoded as UTF-8 bytes (vocabulary 256). The domain names come from
-  the domain feature's ClassLabel names unless `domains` is given.
+  Text is encoded as UTF-8 bytes (vocabulary 256), cropped to the context
+  unless `truncate=False` (then a longer text is an error). The domain names
+  come from the domain feature's ClassLabel names unless `domains` is given.
   """
   builder = tfds.builder(name, data_dir=data_dir)
   feature = builder.info.features[domain_key]
@@ -179,7 +189,8 @@ def load_catalog(name: str, split: str, *, text_key: str, domain_key: str,
   if max_examples is not None:
     source = [source[i] for i in range(min(max_examples, len(source)))]
   return from_data_source(source, domains=domains, vocab_size=BYTE_VOCAB,
-                          max_len=max_len, text_key=text_key, domain_key=domain_key)
+                          max_len=max_len, text_key=text_key, domain_key=domain_key,
+                          truncate=truncate)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,11 +48,11 @@ def params_fingerprint(params) -> str:
 
 
 def check_vocabularies(experts: Sequence[Expert], data: DomainData) -> None:
-  vocabs = {e.names: e.vocab_size for e in experts}
-  if len(set(vocabs.values())) > 1:
+  vocabs = [(e.names, e.vocab_size) for e in experts]
+  if len({v for _, v in vocabs}) > 1:
     raise InputError(f"experts' vocabularies differ: {vocabs}; a gate mixes "
                      f"next-token distributions over one vocabulary.")
-  vocab = next(iter(vocabs.values()))
+  vocab = vocabs[0][1]
   if vocab != data.vocab_size:
     raise InputError(f"experts have vocabulary size {vocab} but the data has "
                      f"{data.vocab_size}.")

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from robust_gate.checks import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
@@ -33,9 +35,9 @@ class LMConfig:
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"LMConfig.{f.name} must be a positive int, got {v!r}.")
+        raise InputError(f"LMConfig.{f.name} must be a positive int, got {v!r}.")
     if self.d_model % self.num_heads:
-      raise ValueError(f"LMConfig.d_model={self.d_model} is not divisible by "
+      raise InputError(f"LMConfig.d_model={self.d_model} is not divisible by "
                        f"num_heads={self.num_heads}.")
 
 
@@ -111,7 +113,9 @@ def stacked_token_logprobs(config: LMConfig, params_M, inputs_BxT,
 def prefix_loglik(logp_BxTxM: jax.Array, mask_BxT: jax.Array) -> jax.Array:
   """log p_j(x_<t): exclusive cumulative sum of the observed-token log-probs."""
   masked = jnp.where(mask_BxT[..., None], logp_BxTxM, 0.0)
-  return jnp.cumsum(masked, axis=1) - masked
+  # Shifted, not cumsum − x: that is −inf − (−inf) = NaN after a missed token.
+  inclusive = jnp.cumsum(masked, axis=1)
+  return jnp.concatenate([jnp.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +124,8 @@ class GateConfig:
   vocab_size: int
   max_len: int
   hidden: int = 32
-  embed: int = 8
+  token_embed: int = 0   # width of a token embedding feature; 0 = none
+  pos_embed: int = 8     # width of the position embedding feature
 
 
 class CausalGate(nn.Module):
@@ -136,12 +141,12 @@ class CausalGate(nn.Module):
     rel_BxTxM = prefix_loglik_BxTxM - jnp.max(prefix_loglik_BxTxM, -1, keepdims=True)
     alive_BxTxM = jnp.isfinite(rel_BxTxM)
     rel_BxTxM = jnp.where(alive_BxTxM, rel_BxTxM, -1e4)  # no inf in any gradient
-    feats = jnp.concatenate([
-        jnp.maximum(rel_BxTxM, -30.0) / 10.0,
-        nn.Embed(c.vocab_size, c.embed)(inputs_BxT),
-        jnp.broadcast_to(nn.Embed(c.max_len, c.embed)(jnp.arange(T))[None],
-                         inputs_BxT.shape + (c.embed,)),
-    ], axis=-1)
+    feats = [jnp.maximum(rel_BxTxM, -30.0) / 10.0,
+             jnp.broadcast_to(nn.Embed(c.max_len, c.pos_embed)(jnp.arange(T))[None],
+                              inputs_BxT.shape + (c.pos_embed,))]
+    if c.token_embed:
+      feats.append(nn.Embed(c.vocab_size, c.token_embed)(inputs_BxT))
+    feats = jnp.concatenate(feats, axis=-1)
     h = nn.gelu(nn.Dense(c.hidden)(feats))
     correction = nn.Dense(c.num_experts, kernel_init=nn.initializers.zeros)(h)
     temperature = self.param("posterior_scale", nn.initializers.ones, ())

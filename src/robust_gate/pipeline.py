@@ -43,6 +43,24 @@ def make_uncertainty(config, K: int) -> uncertainty_lib.UncertaintySet:
   raise InputError(f"unknown config.uncertainty {kind!r}; choose simplex, box or kl_ball.")
 
 
+def check_config(config) -> None:
+  """Positive sizes and step counts, finite positive learning rates, η ≥ 0."""
+  for section in ("expert", "monolithic", "monolithic_large", "gate"):
+    for key, value in config[section].items():
+      name = f"config.{section}.{key}"
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{name}={value!r} must be a number.")
+      if key.endswith("dual_lr") or key == "token_embed":
+        ok = np.isfinite(value) and value >= 0
+      else:
+        ok = np.isfinite(value) and value > 0
+      if not ok:
+        raise InputError(f"{name}={value!r} must be finite and "
+                         f"{'≥ 0' if key.endswith('dual_lr') or key == 'token_embed' else '> 0'}.")
+      if key not in ("lr", "dual_lr", "dro_dual_lr") and not isinstance(value, int):
+        raise InputError(f"{name}={value!r} must be an int.")
+
+
 def load_splits(config, data_dir: str) -> dict:
   options = dict(config.data.options)
   return {split: data_lib.load_local(config.data.name, split, data_dir,
@@ -52,6 +70,7 @@ def load_splits(config, data_dir: str) -> dict:
 
 def run(config, workdir: str, log=print) -> dict:
   """Runs the main job; returns the results dict (also in workdir/results.json)."""
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
   timings, t0 = {}, time.perf_counter()
 
@@ -93,7 +112,8 @@ def run(config, workdir: str, log=print) -> dict:
   # 4. Gates: robust (the game) and ERM (λ fixed), on the validation cache.
   gc = config.gate
   gate_cfg = models.GateConfig(num_experts=K, vocab_size=V, max_len=T,
-                               hidden=gc.hidden, embed=gc.embed)
+                               hidden=gc.hidden, token_embed=gc.token_embed,
+                               pos_embed=gc.pos_embed)
   gate_loss = train.gate_loss_fn(gate_cfg, va, cache_va, gc.per_domain,
                                  jnp.asarray(baseline_va, jnp.float32))
   gates, lam_history = {}, {}

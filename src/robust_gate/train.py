@@ -125,5 +125,5 @@ def fit(step_fn, state, num_steps: int, *, name: str, log: Callable = print,
                                f"{losses}")
     log(f"{name}: step {done}/{num_steps}  {rate:.1f} steps/s  "
         f"ETA {(num_steps - done) / rate:.0f}s  loss max {losses.max():.4f} "
-        f"mean {losses.mean():.4f}  λ {np.round(metrics['lam'][-1], 3).tolist()}")
+        f"mean {losses.mean():.4f}  λ [{' '.join(f'{x:.3f}' for x in metrics['lam'][-1])}]")
   return state, {k: np.concatenate([h[k] for h in history]) for k in history[0]}

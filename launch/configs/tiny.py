@@ -1,0 +1,22 @@
+"""A seconds-long end-to-end run for tests: tiny Markov domains and models."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import synthetic as base  # noqa: E402
+
+
+def get_config():
+  c = base.get_config()
+  c.data.max_len = 8
+  c.data.options = {"num_domains": 3, "num_states": 4, "seq_len": 6,
+                    "examples_per_split": (60, 40, 40)}
+  for m in (c.expert, c.monolithic_large):
+    m.d_model, m.num_layers, m.num_heads, m.d_ff = 16, 1, 2, 32
+  c.monolithic_large.d_model = 32
+  c.expert.steps = c.monolithic.steps = c.monolithic_large.steps = 30
+  c.expert.per_domain = c.monolithic.per_domain = 8
+  c.gate.steps = 40
+  c.gate.per_domain = 8
+  return c

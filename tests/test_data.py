@@ -1,0 +1,76 @@
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from robust_gate import data
+from robust_gate.checks import InputError
+
+
+def _toy():
+  seqs = [np.array([3, 4]), np.array([5]), np.array([1, 2, 3]), np.array([7, 7, 7, 7])]
+  return data.encode(seqs, [0, 1, 1, 0], ["a", "b"], vocab_size=8, max_len=6)
+
+
+def test_encode_layout():
+  d = _toy()
+  np.testing.assert_array_equal(d.inputs_NxT[0], [0, 3, 4, 0, 0, 0])
+  np.testing.assert_array_equal(d.targets_NxT[0], [3, 4, 0, 0, 0, 0])
+  np.testing.assert_array_equal(d.mask_NxT[0], [1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(d.counts(), [2, 2])
+  assert d.fingerprint() == _toy().fingerprint()
+  assert d.fingerprint() != d.subset([0, 1, 2]).fingerprint()
+
+
+def test_truncation_keeps_the_context_full():
+  d = data.encode([np.arange(1, 10)], [0], ["a"], vocab_size=16, max_len=4, truncate=True)
+  np.testing.assert_array_equal(d.inputs_NxT[0], [0, 1, 2, 3])
+  np.testing.assert_array_equal(d.targets_NxT[0], [1, 2, 3, 4])
+  assert d.mask_NxT.all()
+
+
+@pytest.mark.parametrize("seqs, labels, domains, match", [
+    ([np.array([1])], [0], [], "domain list is empty"),
+    ([np.array([1]), np.array([2])], [0, 0], ["a", "b"], "domain 'b' has no examples"),
+    ([np.array([1])], [2], ["a", "b"], "domain label 2, outside"),
+    ([np.array([1])], [-1], ["a"], "outside"),
+    ([np.array([], np.int32)], [0], ["a"], "is empty"),
+    ([np.arange(1, 8)], [0], ["a"], "7 tokens; the context holds 5"),
+    ([np.array([1, 9])], [0], ["a"], "token 9 outside the vocabulary"),
+    ([np.array([0, 1])], [0], ["a"], "token 0 outside"),
+    ([np.array([1])], [0, 0], ["a"], "1 sequences but 2 domain labels"),
+])
+def test_bad_data_is_a_clear_error(seqs, labels, domains, match):
+  with pytest.raises(InputError, match=match):
+    data.encode(seqs, labels, domains, vocab_size=8, max_len=6)
+
+
+def test_text_encoding():
+  np.testing.assert_array_equal(data.text_to_tokens("hé"), [104, 195, 169])
+  with pytest.raises(InputError, match="not valid UTF-8"):
+    data.text_to_tokens(b"\xff\xfe")
+  with pytest.raises(InputError, match="NUL byte"):
+    data.text_to_tokens("a\x00b")
+  with pytest.raises(InputError, match="domain 'c', not in the domain list"):
+    data.from_data_source([{"text": "ab", "domain": "c"}], domains=["a", "b"],
+                          vocab_size=256, max_len=8, text_key="text")
+  with pytest.raises(InputError, match="split is empty"):
+    data.from_data_source([], domains=["a"], vocab_size=256, max_len=8, text_key="text")
+
+
+def test_stratified_batch_draws_every_domain():
+  d = _toy()
+  idx = jax.jit(lambda k: data.stratified_batch(k, data.domain_index(d), 50))(
+      jax.random.PRNGKey(0))
+  assert idx.shape == (2, 50)
+  np.testing.assert_array_equal(d.domain_N[np.asarray(idx)], np.repeat([[0], [1]], 50, 1))
+  assert set(np.asarray(idx[0]).tolist()) == {0, 3}
+
+
+def test_catalog_dataset_by_name_with_mock_data():
+  with tfds.testing.mock_data(num_examples=40):
+    d = data.load_catalog("ag_news_subset", "test", text_key="description",
+                          domain_key="label", max_len=32)
+  assert d.domains == ("World", "Sports", "Business", "Sci/Tech") or len(d.domains) == 4
+  assert d.inputs_NxT.shape == (40, 32) and d.vocab_size == 256
+  assert d.mask_NxT.any(axis=1).all()

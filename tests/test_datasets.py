@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from robust_gate import data, datasets
+from robust_gate.checks import InputError
+
+
+def test_wordfreq_builder_splits_are_disjoint(tmp_path):
+  opts = dict(languages=("en", "fi"), examples_per_split=(60, 30, 30), wordlist_size=2000)
+  splits = {s: data.load_local("wordfreq", s, str(tmp_path), 16, **opts)
+            for s in datasets.SPLITS}
+  words = {}
+  for s, d in splits.items():
+    assert d.domains == ("en", "fi") and d.vocab_size == 256
+    np.testing.assert_array_equal(d.counts(), [opts["examples_per_split"][
+        datasets.SPLITS.index(s)]] * 2)
+    words[s] = {bytes(t[m][:-1].astype(np.uint8)) for t, m in zip(d.targets_NxT, d.mask_NxT)}
+  assert not words["train"] & words["validation"]
+  assert not words["train"] & words["test"]
+  assert not words["validation"] & words["test"]
+  # Built once: a second load reads the prepared files and gives the same data.
+  again = data.load_local("wordfreq", "test", str(tmp_path), 16, **opts)
+  assert again.fingerprint() == splits["test"].fingerprint()
+
+
+def test_digits_builder(tmp_path):
+  d = data.load_local("digits", "train", str(tmp_path), 66, groups=((0,), (1, 7)))
+  assert d.domains == ("digits_0", "digits_17") and d.vocab_size == 18
+  assert d.mask_NxT.sum(1).tolist() == [65] * len(d.domain_N)  # 64 pixels + EOS
+  assert 1 <= d.targets_NxT[:, :64].min() and d.targets_NxT[:, :64].max() <= 17
+  assert d.counts()[1] > d.counts()[0]  # two classes against one
+
+
+def test_markov_entropy_is_exact(tmp_path):
+  """The empirical NLL under the true chain converges to markov_entropy."""
+  opts = dict(num_domains=2, num_states=4, seq_len=6, examples_per_split=(3000, 10, 10))
+  d = data.load_local("markov", "train", str(tmp_path), 8, **opts)
+  config = datasets.make_config("markov", **opts)
+  initial, trans = datasets.markov_chains(config)
+  H = datasets.markov_entropy(config)
+  for k in range(2):
+    x = d.targets_NxT[d.domain_N == k][:, :6] - 1
+    nll = -np.log(initial[k][x[:, 0]]) - np.log(trans[k][x[:, :-1], x[:, 1:]]).sum(1)
+    per_token = nll / 7  # 6 tokens + EOS (EOS has probability 1 given the length)
+    assert abs(per_token.mean() - H[k]) < 4 * per_token.std() / np.sqrt(len(x))
+
+
+def test_unknown_options_are_errors(tmp_path):
+  with pytest.raises(ValueError, match="unknown wordfreq dataset options"):
+    datasets.make_config("wordfreq", langs=("en",))
+  with pytest.raises(InputError, match="unknown local dataset"):
+    datasets.make_config("imagenet")
+
+
+@pytest.mark.parametrize("name, opts, match", [
+    ("markov", {"num_domains": 0}, "must be positive"),
+    ("markov", {"concentration": float("nan")}, "must be positive"),
+    ("wordfreq", {"languages": ()}, "is empty"),
+    ("digits", {"groups": ((0, 1), (1, 2))}, "disjoint"),
+    ("digits", {"groups": ((0, 11),)}, "classes 0..9"),
+    ("markov", {"seq_len": "long"}, "numeric"),
+])
+def test_bad_options_are_errors(name, opts, match):
+  with pytest.raises(InputError, match=match):
+    datasets.make_config(name, **opts)

@@ -1,0 +1,76 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robust_gate import data, experts, models
+from robust_gate.checks import InputError
+
+V = 9
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(1, V, size=rng.integers(1, 6)) for _ in range(30)]
+  return data.encode(seqs, np.arange(30) % 3, ["a", "b", "c"], vocab_size=V, max_len=8)
+
+
+def unigram(probs_V, name="unigram"):
+  """A user-supplied expert of another kind: a pure unigram model."""
+  logp_V = jnp.log(jnp.asarray(probs_V, jnp.float32))
+  return experts.Expert(names=(name,), vocab_size=len(probs_V),
+                        logprob_fn=lambda x, y: logp_V[y], fingerprint=name)
+
+
+def test_cache_matches_direct_scoring_and_mixes_kinds():
+  d = _data()
+  cfg = models.LMConfig(vocab_size=V, max_len=8, d_model=16, num_layers=1, num_heads=2,
+                        d_ff=16)
+  params = models.init_stacked_lm(cfg, jax.random.PRNGKey(0), 2)
+  group = experts.transformer_experts(cfg, params, ["lm0", "lm1"])
+  uni = unigram(np.full(V, 1.0 / V))
+  cache = experts.build_cache([group, uni], d, batch_size=8)  # 30 = 3·8 + 6: padded
+  assert cache.shape == (30, 8, 3)
+  direct = models.stacked_token_logprobs(cfg, params, d.inputs_NxT, d.targets_NxT)
+  np.testing.assert_allclose(cache[..., :2][d.mask_NxT], np.asarray(direct)[d.mask_NxT],
+                             atol=1e-5)
+  np.testing.assert_allclose(cache[..., 2][d.mask_NxT], -np.log(V), rtol=1e-6)
+  assert np.all(cache[~d.mask_NxT] == 0.0)
+
+
+def test_cache_file_is_tied_to_data_and_experts(tmp_path):
+  d = _data()
+  uni = unigram(np.full(V, 1.0 / V))
+  path = str(tmp_path / "cache.npz")
+  first = experts.cached_scores(path, [uni], d)
+  np.testing.assert_array_equal(experts.cached_scores(path, [uni], d), first)
+  with pytest.raises(InputError, match="built for other data or other experts"):
+    experts.cached_scores(path, [uni], d.subset(np.arange(20)))
+  with pytest.raises(InputError, match="built for other data or other experts"):
+    experts.cached_scores(path, [unigram(np.full(V, 1.0 / V), "other")], d)
+  assert np.array_equal(np.load(path)["cache"], first)  # nothing overwritten
+
+
+def test_bad_experts_are_clear_errors():
+  d = _data()
+  with pytest.raises(InputError, match="vocabularies differ"):
+    experts.build_cache([unigram(np.full(V, 1 / V)), unigram(np.full(V + 1, 1 / (V + 1)))],
+                        d)
+  with pytest.raises(InputError, match="vocabulary size 10 but the data has 9"):
+    experts.build_cache([unigram(np.full(V + 1, 1 / (V + 1)))], d)
+  with pytest.raises(InputError, match="M = 0"):
+    experts.build_cache([], d)
+  nan = experts.Expert(("nan",), V, lambda x, y: jnp.full(y.shape, jnp.nan))
+  with pytest.raises(InputError, match="is NaN"):
+    experts.build_cache([nan], d)
+  pos = experts.Expert(("pos",), V, lambda x, y: jnp.full(y.shape, jnp.inf))
+  with pytest.raises(InputError, match="not the log-probability"):
+    experts.build_cache([pos], d)
+  # -inf for some tokens is legal if another expert covers them; not if none does.
+  probs = np.full(V, 1.0 / (V - 1))
+  probs[3] = 0.0
+  partial = unigram(probs)
+  assert np.isfinite(experts.build_cache([partial, unigram(np.full(V, 1 / V))], d)).any()
+  if np.any(d.targets_NxT[d.mask_NxT] == 3):
+    with pytest.raises(InputError, match="-inf under every expert"):
+      experts.build_cache([partial], d)

@@ -1,0 +1,84 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robust_gate import gating, models
+
+CFG = models.LMConfig(vocab_size=11, max_len=8, d_model=16, num_layers=2, num_heads=2,
+                      d_ff=32)
+
+
+def _tokens(key, B=3):
+  return jax.random.randint(key, (B, CFG.max_len), 0, CFG.vocab_size)
+
+
+def test_next_token_distributions_are_normalized_and_causal():
+  params = models.init_lm(CFG, jax.random.PRNGKey(0))
+  x = _tokens(jax.random.PRNGKey(1))
+  logp = models.next_token_logprobs(CFG, params, x)
+  np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, atol=1e-5)
+  # Changing token 5 leaves the distributions at positions < 5 unchanged.
+  x2 = x.at[:, 5].set((x[:, 5] + 1) % CFG.vocab_size)
+  logp2 = models.next_token_logprobs(CFG, params, x2)
+  np.testing.assert_allclose(logp[:, :5], logp2[:, :5], atol=1e-6)
+  assert not np.allclose(logp[:, 5:], logp2[:, 5:])
+
+
+def test_stacked_experts_equal_individual_ones():
+  params = models.init_stacked_lm(CFG, jax.random.PRNGKey(0), 3)
+  x, y = _tokens(jax.random.PRNGKey(1)), _tokens(jax.random.PRNGKey(2))
+  stacked = models.stacked_token_logprobs(CFG, params, x, y)
+  for j in range(3):
+    one = jax.tree_util.tree_map(lambda a: a[j], params)
+    np.testing.assert_allclose(stacked[..., j], models.token_logprobs(CFG, one, x, y),
+                               atol=1e-6)
+
+
+def test_gated_transformer_experts_are_normalized():
+  """The causal gate over real experts: every conditional sums to 1 (G_1)."""
+  M = 3
+  params = models.init_stacked_lm(CFG, jax.random.PRNGKey(0), M)
+  gate_cfg = models.GateConfig(num_experts=M, vocab_size=CFG.vocab_size,
+                               max_len=CFG.max_len, token_embed=4)
+  gate_params = models.init_gate(gate_cfg, jax.random.PRNGKey(3))
+  gate_params = jax.tree_util.tree_map(  # non-trivial gate weights
+      lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(4), a.shape), gate_params)
+  x = _tokens(jax.random.PRNGKey(1))
+  y = jnp.concatenate([x[:, 1:], jnp.zeros((3, 1), x.dtype)], axis=1)
+  mask = jnp.ones(x.shape, bool)
+  logp_BxTxMxV = jnp.stack([models.next_token_logprobs(
+      CFG, jax.tree_util.tree_map(lambda a: a[j], params), x) for j in range(M)], axis=2)
+  observed = models.stacked_token_logprobs(CFG, params, x, y)
+  log_gate = models.gate_log_weights(gate_cfg, gate_params, x,
+                                     models.prefix_loglik(observed, mask))
+  mix = gating.causal_mixture_next_token(log_gate, logp_BxTxMxV)
+  np.testing.assert_allclose(jnp.exp(mix).sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(jnp.exp(log_gate).sum(-1), 1.0, atol=1e-5)
+
+
+def test_gate_starts_at_the_uniform_prior_posterior_gate():
+  M, B, T = 4, 2, 8
+  logp = jnp.log(jax.random.uniform(jax.random.PRNGKey(0), (B, T, M), minval=0.05))
+  logp = logp.at[0, 2, 1].set(-jnp.inf)  # expert 1 missed a token: weight 0 after it
+  mask = jnp.ones((B, T), bool)
+  cfg = models.GateConfig(num_experts=M, vocab_size=5, max_len=T)
+  params = models.init_gate(cfg, jax.random.PRNGKey(1))
+  prefix = models.prefix_loglik(logp, mask)
+  log_gate = models.gate_log_weights(cfg, params, jnp.zeros((B, T), jnp.int32), prefix)
+  expected = gating.posterior_log_gate(jnp.zeros(M), prefix.reshape(-1, M)).reshape(B, T, M)
+  np.testing.assert_allclose(jnp.exp(log_gate), jnp.exp(expected), atol=1e-6)
+  assert float(jnp.exp(log_gate[0, 3, 1])) == 0.0
+  grads = jax.grad(lambda p: models.gate_log_weights(cfg, p, jnp.zeros((B, T), jnp.int32),
+                                                     prefix)[..., 0].sum())(params)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"d_model": 10, "num_heads": 3}, "not divisible"),
+    ({"num_layers": 0}, "positive int"),
+    ({"d_ff": 2.5}, "positive int"),
+])
+def test_bad_model_config(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    models.LMConfig(vocab_size=5, max_len=4, **kwargs)
