@@ -6,7 +6,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN = os.path.join(ROOT, "launch", "main.py")
+MAIN = os.path.join(ROOT, "launch", "finite_demo.py")
 
 
 def _run(workdir, *overrides):
@@ -15,7 +15,7 @@ def _run(workdir, *overrides):
 
 
 @pytest.mark.parametrize("lam_set", ["simplex", "box", "kl_ball"])
-def test_main_demo_end_to_end(tmp_path, lam_set):
+def test_finite_demo_end_to_end(tmp_path, lam_set):
   out = _run(tmp_path, "--config.steps=1500", "--config.num_points=12",
              f"--config.uncertainty={lam_set}")
   assert out.returncode == 0, out.stderr
@@ -26,7 +26,7 @@ def test_main_demo_end_to_end(tmp_path, lam_set):
   assert -1e-4 <= results["relative_gap"] <= 0.01
 
 
-def test_main_bad_config_is_a_clear_error(tmp_path):
+def test_finite_demo_bad_config_is_a_clear_error(tmp_path):
   out = _run(tmp_path, "--config.uncertainty=ellipsoid")
   assert out.returncode != 0
   assert "unknown config.uncertainty 'ellipsoid'" in out.stderr

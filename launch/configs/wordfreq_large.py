@@ -1,0 +1,23 @@
+"""The wordfreq main job with larger models and batches, for an accelerator."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import wordfreq as base  # noqa: E402  (the default config, edited below)
+
+
+def get_config():
+  c = base.get_config()
+  c.data.options.examples_per_split = (40000, 4000, 4000)  # per language
+  c.data.options.wordlist_size = 50000
+  for m in (c.expert,):
+    m.d_model, m.num_layers, m.num_heads, m.d_ff = 256, 4, 8, 1024
+    m.steps, m.per_domain, m.lr = 5000, 256, 1e-3
+  c.monolithic.steps, c.monolithic.per_domain, c.monolithic.lr = 5000, 256, 1e-3
+  # About six experts' parameters (6 × 3.3M ≈ 20M).
+  c.monolithic_large.d_model, c.monolithic_large.num_layers = 576, 5
+  c.monolithic_large.num_heads, c.monolithic_large.d_ff = 8, 2304
+  c.monolithic_large.steps, c.monolithic_large.lr = 5000, 5e-4
+  c.gate.steps, c.gate.per_domain = 5000, 256
+  return c
