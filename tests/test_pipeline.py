@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "launch", "main.py")
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
 METHODS = ["robust_gate", "erm_gate", "uniform_mixture", "posterior_gate", "monolithic",
-           "monolithic_large", "monolithic_dro"]
+           "monolithic_large", "monolithic_dro", "student"]
 
 
 def _main(workdir, *overrides):

@@ -18,5 +18,7 @@ def get_config():
   c.expert.steps = c.monolithic.steps = c.monolithic_large.steps = 30
   c.expert.per_domain = c.monolithic.per_domain = 8
   c.gate.steps = 40
+  c.distill.steps = 20
+  c.distill.per_domain = 4
   c.gate.per_domain = 8
   return c

@@ -52,4 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.gate.lr = 3e-3          # Adam learning rate of the gate
   c.gate.dual_lr = 0.5      # mirror-ascent step size η of the robust gate
   c.gate.per_domain = 64    # cached sequences per domain per step
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.steps = 800     # student steps (teacher evaluated on the fly each step)
+  c.distill.lr = 1e-3       # Adam learning rate of the student
+  c.distill.per_domain = 16  # train sequences per domain per step
   return c

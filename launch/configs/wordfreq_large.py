@@ -20,4 +20,5 @@ def get_config():
   c.monolithic_large.num_heads, c.monolithic_large.d_ff = 8, 2304
   c.monolithic_large.steps, c.monolithic_large.lr = 5000, 5e-4
   c.gate.steps, c.gate.per_domain = 5000, 256
+  c.distill.steps, c.distill.per_domain = 5000, 64
   return c

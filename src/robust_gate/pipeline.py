@@ -5,7 +5,8 @@
 1. load the domains (local TFDS builders, prepared once under the data dir);
 2. train K experts (one per domain, stacked, one compiled program) on `train`;
 3. score them once on `validation` (the gate's data) and `test`: the caches;
-4. fit the robust gate (the game of MATH.md §4) and the ERM gate (λ fixed);
+4. fit the robust gate (the game of MATH.md §4) and the ERM gate (λ fixed), and
+   distill the robust gated model into one expert-sized student (§5);
 5. train the monolithic baselines (one expert's size, all experts' size, group DRO);
 6. evaluate every method of MATH.md §6 on `test`: results.json, a table, plots.
 """
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_gate import data as data_lib
-from robust_gate import datasets, evaluate, experts, gating, models, train
+from robust_gate import datasets, distill, evaluate, experts, gating, models, train
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
 
@@ -45,7 +46,7 @@ def make_uncertainty(config, K: int) -> uncertainty_lib.UncertaintySet:
 
 def check_config(config) -> None:
   """Positive sizes and step counts, finite positive learning rates, η ≥ 0."""
-  for section in ("expert", "monolithic", "monolithic_large", "gate"):
+  for section in ("expert", "monolithic", "monolithic_large", "gate", "distill"):
     for key, value in config[section].items():
       name = f"config.{section}.{key}"
       if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -128,6 +129,19 @@ def run(config, workdir: str, log=print) -> dict:
       lam_history[name] = hist["lam"]
   lap("gates")
 
+  # 4b. Distillation (MATH.md §5): one expert-sized student, weights λ̄, on train.
+  dc = config.distill
+  lam_bar = gates["robust_gate"].lam_avg_K
+  student_params, init_from = distill.student_init(expert_params, lam_bar)
+  step, state = train.make_game(
+      distill.distill_loss_fn(lm_cfg, expert_params, gate_cfg,
+                              gates["robust_gate"].params, tr, dc.per_domain),
+      student_params, num_domains=K, lr=dc.lr, dual_lr=0.0, seed=config.seed,
+      lam_K=lam_bar / jnp.sum(lam_bar))
+  state, _ = train.fit(step, state, dc.steps, name="distill", log=log)
+  student_params = state.params
+  lap("distill")
+
   # 5. Monolithic baselines on the train split.
   mc, lc = config.monolithic, config.monolithic_large
   mono = {}
@@ -164,6 +178,7 @@ def run(config, workdir: str, log=print) -> dict:
   for name in ("monolithic", "monolithic_large", "monolithic_dro"):
     cfg, params, _ = mono[name]
     methods[name] = entry(evaluate.lm_logprobs(cfg, params, te))
+  methods["student"] = entry(evaluate.lm_logprobs(lm_cfg, student_params, te))
   for j, d in enumerate(domains):
     methods[f"expert:{d}"] = entry(cache_te[..., j])
 
@@ -185,7 +200,9 @@ def run(config, workdir: str, log=print) -> dict:
                                                    conflict_key).tolist(),
           "gate": evaluate.gradient_conflict(gate_loss, gates["robust_gate"].params,
                                              conflict_key).tolist()},
+      "student_init": domains[init_from],
       "num_params": {"expert": _num_params(expert_params) // K,
+                     "student": _num_params(student_params),
                      "gate": _num_params(gates["robust_gate"].params),
                      "monolithic": _num_params(mono["monolithic"][1]),
                      "monolithic_large": _num_params(mono["monolithic_large"][1])},

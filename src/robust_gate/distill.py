@@ -1,0 +1,74 @@
+"""Structural distillation: one expert-sized student from the robust ensemble (MATH.md §5).
+
+The teacher is the causal gated model p_w(· | x_<t) = Σ_j π_w(x_<t)_j p_j(· | x_<t)
+over the frozen experts; its full next-token distributions are computed on the fly
+inside the compiled step (they are [B, T, V] per expert: too large to cache at
+scale). The student q_θ has one expert's architecture and minimizes
+
+    Σ_k λ̄_k E_{x~D_k} mean_t KL( p_w(·|x_<t) ‖ q_θ(·|x_<t) )
+
+with λ̄ the robust gate's least-favorable mixture, held fixed (a game whose dual
+step is 0, started at λ̄).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from robust_gate import data as data_lib
+from robust_gate import gating, models, train
+
+
+def teacher_next_token_logprobs(lm_cfg: models.LMConfig, expert_params_M,
+                                gate_cfg: models.GateConfig, gate_params,
+                                inputs_BxT, targets_BxT, mask_BxT) -> jax.Array:
+  """The gated model's full next-token log-distributions, [B, T, V].
+
+  One forward pass per expert gives both the full distributions and the
+  observed-token log-probs that drive the gate's prefix likelihoods.
+  """
+  logp_MxBxTxV = jax.vmap(models.next_token_logprobs, in_axes=(None, 0, None))(
+      lm_cfg, expert_params_M, inputs_BxT)
+  logp_BxTxMxV = jnp.moveaxis(logp_MxBxTxV, 0, 2)
+  observed_BxTxM = jnp.take_along_axis(
+      logp_BxTxMxV, targets_BxT[:, :, None, None], axis=-1)[..., 0]
+  prefix = models.prefix_loglik(observed_BxTxM, mask_BxT)
+  log_gate = models.gate_log_weights(gate_cfg, gate_params, inputs_BxT, prefix)
+  return gating.causal_mixture_next_token(log_gate, logp_BxTxMxV)
+
+
+def token_kl(teacher_logp_BxTxV, student_logp_BxTxV) -> jax.Array:
+  """KL(teacher ‖ student) at every position, [B, T]."""
+  p = jnp.exp(teacher_logp_BxTxV)
+  diff = jnp.where(p > 0, teacher_logp_BxTxV - student_logp_BxTxV, 0.0)
+  return jnp.sum(p * diff, axis=-1)
+
+
+def distill_loss_fn(lm_cfg: models.LMConfig, expert_params_M,
+                    gate_cfg: models.GateConfig, gate_params,
+                    d: data_lib.DomainData, per_domain: int):
+  """Per-domain mean token KL(teacher ‖ student) on a stratified batch: losses [K]."""
+  arrays, index = train.device_arrays(d), data_lib.domain_index(d)
+
+  def loss_fn(student_params, batch, key):
+    del batch
+    idx_KxB = data_lib.stratified_batch(key, index, per_domain)
+    K, B = idx_KxB.shape
+    flat = idx_KxB.reshape(-1)
+    x, y, m = arrays["inputs"][flat], arrays["targets"][flat], arrays["mask"][flat]
+    teacher = jax.lax.stop_gradient(teacher_next_token_logprobs(
+        lm_cfg, expert_params_M, gate_cfg, gate_params, x, y, m))
+    student = models.next_token_logprobs(lm_cfg, student_params, x)
+    kl_KxBxT = token_kl(teacher, student).reshape(K, B, -1)
+    return train.per_domain_token_loss(kl_KxBxT, m.reshape(K, B, -1), 0.0)
+
+  return loss_fn
+
+
+def student_init(expert_params_M, lam_bar_K):
+  """The student starts from the expert of the domain with the largest λ̄.
+
+  λ̄ weights the distillation loss; its largest entry is the domain the robust
+  objective binds on, so its expert is the closest start where the loss matters most.
+  """
+  j = int(jnp.argmax(lam_bar_K))
+  return jax.tree_util.tree_map(lambda a: a[j], expert_params_M), j

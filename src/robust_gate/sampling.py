@@ -1,0 +1,78 @@
+"""Token-by-token sampling from experts, the gated model, and the student (MATH.md §2.1, §5).
+
+One mechanism: `sample(next_fn, key, ...)` takes any pure function
+`next_fn(inputs_BxT) -> [B, T, V]` of next-token log-distributions (causal:
+position t depends on inputs ≤ t only) and fills a sequence after BOS, one token
+per step (a loop unrolled over the static length; wrap it in `jax.jit`). `lm_next_fn` and `gated_next_fn` build
+`next_fn` for a transformer and for the causal gated mixture of experts.
+Sampling stops at EOS (token 0); what follows is padding with mask False.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from robust_gate import gating, models
+from robust_gate.checks import InputError
+
+
+def adjust(logp_BxV: jax.Array, temperature: float = 1.0, top_k: int = 0) -> jax.Array:
+  """Log-distribution after temperature and top-k; renormalized, [B, V]."""
+  if not temperature > 0:
+    raise InputError(f"temperature must be > 0, got {temperature}.")
+  if top_k < 0 or top_k > logp_BxV.shape[-1]:
+    raise InputError(f"top_k must be in [0, {logp_BxV.shape[-1]}], got {top_k}.")
+  logits = logp_BxV / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def sample(next_fn: Callable, key: jax.Array, batch_size: int, max_len: int,
+           temperature: float = 1.0, top_k: int = 0):
+  """Samples `batch_size` sequences; returns (tokens_BxT, mask_BxT).
+
+  tokens_BxT are the targets (x_1 .. x_n, EOS, 0 ...), mask_BxT marks them.
+  """
+  def body(t, carry):
+    inputs, targets, done = carry
+    logp = adjust(next_fn(inputs)[:, t], temperature, top_k)
+    tok = jax.random.categorical(jax.random.fold_in(key, t), logp).astype(jnp.int32)
+    tok = jnp.where(done, 0, tok)
+    targets = targets.at[:, t].set(tok)
+    if t + 1 < max_len:  # static shapes: the input at t+1 is the target at t
+      inputs = jax.lax.dynamic_update_slice(inputs, tok[:, None], (0, t + 1))
+    return inputs, targets, done | (tok == 0)
+
+  inputs = jnp.zeros((batch_size, max_len), jnp.int32)
+  carry = (inputs, inputs, jnp.zeros((batch_size,), bool))
+  for t in range(max_len):  # unrolled: T is small and static
+    carry = body(t, carry)
+  _, targets, _ = carry
+  first_eos = jnp.argmax(targets == 0, axis=1)
+  has_eos = jnp.any(targets == 0, axis=1)
+  length = jnp.where(has_eos, first_eos + 1, max_len)
+  mask = jnp.arange(max_len)[None, :] < length[:, None]
+  return jnp.where(mask, targets, 0), mask
+
+
+def lm_next_fn(config: models.LMConfig, params) -> Callable:
+  return lambda inputs: models.next_token_logprobs(config, params, inputs)
+
+
+def gated_next_fn(lm_cfg: models.LMConfig, expert_params_M,
+                  gate_cfg: models.GateConfig, gate_params) -> Callable:
+  """The causal gated mixture: experts' distributions, gate from prefix likelihoods."""
+  def next_fn(inputs_BxT):
+    logp_MxBxTxV = jax.vmap(models.next_token_logprobs, in_axes=(None, 0, None))(
+        lm_cfg, expert_params_M, inputs_BxT)
+    logp_BxTxMxV = jnp.moveaxis(logp_MxBxTxV, 0, 2)
+    # The token after position t is inputs[t + 1]; the last position has none yet.
+    nxt = jnp.concatenate([inputs_BxT[:, 1:], jnp.zeros_like(inputs_BxT[:, :1])], 1)
+    observed = jnp.take_along_axis(logp_BxTxMxV, nxt[:, :, None, None], -1)[..., 0]
+    prefix = models.prefix_loglik(observed, jnp.ones(inputs_BxT.shape, bool))
+    log_gate = models.gate_log_weights(gate_cfg, gate_params, inputs_BxT, prefix)
+    return gating.causal_mixture_next_token(log_gate, logp_BxTxMxV)
+  return next_fn

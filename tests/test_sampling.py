@@ -1,0 +1,76 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robust_gate import distill, models, sampling
+from robust_gate.checks import InputError
+
+CFG = models.LMConfig(vocab_size=5, max_len=6, d_model=16, num_layers=1, num_heads=2, d_ff=16)
+GATE = models.GateConfig(num_experts=3, vocab_size=5, max_len=6)
+
+
+def _models():
+  experts = models.init_stacked_lm(CFG, jax.random.PRNGKey(0), 3)
+  gate = models.init_gate(GATE, jax.random.PRNGKey(1))
+  gate = jax.tree_util.tree_map(
+      lambda a: a + 0.5 * jax.random.normal(jax.random.PRNGKey(2), a.shape), gate)
+  return experts, gate
+
+
+def test_adjust_is_normalized():
+  logp = jax.nn.log_softmax(jax.random.normal(jax.random.PRNGKey(0), (4, 7)))
+  for temperature, top_k in [(1.0, 0), (0.5, 0), (2.0, 3), (1.0, 1)]:
+    out = sampling.adjust(logp, temperature, top_k)
+    np.testing.assert_allclose(jnp.exp(out).sum(-1), 1.0, atol=1e-6)
+    if top_k:
+      assert int((out > -jnp.inf).sum(-1).max()) == top_k
+  np.testing.assert_allclose(sampling.adjust(logp, 1.0, 0), logp, atol=1e-6)
+  with pytest.raises(InputError, match="temperature"):
+    sampling.adjust(logp, 0.0)
+  with pytest.raises(InputError, match="top_k"):
+    sampling.adjust(logp, 1.0, 8)
+
+
+@pytest.mark.parametrize("which", ["expert", "gated"])
+def test_sampling_is_deterministic_and_well_formed(which):
+  experts, gate = _models()
+  fn = (sampling.lm_next_fn(CFG, jax.tree_util.tree_map(lambda a: a[0], experts))
+        if which == "expert" else sampling.gated_next_fn(CFG, experts, GATE, gate))
+  draw = jax.jit(lambda k: sampling.sample(fn, k, 64, CFG.max_len, temperature=0.9, top_k=4))
+  a, ma = draw(jax.random.PRNGKey(3))
+  b, mb = draw(jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(ma, mb)
+  assert not np.array_equal(a, draw(jax.random.PRNGKey(4))[0])
+  a, ma = np.asarray(a), np.asarray(ma)
+  assert np.all(ma[:, 0])
+  assert np.all(np.diff(ma.astype(int), axis=1) <= 0)  # mask is a prefix
+  assert np.all((a >= 0) & (a < CFG.vocab_size)) and np.all(a[~ma] == 0)
+  lengths = ma.sum(1)
+  ended = lengths < CFG.max_len
+  assert np.all(a[ended, lengths[ended] - 1] == 0)  # an EOS ends each finished one
+  assert np.all(a[:, :-1][ma[:, 1:]] != 0)  # no EOS before the end
+
+
+def test_samples_follow_the_model_distribution():
+  """First-token frequencies of the gated model match its distribution."""
+  experts, gate = _models()
+  fn = sampling.gated_next_fn(CFG, experts, GATE, gate)
+  tokens, _ = jax.jit(lambda k: sampling.sample(fn, k, 20000, 2))(jax.random.PRNGKey(0))
+  p = np.exp(np.asarray(fn(jnp.zeros((1, 2), jnp.int32))[0, 0]))
+  freq = np.bincount(np.asarray(tokens[:, 0]), minlength=CFG.vocab_size) / 20000
+  np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / 20000).max() + 1e-3)
+
+
+def test_gated_sampler_and_distillation_teacher_agree():
+  """Two code paths to the gated model's next-token distributions give the same numbers."""
+  experts, gate = _models()
+  x = jax.random.randint(jax.random.PRNGKey(5), (3, CFG.max_len), 1, CFG.vocab_size)
+  x = x.at[:, 0].set(0)
+  y = jnp.concatenate([x[:, 1:], jnp.zeros((3, 1), x.dtype)], 1)
+  teacher = distill.teacher_next_token_logprobs(CFG, experts, GATE, gate, x, y,
+                                                jnp.ones(x.shape, bool))
+  np.testing.assert_allclose(sampling.gated_next_fn(CFG, experts, GATE, gate)(x), teacher,
+                             atol=1e-5)
+  np.testing.assert_allclose(jnp.exp(teacher).sum(-1), 1.0, atol=1e-5)
