@@ -20,7 +20,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 
 from robust_gate.checks import InputError
 
@@ -178,6 +177,7 @@ def load_catalog(name: str, split: str, *, text_key: str, domain_key: str,
   unless `truncate=False` (then a longer text is an error). The domain names
   come from the domain feature's ClassLabel names unless `domains` is given.
   """
+  import tensorflow_datasets as tfds  # lazily: the library runs without it
   builder = tfds.builder(name, data_dir=data_dir)
   feature = builder.info.features[domain_key]
   if domains is None:
