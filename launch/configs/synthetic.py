@@ -1,14 +1,12 @@
 """Synthetic Markov-chain domains with exact entropies: L_k is the exact KL."""
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import wordfreq as base  # noqa: E402  (the default config, edited below)
+from robust_gate import config_files
 
 
 def get_config():
-  c = base.get_config()
+  c = config_files.load(os.path.join(os.path.dirname(__file__), "wordfreq.py"))
   c.data.name = "markov"
   c.data.max_len = 18  # BOS + 16 tokens + EOS
   c.data.options = {"num_domains": 4, "num_states": 8, "seq_len": 16,

@@ -1,14 +1,12 @@
 """A seconds-long end-to-end run for tests: tiny Markov domains and models."""
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import synthetic as base  # noqa: E402
+from robust_gate import config_files
 
 
 def get_config():
-  c = base.get_config()
+  c = config_files.load(os.path.join(os.path.dirname(__file__), "synthetic.py"))
   c.data.max_len = 8
   c.data.options = {"num_domains": 3, "num_states": 4, "seq_len": 6,
                     "examples_per_split": (60, 40, 40)}

@@ -1,14 +1,12 @@
 """The wordfreq main job with larger models and batches, for an accelerator."""
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import wordfreq as base  # noqa: E402  (the default config, edited below)
+from robust_gate import config_files
 
 
 def get_config():
-  c = base.get_config()
+  c = config_files.load(os.path.join(os.path.dirname(__file__), "wordfreq.py"))
   c.data.options.examples_per_split = (40000, 4000, 4000)  # per language
   c.data.options.wordlist_size = 50000
   for m in (c.expert,):
