@@ -42,3 +42,49 @@ def test_distillation_reduces_the_kl_to_the_teacher():
   np.testing.assert_allclose(hist["lam"], np.tile([0.25, 0.75], (200, 1)), rtol=1e-5)
   assert np.all(hist["losses"][-20:].mean(0) < 0.5 * hist["losses"][:20].mean(0))
   assert np.all(hist["losses"] >= -1e-6)  # a KL
+
+
+def _finite_sequence_space(V=3, L=3, M=2, seed=0):
+  """All V^L sequences and M random autoregressive experts with exact conditionals."""
+  import itertools
+  rng = np.random.default_rng(seed)
+  seqs = np.array(list(itertools.product(range(V), repeat=L)), np.int32)
+  # Expert j's conditional at (x_<t) from a random table keyed by the prefix.
+  tables = {}
+  cond = np.zeros((len(seqs), L, M, V))
+  for n, s in enumerate(seqs):
+    for t in range(L):
+      for j in range(M):
+        key = (j, tuple(s[:t]))
+        if key not in tables:
+          tables[key] = np.log(rng.dirichlet(np.full(V, 0.5)))
+        cond[n, t, j] = tables[key]
+  observed = np.take_along_axis(cond, seqs[:, :, None, None], -1)[..., 0]  # [N, L, M]
+  return jnp.asarray(seqs), jnp.asarray(cond, jnp.float32), observed.sum(1)  # log p_j(x)
+
+
+def test_sequence_gate_distills_exactly_when_a_causal_gate_exists():
+  """Constant sequence gate λ gives D_λ, which the causal posterior gate reproduces."""
+  seqs, cond, logp_NxM = _finite_sequence_space()
+  lam = np.array([0.3, 0.7])
+  target = jax.nn.logsumexp(jnp.log(lam) + logp_NxM, axis=-1)
+  np.testing.assert_allclose(jnp.exp(target).sum(), 1.0, atol=1e-5)
+  log_gate, kl = distill.sequence_gate_to_causal(target, seqs, cond, steps=3000)
+  assert float(kl) < 1e-4
+  np.testing.assert_allclose(jnp.exp(log_gate).sum(-1), 1.0, atol=1e-5)
+
+
+def test_sequence_gate_distillation_reduces_the_kl():
+  from robust_gate import gating
+  seqs, cond, logp_NxM = _finite_sequence_space(seed=1)
+  scores = jax.random.normal(jax.random.PRNGKey(0), logp_NxM.shape) * 2.0
+  log_gate = jax.nn.log_softmax(scores, axis=-1)
+  target = gating.finite_sequence_logp(log_gate, logp_NxM.T)  # exact Z_w
+  np.testing.assert_allclose(jnp.exp(target).sum(), 1.0, atol=1e-5)
+  _, kl0 = distill.sequence_gate_to_causal(target, seqs, cond, steps=1)
+  causal_log_gate, kl = distill.sequence_gate_to_causal(target, seqs, cond, steps=2000)
+  assert 0 <= float(kl) < 0.5 * float(kl0)
+  # The distilled causal model is normalized over all V^L sequences.
+  observed = jnp.take_along_axis(cond, seqs[:, :, None, None], -1)[..., 0]
+  log_q = jax.nn.logsumexp(causal_log_gate + observed, axis=-1).sum(-1)
+  np.testing.assert_allclose(jnp.exp(log_q).sum(), 1.0, atol=1e-5)

@@ -13,6 +13,7 @@ step is 0, started at λ̄).
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from robust_gate import data as data_lib
 from robust_gate import gating, models, train
@@ -72,3 +73,58 @@ def student_init(expert_params_M, lam_bar_K):
   """
   j = int(jnp.argmax(lam_bar_K))
   return jax.tree_util.tree_map(lambda a: a[j], expert_params_M), j
+
+
+def sequence_gate_to_causal(target_logp_N, seqs_NxL, expert_cond_NxLxMxV, *,
+                            steps: int = 2000, lr: float = 0.1):
+  """Distills a sequence-level gated model into a causal gate (MATH.md §5), exactly.
+
+  On a finite space of all N = V^L sequences of length L, the sequence-level model
+  p_g(x) (any normalized log-probabilities `target_logp_N`, e.g. from
+  `gating.sequence_mixture_logp`) is matched by a tabular causal gate π(x_<t) ∈ Δ_M,
+  one row per distinct prefix, minimizing KL(p_g ‖ q) with
+  q(x) = Π_t Σ_j π_j(x_<t) p_j(x_t | x_<t), a model that samples token by token.
+
+  Args:
+    target_logp_N: log p_g(x) of every sequence (sums to 1 in probability).
+    seqs_NxL: every sequence of the space, int tokens.
+    expert_cond_NxLxMxV: log p_j(· | x_<t) of every expert at every position.
+    steps: Adam steps (one lax.scan).
+    lr: Adam learning rate.
+
+  Returns:
+    (log_gate_NxLxM, kl): the causal gate at every (sequence, position) and the
+    final KL(p_g ‖ q) in nats.
+  """
+  N, L = seqs_NxL.shape
+  M, V = expert_cond_NxLxMxV.shape[2:]
+  # Prefix ids: x_<t read as a base-V number, offset by the Σ_{u<t} V^u ids of
+  # shorter prefixes; sequences sharing x_<t share the gate row at position t.
+  codes, offsets = [jnp.zeros(N, jnp.int32)], [0]
+  for t in range(1, L):
+    codes.append(codes[-1] * V + seqs_NxL[:, t - 1])
+    offsets.append(offsets[-1] + V ** (t - 1))
+  prefix_NxL = jnp.stack(codes, axis=1) + jnp.asarray(offsets)[None, :]
+  num_prefixes = offsets[-1] + V ** (L - 1)
+  observed_NxLxM = jnp.take_along_axis(
+      expert_cond_NxLxMxV, seqs_NxL[:, :, None, None], axis=-1)[..., 0]
+  p_N = jnp.exp(target_logp_N)
+
+  def log_gate(scores_PxM):
+    return jax.nn.log_softmax(scores_PxM[prefix_NxL], axis=-1)
+
+  def kl(scores_PxM):
+    log_q_N = jax.nn.logsumexp(log_gate(scores_PxM) + observed_NxLxM, axis=-1).sum(-1)
+    return jnp.sum(jnp.where(p_N > 0, p_N * (target_logp_N - log_q_N), 0.0))
+
+  opt = optax.adam(lr)
+  scores = jnp.zeros((num_prefixes, M))
+
+  def step(carry, _):
+    scores, opt_state = carry
+    loss, grads = jax.value_and_grad(kl)(scores)
+    updates, opt_state = opt.update(grads, opt_state)
+    return (optax.apply_updates(scores, updates), opt_state), loss
+
+  (scores, _), _ = jax.lax.scan(step, (scores, opt.init(scores)), None, length=steps)
+  return log_gate(scores), kl(scores)
