@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.monolithic_large.num_layers = 4
   c.monolithic_large.num_heads = 4
   c.monolithic_large.d_ff = 512
-  c.monolithic_large.steps = 600  # fewer steps: each costs ~6× (see BUILD_NOTES.md)
+  c.monolithic_large.steps = 400  # fewer steps: each costs ~6× (see BUILD_NOTES.md)
   c.monolithic_large.lr = 1e-3
 
   c.gate = ml_collections.ConfigDict()
@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.gate.per_domain = 64    # cached sequences per domain per step
 
   c.distill = ml_collections.ConfigDict()
-  c.distill.steps = 800     # student steps (teacher evaluated on the fly each step)
+  c.distill.steps = 600     # student steps (teacher evaluated on the fly each step)
   c.distill.lr = 1e-3       # Adam learning rate of the student
   c.distill.per_domain = 16  # train sequences per domain per step
   return c
