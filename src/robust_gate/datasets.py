@@ -18,6 +18,7 @@ Every example has `tokens` (int32, values ≥ 1; 0 is reserved for BOS/EOS) and
 prepares one and returns the builder; `robust_gate.data` loads them.
 """
 
+import abc
 import dataclasses
 import hashlib
 
@@ -70,19 +71,32 @@ def _word_split(word: str) -> int:
   return 0 if h < 8 else (1 if h == 8 else 2)
 
 
-class RobustGateWordfreq(tfds.core.GeneratorBasedBuilder):
-  """Words of several languages sampled by frequency; domain = language."""
+class _DomainBuilder(tfds.core.GeneratorBasedBuilder):
+  """Shared by the builders: a `domain` ClassLabel, the three SPLITS."""
   VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [WordfreqConfig(name="default")]
+  WITH_TEXT = False
+
+  @abc.abstractmethod
+  def _domain_names(self) -> list:
+    """The ClassLabel names, one per domain."""
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self, features=_features(self.builder_config.languages, True),
+        builder=self, features=_features(self._domain_names(), self.WITH_TEXT),
         description=__doc__)
 
   def _split_generators(self, dl_manager):
     del dl_manager
     return {s: self._generate_examples(i) for i, s in enumerate(SPLITS)}
+
+
+class RobustGateWordfreq(_DomainBuilder):
+  """Words of several languages sampled by frequency; domain = language."""
+  BUILDER_CONFIGS = [WordfreqConfig(name="default")]
+  WITH_TEXT = True
+
+  def _domain_names(self):
+    return list(self.builder_config.languages)
 
   def _generate_examples(self, split_index):
     import wordfreq
@@ -105,19 +119,12 @@ class RobustGateWordfreq(tfds.core.GeneratorBasedBuilder):
                                                       np.uint8).astype(np.int32)}
 
 
-class RobustGateDigits(tfds.core.GeneratorBasedBuilder):
+class RobustGateDigits(_DomainBuilder):
   """scikit-learn digits, 64 pixel intensities (tokens 1..17) per example."""
-  VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [DigitsConfig(name="default")]
 
-  def _info(self):
-    names = ["digits_" + "".join(map(str, g)) for g in self.builder_config.groups]
-    return tfds.core.DatasetInfo(builder=self, features=_features(names),
-                                 description=__doc__)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(i) for i, s in enumerate(SPLITS)}
+  def _domain_names(self):
+    return ["digits_" + "".join(map(str, g)) for g in self.builder_config.groups]
 
   def _generate_examples(self, split_index):
     from sklearn.datasets import load_digits
@@ -163,19 +170,12 @@ def markov_entropy(config: MarkovConfig) -> np.ndarray:
   return (h_init + (T - 1) * h_rate) / (T + 1)
 
 
-class RobustGateMarkov(tfds.core.GeneratorBasedBuilder):
+class RobustGateMarkov(_DomainBuilder):
   """Synthetic Markov-chain domains with known entropy."""
-  VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [MarkovConfig(name="default")]
 
-  def _info(self):
-    names = [f"chain_{k}" for k in range(self.builder_config.num_domains)]
-    return tfds.core.DatasetInfo(builder=self, features=_features(names),
-                                 description=__doc__)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(i) for i, s in enumerate(SPLITS)}
+  def _domain_names(self):
+    return [f"chain_{k}" for k in range(self.builder_config.num_domains)]
 
   def _generate_examples(self, split_index):
     c = self.builder_config
