@@ -1,11 +1,11 @@
-r"""robust_gate's main job.
+r"""The finite-space demo: the robust gating game next to its exact solution.
 
-Until the experts phase lands, the main job is the finite-space demo: it solves
-the robust gating game with the primal-dual algorithm and prints it next to the
-exact minimax solution of an independent convex solver.
+Solves a random finite game with the primal-dual algorithm (robust_gate.finite)
+and prints it next to the exact minimax solution of an independent convex solver
+(robust_gate.reference); writes results.json.
 
-  python launch/main.py --workdir=/tmp/robust_gate
-  python launch/main.py --workdir=/tmp/rg --config.num_domains=5 --config.uncertainty=box
+  python launch/finite_demo.py --workdir=/tmp/finite_demo
+  python launch/finite_demo.py --workdir=/tmp/fd --config.num_domains=5 --config.uncertainty=box
 """
 
 import json
@@ -26,22 +26,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json.",
                                required=True)
 
 
-def make_uncertainty(config, K: int) -> uncertainty.UncertaintySet:
-  if config.uncertainty == "simplex":
-    return uncertainty.simplex(K)
-  if config.uncertainty == "box":
-    return uncertainty.box(np.full(K, config.box_lo), np.full(K, config.box_hi))
-  if config.uncertainty == "kl_ball":
-    return uncertainty.kl_ball(np.full(K, 1.0 / K), config.kl_radius)
-  raise app.UsageError(f"unknown config.uncertainty {config.uncertainty!r}; "
-                       f"choose simplex, box or kl_ball.")
-
-
 def run_demo(config) -> dict:
   """Solves one finite game both ways; returns the results dict."""
   probs, logp = finite.random_instance(config.seed, config.num_domains,
                                        config.num_points, perturbed=config.perturbed)
-  lam_set = make_uncertainty(config, config.num_domains)
+  lam_set = uncertainty.from_config(config, config.num_domains)
   sol = finite.solve(
       probs, logp, uncertainty=lam_set, gate=config.gate, steps=config.steps,
       seed=config.seed, primal_lr=config.primal_lr, dual_lr=config.dual_lr,

@@ -33,17 +33,6 @@ def _num_params(params) -> int:
   return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
-def make_uncertainty(config, K: int) -> uncertainty_lib.UncertaintySet:
-  kind = config.uncertainty
-  if kind == "simplex":
-    return uncertainty_lib.simplex(K)
-  if kind == "box":
-    return uncertainty_lib.box(np.full(K, config.box_lo), np.full(K, config.box_hi))
-  if kind == "kl_ball":
-    return uncertainty_lib.kl_ball(np.full(K, 1.0 / K), config.kl_radius)
-  raise InputError(f"unknown config.uncertainty {kind!r}; choose simplex, box or kl_ball.")
-
-
 def check_config(config) -> None:
   """Positive sizes and step counts, finite positive learning rates, η ≥ 0."""
   for section in ("expert", "monolithic", "monolithic_large", "gate", "distill"):
@@ -83,7 +72,7 @@ def run(config, workdir: str, log=print) -> dict:
   splits = load_splits(config, config.data_dir or os.path.join(workdir, "tfds"))
   tr, va, te = splits["train"], splits["validation"], splits["test"]
   domains, K, V, T = tr.domains, tr.num_domains, tr.vocab_size, config.data.max_len
-  lam_set = make_uncertainty(config, K)
+  lam_set = uncertainty_lib.from_config(config, K)
   log(f"data: {config.data.name}, domains {list(domains)}, train {tr.counts().tolist()}, "
       f"validation {va.counts().tolist()}, test {te.counts().tolist()}")
   lap("data")
@@ -122,7 +111,7 @@ def run(config, workdir: str, log=print) -> dict:
     step, state = train.make_game(
         gate_loss, models.init_gate(gate_cfg, jax.random.fold_in(key, 2)),
         num_domains=K, lr=gc.lr, dual_lr=dual_lr, seed=config.seed,
-        uncertainty=lam_set)
+        uncertainty=lam_set if dual_lr else None)  # ERM: the uniform mixture
     state, hist = train.fit(step, state, gc.steps, name=name, log=log)
     gates[name] = state
     if dual_lr:
@@ -153,7 +142,8 @@ def run(config, workdir: str, log=print) -> dict:
                                        jnp.asarray(baseline_va, jnp.float32))
     step, state = train.make_game(loss_fn, models.init_lm(cfg, jax.random.fold_in(key, 3)),
                                   num_domains=K, lr=lr, dual_lr=dual_lr,
-                                  seed=config.seed, uncertainty=lam_set)
+                                  seed=config.seed,
+                                  uncertainty=lam_set if dual_lr else None)
     state, hist = train.fit(step, state, steps, name=name, log=log)
     mono[name] = (cfg, state.params, loss_fn)
     if dual_lr:

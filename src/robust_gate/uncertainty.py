@@ -159,6 +159,21 @@ def kl_ball(prior, radius: float) -> UncertaintySet:
       radius=jnp.asarray(radius, jnp.float32), kind="kl_ball")
 
 
+def from_config(config, num_domains: int) -> UncertaintySet:
+  """Λ from a config's fields `uncertainty` ("simplex", "box" or "kl_ball"),
+  `box_lo`, `box_hi` (the same bounds for every domain) and `kl_radius` (around
+  the uniform mixture)."""
+  K = _check_num_domains(num_domains)
+  kind = config.uncertainty
+  if kind == "simplex":
+    return simplex(K)
+  if kind == "box":
+    return box(np.full(K, config.box_lo), np.full(K, config.box_hi))
+  if kind == "kl_ball":
+    return kl_ball(np.full(K, 1.0 / K), config.kl_radius)
+  raise InputError(f"unknown config.uncertainty {kind!r}; choose simplex, box or kl_ball.")
+
+
 def _check_num_domains(num_domains) -> int:
   if isinstance(num_domains, bool) or not isinstance(num_domains, (int, np.integer)):
     raise InputError(f"number of domains must be an int, got {num_domains!r}.")
