@@ -135,3 +135,14 @@ def test_gradient_flows_through_the_normalizer():
   for name in ("a", "b"):
     assert np.abs(g_true[name]).max() > 0.01
     np.testing.assert_allclose(g_mc[name], g_true[name], atol=5e-3)
+
+
+def test_shape_and_dtype_checks():
+  import pytest
+  good = jnp.zeros((2, 3, 4))
+  with pytest.raises(AssertionError):
+    gating.causal_mixture_logp(good, jnp.zeros((2, 3, 5)))  # M differs
+  with pytest.raises(AssertionError):
+    gating.causal_mixture_logp(good, jnp.zeros((2, 3, 4), jnp.int32))  # not float
+  with pytest.raises(AssertionError):
+    gating.exact_log_normalizer(jnp.zeros((5, 3)), jnp.zeros((5, 3)))  # not [M, N]

@@ -32,6 +32,7 @@ def causal_mixture_logp(log_gate_BxTxM: jax.Array,
   """
   chex.assert_rank(logp_BxTxM, 3)
   chex.assert_equal_shape([log_gate_BxTxM, logp_BxTxM])
+  chex.assert_type([log_gate_BxTxM, logp_BxTxM], float)
   return jax.nn.logsumexp(log_gate_BxTxM + logp_BxTxM, axis=-1)
 
 
@@ -40,6 +41,7 @@ def causal_mixture_next_token(log_gate_BxTxM: jax.Array,
   """Full next-token log-distribution of a causal mixture (§2.1), [B, T, V]."""
   chex.assert_rank(logp_BxTxMxV, 4)
   chex.assert_equal_shape_prefix([log_gate_BxTxM, logp_BxTxMxV], 3)
+  chex.assert_type([log_gate_BxTxM, logp_BxTxMxV], float)
   return jax.nn.logsumexp(log_gate_BxTxM[..., None] + logp_BxTxMxV, axis=-2)
 
 
@@ -53,6 +55,7 @@ def posterior_log_gate(log_prior_M: jax.Array, logp_NxM: jax.Array) -> jax.Array
   """
   chex.assert_rank(logp_NxM, 2)
   chex.assert_shape(log_prior_M, (logp_NxM.shape[1],))
+  chex.assert_type([log_prior_M, logp_NxM], float)
   return jax.nn.log_softmax(log_prior_M + logp_NxM, axis=-1)
 
 
@@ -61,6 +64,7 @@ def exact_log_normalizer(log_gate_NxM: jax.Array,
   """log Z_w = log Σ_x Σ_j p_j(x) softmax(s_w(x))_j on a finite space (§2.2)."""
   chex.assert_rank(log_gate_NxM, 2)
   chex.assert_shape(expert_logprobs_MxN, log_gate_NxM.shape[::-1])
+  chex.assert_type([log_gate_NxM, expert_logprobs_MxN], float)
   return jax.nn.logsumexp(log_gate_NxM + expert_logprobs_MxN.T)
 
 
@@ -70,12 +74,16 @@ def sequence_mixture_logp(log_gate_BxM: jax.Array, logp_BxM: jax.Array,
   chex.assert_rank(logp_BxM, 2)
   chex.assert_equal_shape([log_gate_BxM, logp_BxM])
   chex.assert_rank(log_z, 0)
+  chex.assert_type([log_gate_BxM, logp_BxM], float)
   return jax.nn.logsumexp(log_gate_BxM + logp_BxM, axis=-1) - log_z
 
 
 def finite_sequence_logp(log_gate_NxM: jax.Array,
                          expert_logprobs_MxN: jax.Array) -> jax.Array:
   """log p_w over a whole finite space, exactly normalized; shape [N]."""
+  chex.assert_rank(log_gate_NxM, 2)
+  chex.assert_shape(expert_logprobs_MxN, log_gate_NxM.shape[::-1])
+  chex.assert_type([log_gate_NxM, expert_logprobs_MxN], float)
   log_c_N = jax.nn.logsumexp(log_gate_NxM + expert_logprobs_MxN.T, axis=-1)
   return log_c_N - jax.nn.logsumexp(log_c_N)
 

@@ -33,6 +33,7 @@ def entropy(probs_KxN: jax.Array) -> jax.Array:
 def cross_entropy(probs_KxN: jax.Array, logq_N: jax.Array) -> jax.Array:
   """CE(D_k, q) = −Σ_x D_k(x) log q(x), shape [K] (inf if q misses D_k's mass)."""
   chex.assert_rank(probs_KxN, 2)
+  chex.assert_type([probs_KxN, logq_N], float)
   chex.assert_shape(logq_N, (probs_KxN.shape[1],))
   pos_KxN = probs_KxN > 0
   return -jnp.sum(probs_KxN * _safe_log(logq_N[None, :], pos_KxN), axis=-1)
@@ -108,6 +109,7 @@ def domain_losses(nll_B: jax.Array, domain_B: jax.Array, num_domains: int,
   """
   chex.assert_rank([nll_B, domain_B], 1)
   chex.assert_equal_shape([nll_B, domain_B])
+  chex.assert_type([nll_B, domain_B], [float, int])
   weight_B = jnp.ones_like(nll_B) if weight_B is None else weight_B
   onehot_BxK = jax.nn.one_hot(domain_B, num_domains, dtype=nll_B.dtype)
   weight_K = weight_B @ onehot_BxK
