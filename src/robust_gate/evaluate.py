@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import gating, models
+from robust_gate import experts, gating, models
 from robust_gate.data import DomainData
 
 LN2 = math.log(2.0)
@@ -29,15 +29,11 @@ def domain_ce(logp_NxT: np.ndarray, data: DomainData) -> np.ndarray:
           np.bincount(data.domain_N, tokens, K))
 
 
-def lm_logprobs(config: models.LMConfig, params, data: DomainData,
-                batch_size: int = 512) -> np.ndarray:
-  fn = jax.jit(lambda p, x, y: models.token_logprobs(config, p, x, y))
-  N = len(data.inputs_NxT)
-  pad = -N % batch_size
-  x = np.pad(data.inputs_NxT, ((0, pad), (0, 0)))
-  y = np.pad(data.targets_NxT, ((0, pad), (0, 0)))
-  return np.concatenate([np.asarray(fn(params, x[i:i + batch_size], y[i:i + batch_size]))
-                         for i in range(0, N + pad, batch_size)])[:N]
+def lm_logprobs(config: models.LMConfig, params, data: DomainData) -> np.ndarray:
+  """One transformer's log-probs of the observed tokens, [N, T] (validated)."""
+  model = experts.Expert(names=("model",), vocab_size=config.vocab_size,
+                         logprob_fn=lambda x, y: models.token_logprobs(config, params, x, y))
+  return experts.build_cache([model], data)[..., 0]
 
 
 def gate_logprobs_and_usage(config: models.GateConfig, params, data: DomainData,
