@@ -19,4 +19,5 @@ def get_config():
   c.distill.steps = 20
   c.distill.per_domain = 4
   c.gate.per_domain = 8
+  c.checkpoint_every = 10
   return c

@@ -1,16 +1,21 @@
-"""The main job, end to end: experts → cache → gates → baselines → evaluation.
+"""The main job as phases that read what the previous ones wrote in the workdir.
 
-`run(config, workdir)` is what `launch/main.py` and the notebooks call:
+    train_experts   K experts (one per domain, stacked, one compiled program) on train
+    train_gate      the expert caches on validation/test; the robust gate (the game
+                    of MATH.md §4) and the ERM gate (λ fixed) on the validation cache
+    distill         the robust gated model → one expert-sized student (MATH.md §5)
+    train_baselines the monolithic models: expert-sized, all experts' size, group DRO
+    evaluate        every method of MATH.md §6 on test: results.json, table, plots
 
-1. load the domains (local TFDS builders, prepared once under the data dir);
-2. train K experts (one per domain, stacked, one compiled program) on `train`;
-3. score them once on `validation` (the gate's data) and `test`: the caches;
-4. fit the robust gate (the game of MATH.md §4) and the ERM gate (λ fixed), and
-   distill the robust gated model into one expert-sized student (§5);
-5. train the monolithic baselines (one expert's size, all experts' size, group DRO);
-6. evaluate every method of MATH.md §6 on `test`: results.json, a table, plots.
+`run(config, workdir)` chains them (what `launch/main.py` does); each also has its
+own launcher. A training phase keeps its checkpoints, metrics.jsonl and spec.json
+in `workdir/<model>/` (robust_gate.checkpoints): started again with the same
+command it resumes, and it refuses a workdir whose saved spec (config sections and
+digests of its inputs) differs from the current one, so runs never mix.
 """
 
+import dataclasses
+import json
 import os
 import time
 
@@ -19,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_gate import data as data_lib
-from robust_gate import datasets, distill, evaluate, experts, gating, models, train
+from robust_gate import checkpoints, datasets, distill, evaluate, experts, gating, models
+from robust_gate import train as train_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
 
@@ -35,6 +41,9 @@ def _num_params(params) -> int:
 
 def check_config(config) -> None:
   """Positive sizes and step counts, finite positive learning rates, η ≥ 0."""
+  every = config.checkpoint_every
+  if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+    raise InputError(f"config.checkpoint_every={every!r} must be a positive int.")
   for section in ("expert", "monolithic", "monolithic_large", "gate", "distill"):
     for key, value in config[section].items():
       name = f"config.{section}.{key}"
@@ -58,105 +67,211 @@ def load_splits(config, data_dir: str) -> dict:
           for split in datasets.SPLITS}
 
 
-def run(config, workdir: str, log=print) -> dict:
-  """Runs the main job; returns the results dict (also in workdir/results.json)."""
-  check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  timings, t0 = {}, time.perf_counter()
+_SPLITS_CACHE = {}
 
-  def lap(name):
-    nonlocal t0
-    timings[name] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
 
-  splits = load_splits(config, config.data_dir or os.path.join(workdir, "tfds"))
-  tr, va, te = splits["train"], splits["validation"], splits["test"]
-  domains, K, V, T = tr.domains, tr.num_domains, tr.vocab_size, config.data.max_len
-  lam_set = uncertainty_lib.from_config(config, K)
-  log(f"data: {config.data.name}, domains {list(domains)}, train {tr.counts().tolist()}, "
-      f"validation {va.counts().tolist()}, test {te.counts().tolist()}")
-  lap("data")
+def _splits(config, workdir):
+  """The three splits (prepared once under the data dir; memoized per process)."""
+  data_dir = config.data_dir or os.path.join(workdir, "tfds")
+  key = (json.dumps(config.data.to_dict(), sort_keys=True, default=list), data_dir)
+  if key not in _SPLITS_CACHE:
+    _SPLITS_CACHE.clear()
+    _SPLITS_CACHE[key] = load_splits(config, data_dir)
+  return _SPLITS_CACHE[key]
 
-  # 2. Experts: K stacked models, expert k on domain k.
+
+def _section(config, name):
+  """A config section as a dict, without `steps` (more steps extend a run)."""
+  return {k: v for k, v in config[name].to_dict().items() if k != "steps"}
+
+
+def _common_spec(config):
+  return {"seed": config.seed, "data": config.data.to_dict()}
+
+
+def _phase(config, workdir, name, step_fn, state, steps, spec, log, *, train):
+  """Trains (resuming) or, with train=False, restores the finished phase `name`."""
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, name), spec, name=name, log=log,
+                                  create=train)
+  if train:
+    state, _ = train_lib.fit(step_fn, state, steps, name=name, log=log,
+                             chunk=config.checkpoint_every, checkpointer=ckpt)
+    return state
+  restored = ckpt.restore(state, step=steps)
+  if restored is None:
+    raise InputError(f"{name}: no finished run in {workdir} (no checkpoint at step "
+                     f"{steps}, the config's last): run its phase first, or "
+                     f"launch/main.py, which runs every phase.")
+  return restored
+
+
+def _experts(config, workdir, log, *, train=False):
+  tr = _splits(config, workdir)["train"]
   ec = config.expert
-  lm_cfg = _lm_config(ec, V, T)
-  key = jax.random.PRNGKey(config.seed)
-  step, state = train.make_game(
-      train.expert_loss_fn(lm_cfg, tr, ec.per_domain),
-      models.init_stacked_lm(lm_cfg, jax.random.fold_in(key, 1), K),
-      num_domains=K, lr=ec.lr, dual_lr=0.0, seed=config.seed)
-  state, _ = train.fit(step, state, ec.steps, name="experts", log=log)
-  expert_params = state.params
-  group = experts.transformer_experts(lm_cfg, expert_params, domains)
-  lap("experts")
+  lm_cfg = _lm_config(ec, tr.vocab_size, config.data.max_len)
+  step, state = train_lib.make_game(
+      train_lib.expert_loss_fn(lm_cfg, tr, ec.per_domain),
+      models.init_stacked_lm(lm_cfg, jax.random.fold_in(_key(config), 1), tr.num_domains),
+      num_domains=tr.num_domains, lr=ec.lr, dual_lr=0.0, seed=config.seed)
+  spec = {**_common_spec(config), "expert": _section(config, "expert")}
+  state = _phase(config, workdir, "experts", step, state, ec.steps, spec, log, train=train)
+  return lm_cfg, state.params
 
-  # 3. The caches: every expert scored once per split.
-  cache_va = experts.cached_scores(os.path.join(workdir, "cache_validation.npz"),
-                                   [group], va)
-  cache_te = experts.cached_scores(os.path.join(workdir, "cache_test.npz"), [group], te)
-  lap("cache")
 
-  baseline_va = _baseline(config, cache_va, va)
-  baseline_te = _baseline(config, cache_te, te)
+def _key(config):
+  return jax.random.PRNGKey(config.seed)
 
-  # 4. Gates: robust (the game) and ERM (λ fixed), on the validation cache.
+
+def _caches(config, workdir, log):
+  """Experts, caches and baselines b_k of validation and test."""
+  s = _splits(config, workdir)
+  lm_cfg, expert_params = _experts(config, workdir, log)
+  group = experts.transformer_experts(lm_cfg, expert_params, s["train"].domains)
+  out = {"lm_cfg": lm_cfg, "expert_params": expert_params, "digest": group.fingerprint}
+  for split in ("validation", "test"):
+    out[split] = experts.cached_scores(os.path.join(workdir, f"cache_{split}.npz"),
+                                       [group], s[split])
+    out[f"baseline_{split}"] = _baseline(config, out[split], s[split])
+  return out
+
+
+def _gate_config(config, K, V) -> models.GateConfig:
   gc = config.gate
-  gate_cfg = models.GateConfig(num_experts=K, vocab_size=V, max_len=T,
-                               hidden=gc.hidden, token_embed=gc.token_embed,
-                               pos_embed=gc.pos_embed)
-  gate_loss = train.gate_loss_fn(gate_cfg, va, cache_va, gc.per_domain,
-                                 jnp.asarray(baseline_va, jnp.float32))
-  gates, lam_history = {}, {}
+  return models.GateConfig(num_experts=K, vocab_size=V, max_len=config.data.max_len,
+                           hidden=gc.hidden, token_embed=gc.token_embed,
+                           pos_embed=gc.pos_embed)
+
+
+def _uncertainty_spec(config):
+  return {k: config[k] for k in ("uncertainty", "box_lo", "box_hi", "kl_radius")}
+
+
+def _gates(config, workdir, log, c, *, train=False):
+  """The robust gate and the ERM gate: {name: (GameState, loss_fn)}."""
+  va = _splits(config, workdir)["validation"]
+  K = va.num_domains
+  gate_cfg = _gate_config(config, K, va.vocab_size)
+  gc = config.gate
+  loss_fn = train_lib.gate_loss_fn(gate_cfg, va, c["validation"], gc.per_domain,
+                                   jnp.asarray(c["baseline_validation"], jnp.float32))
+  lam_set = uncertainty_lib.from_config(config, K)
+  gates = {}
   for name, dual_lr in (("robust_gate", gc.dual_lr), ("erm_gate", 0.0)):
-    step, state = train.make_game(
-        gate_loss, models.init_gate(gate_cfg, jax.random.fold_in(key, 2)),
+    step, state = train_lib.make_game(
+        loss_fn, models.init_gate(gate_cfg, jax.random.fold_in(_key(config), 2)),
         num_domains=K, lr=gc.lr, dual_lr=dual_lr, seed=config.seed,
         uncertainty=lam_set if dual_lr else None)  # ERM: the uniform mixture
-    state, hist = train.fit(step, state, gc.steps, name=name, log=log)
-    gates[name] = state
-    if dual_lr:
-      lam_history[name] = hist["lam"]
-  lap("gates")
+    spec = {**_common_spec(config), "experts": c["digest"], "baseline": config.baseline,
+            "gate": {**_section(config, "gate"), "dual_lr": dual_lr},
+            **(_uncertainty_spec(config) if dual_lr else {})}
+    gates[name] = (_phase(config, workdir, name, step, state, gc.steps, spec, log,
+                          train=train), loss_fn)
+  return gate_cfg, gates
 
-  # 4b. Distillation (MATH.md §5): one expert-sized student, weights λ̄, on train.
+
+def _student(config, workdir, log, c, gate_cfg, robust, *, train=False):
+  tr = _splits(config, workdir)["train"]
   dc = config.distill
-  lam_bar = gates["robust_gate"].lam_avg_K
-  student_params, init_from = distill.student_init(expert_params, lam_bar)
-  step, state = train.make_game(
-      distill.distill_loss_fn(lm_cfg, expert_params, gate_cfg,
-                              gates["robust_gate"].params, tr, dc.per_domain),
-      student_params, num_domains=K, lr=dc.lr, dual_lr=0.0, seed=config.seed,
+  lam_bar = robust.lam_avg_K
+  params, init_from = distill.student_init(c["expert_params"], lam_bar)
+  step, state = train_lib.make_game(
+      distill.distill_loss_fn(c["lm_cfg"], c["expert_params"], gate_cfg, robust.params,
+                              tr, dc.per_domain),
+      params, num_domains=tr.num_domains, lr=dc.lr, dual_lr=0.0, seed=config.seed,
       lam_K=lam_bar / jnp.sum(lam_bar))
-  state, _ = train.fit(step, state, dc.steps, name="distill", log=log)
-  student_params = state.params
-  lap("distill")
+  spec = {**_common_spec(config), "experts": c["digest"],
+          "robust_gate": experts.params_fingerprint(robust),
+          "distill": _section(config, "distill")}
+  state = _phase(config, workdir, "student", step, state, dc.steps, spec, log, train=train)
+  return state.params, init_from
 
-  # 5. Monolithic baselines on the train split.
+
+def _monolithic(config, workdir, log, c, *, train=False):
+  """{name: (LMConfig, params, loss_fn)} of the three monolithic baselines."""
+  s = _splits(config, workdir)
+  tr, K = s["train"], s["train"].num_domains
   mc, lc = config.monolithic, config.monolithic_large
-  mono = {}
-  for name, cfg, steps, lr, dual_lr in (
-      ("monolithic", lm_cfg, mc.steps, mc.lr, 0.0),
-      ("monolithic_dro", lm_cfg, mc.steps, mc.lr, mc.dro_dual_lr),
-      ("monolithic_large", _lm_config(lc, V, T), lc.steps, lc.lr, 0.0)):
-    loss_fn = train.monolithic_loss_fn(cfg, tr, mc.per_domain,
-                                       jnp.asarray(baseline_va, jnp.float32))
-    step, state = train.make_game(loss_fn, models.init_lm(cfg, jax.random.fold_in(key, 3)),
-                                  num_domains=K, lr=lr, dual_lr=dual_lr,
-                                  seed=config.seed,
-                                  uncertainty=lam_set if dual_lr else None)
-    state, hist = train.fit(step, state, steps, name=name, log=log)
-    mono[name] = (cfg, state.params, loss_fn)
-    if dual_lr:
-      lam_history[name] = hist["lam"]
-  lap("monolithic")
+  lam_set = uncertainty_lib.from_config(config, K)
+  out = {}
+  for name, cfg, section, dual_lr in (
+      ("monolithic", c["lm_cfg"], "monolithic", 0.0),
+      ("monolithic_dro", c["lm_cfg"], "monolithic", mc.dro_dual_lr),
+      ("monolithic_large", _lm_config(lc, tr.vocab_size, config.data.max_len),
+       "monolithic_large", 0.0)):
+    sc = config[section]
+    loss_fn = train_lib.monolithic_loss_fn(
+        cfg, tr, mc.per_domain, jnp.asarray(c["baseline_validation"], jnp.float32))
+    step, state = train_lib.make_game(
+        loss_fn, models.init_lm(cfg, jax.random.fold_in(_key(config), 3)),
+        num_domains=K, lr=sc.lr, dual_lr=dual_lr, seed=config.seed,
+        uncertainty=lam_set if dual_lr else None)
+    spec = {**_common_spec(config), "experts": c["digest"], "baseline": config.baseline,
+            "model": dataclasses.asdict(cfg), "lr": sc.lr, "dual_lr": dual_lr,
+            "per_domain": mc.per_domain,
+            **(_uncertainty_spec(config) if dual_lr else {})}
+    state = _phase(config, workdir, name, step, state, sc.steps, spec, log, train=train)
+    out[name] = (cfg, state.params, loss_fn)
+  return out
 
-  # 6. Evaluation on test.
+
+def _start(config, workdir, log, phase):
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  s = _splits(config, workdir)
+  log(f"{phase}: data {config.data.name}, domains {list(s['train'].domains)}, train "
+      f"{s['train'].counts().tolist()}, validation {s['validation'].counts().tolist()}, "
+      f"test {s['test'].counts().tolist()}")
+
+
+def train_experts(config, workdir: str, log=print):
+  """Phase 1: the K experts, expert k on domain k (resumes from checkpoints)."""
+  _start(config, workdir, log, "train_experts")
+  return _experts(config, workdir, log, train=True)[1]
+
+
+def train_gate(config, workdir: str, log=print):
+  """Phase 2: caches, then the robust and the ERM gate. Returns {name: GameState}."""
+  _start(config, workdir, log, "train_gate")
+  c = _caches(config, workdir, log)
+  _, gates = _gates(config, workdir, log, c, train=True)
+  return {name: g[0] for name, g in gates.items()}
+
+
+def distill_student(config, workdir: str, log=print):
+  """Phase 3: the student, distilled from the robust gated model with weights λ̄."""
+  _start(config, workdir, log, "distill")
+  c = _caches(config, workdir, log)
+  gate_cfg, gates = _gates(config, workdir, log, c)
+  return _student(config, workdir, log, c, gate_cfg, gates["robust_gate"][0],
+                  train=True)[0]
+
+
+def train_baselines(config, workdir: str, log=print):
+  """Phase 4: the monolithic baselines. Returns {name: params}."""
+  _start(config, workdir, log, "train_baselines")
+  c = _caches(config, workdir, log)
+  return {k: v[1] for k, v in _monolithic(config, workdir, log, c, train=True).items()}
+
+
+def evaluate_all(config, workdir: str, log=print) -> dict:
+  """Phase 5: every method on test → results.json, the table and the plots."""
+  _start(config, workdir, log, "evaluate")
+  te = _splits(config, workdir)["test"]
+  domains, K = te.domains, te.num_domains
+  lam_set = uncertainty_lib.from_config(config, K)
+  c = _caches(config, workdir, log)
+  cache_te, baseline_te = c["test"], c["baseline_test"]
+  gate_cfg, gates = _gates(config, workdir, log, c)
+  robust, gate_loss = gates["robust_gate"]
+  student_params, init_from = _student(config, workdir, log, c, gate_cfg, robust)
+  mono = _monolithic(config, workdir, log, c)
+
   methods, use = {}, {}
   entry = lambda logp: evaluate.method_entry(evaluate.domain_ce(logp, te), baseline_te,
                                              lam_set, domains)
   for name in ("robust_gate", "erm_gate"):
-    logp, use[name] = evaluate.gate_logprobs_and_usage(gate_cfg, gates[name].params, te,
-                                                       cache_te)
+    logp, use[name] = evaluate.gate_logprobs_and_usage(gate_cfg, gates[name][0].params,
+                                                       te, cache_te)
     methods[name] = entry(logp)
   uniform = np.full(cache_te.shape, -np.log(K), np.float32)
   methods["uniform_mixture"] = entry(evaluate.fixed_gate_logprobs(uniform, cache_te))
@@ -168,7 +283,7 @@ def run(config, workdir: str, log=print) -> dict:
   for name in ("monolithic", "monolithic_large", "monolithic_dro"):
     cfg, params, _ = mono[name]
     methods[name] = entry(evaluate.lm_logprobs(cfg, params, te))
-  methods["student"] = entry(evaluate.lm_logprobs(lm_cfg, student_params, te))
+  methods["student"] = entry(evaluate.lm_logprobs(c["lm_cfg"], student_params, te))
   for j, d in enumerate(domains):
     methods[f"expert:{d}"] = entry(cache_te[..., j])
 
@@ -180,28 +295,44 @@ def run(config, workdir: str, log=print) -> dict:
       "dataset": config.data.name,
       "domains": list(domains),
       "experts": list(domains),
-      "lambda_bar": dict(zip(domains, map(float, gates["robust_gate"].lam_avg_K))),
-      "lambda_last": dict(zip(domains, map(float, gates["robust_gate"].lam_K))),
+      "lambda_bar": dict(zip(domains, map(float, robust.lam_avg_K))),
+      "lambda_last": dict(zip(domains, map(float, robust.lam_K))),
       "methods": methods,
       "gate_usage": {k: v.tolist() for k, v in use.items()},
       "gradient_conflict": {
           "monolithic": evaluate.gradient_conflict(mono["monolithic"][2],
                                                    mono["monolithic"][1],
                                                    conflict_key).tolist(),
-          "gate": evaluate.gradient_conflict(gate_loss, gates["robust_gate"].params,
+          "gate": evaluate.gradient_conflict(gate_loss, robust.params,
                                              conflict_key).tolist()},
       "student_init": domains[init_from],
-      "num_params": {"expert": _num_params(expert_params) // K,
+      "num_params": {"expert": _num_params(c["expert_params"]) // K,
                      "student": _num_params(student_params),
-                     "gate": _num_params(gates["robust_gate"].params),
+                     "gate": _num_params(robust.params),
                      "monolithic": _num_params(mono["monolithic"][1]),
                      "monolithic_large": _num_params(mono["monolithic_large"][1])},
   }
-  lap("evaluate")
-  results["seconds"] = timings
   evaluate.write_json(os.path.join(workdir, "results.json"), results)
+  lam_history = {name: checkpoints.stack_metrics(checkpoints.read_metrics(
+      os.path.join(workdir, name), up_to=steps))["lam"]
+      for name, steps in (("robust_gate", config.gate.steps),
+                          ("monolithic_dro", config.monolithic.steps))}
   evaluate.plot(results, lam_history, workdir)
   log(evaluate.format_table(results))
+  return results
+
+
+def run(config, workdir: str, log=print) -> dict:
+  """Every phase in order; returns the results dict (also in workdir/results.json)."""
+  timings = {}
+  for name, phase in (("train_experts", train_experts), ("train_gate", train_gate),
+                      ("distill", distill_student), ("train_baselines", train_baselines),
+                      ("evaluate", evaluate_all)):
+    t0 = time.perf_counter()
+    results = phase(config, workdir, log)
+    timings[name] = round(time.perf_counter() - t0, 2)
+  results["seconds"] = timings
+  evaluate.write_json(os.path.join(workdir, "results.json"), results)
   return results
 
 

@@ -22,8 +22,9 @@ import optax
 
 from robust_gate import data as data_lib
 from robust_gate import dual as dual_lib
-from robust_gate import gating, models, primal_dual
+from robust_gate import checkpoints, gating, models, primal_dual
 from robust_gate import uncertainty as uncertainty_lib
+from robust_gate.checks import InputError
 
 
 def device_arrays(d: data_lib.DomainData) -> dict:
@@ -108,22 +109,51 @@ def make_game(loss_fn, params, *, num_domains: int, lr: float, dual_lr: float,
 
 
 def fit(step_fn, state, num_steps: int, *, name: str, log: Callable = print,
-        chunk: int = 100) -> tuple[Any, dict]:
-  """Runs `num_steps` in lax.scan chunks, logging rate and ETA after each."""
-  history, done, start = [], 0, time.perf_counter()
+        chunk: int = 100, checkpointer=None) -> tuple[Any, dict]:
+  """Runs `num_steps` in lax.scan chunks, logging rate and ETA after each.
+
+  With a `checkpoints.Checkpointer`, the run resumes from its newest good
+  checkpoint, and a checkpoint and the chunk's metric lines are written after
+  every chunk. A non-finite loss or λ stops the run with FloatingPointError
+  before anything is saved, so the last good checkpoint stays intact.
+
+  Returns:
+    (state, history): the final state and every step's metrics, stacked.
+  """
+  rows = []
+  if checkpointer is not None:
+    restored = checkpointer.restore(state)
+    if restored is not None:
+      state = restored
+      log(f"{name}: resumed at step {int(state.step)} from {checkpointer.directory}")
+    rows = checkpointer.metrics(up_to=int(state.step))
+  done = int(state.step)
+  if done > num_steps:
+    raise InputError(f"{name}: the checkpoint is at step {done}, past the {num_steps} "
+                     f"steps asked for; ask for at least {done} steps or use another "
+                     f"workdir.")
+  history = [checkpoints.stack_metrics(rows)] if rows else []
+  start, first = time.perf_counter(), done
   while done < num_steps:
-    n = min(chunk, num_steps - done)
+    n = min(chunk - done % chunk, num_steps - done)  # chunk boundaries are fixed
     state, metrics = primal_dual.run(step_fn, state, n)
     metrics = jax.tree_util.tree_map(np.asarray, metrics)
-    history.append(metrics)
     done += n
-    elapsed = time.perf_counter() - start
-    rate = done / elapsed
-    losses = metrics["losses"][-1]
-    if not np.all(np.isfinite(losses)):
-      raise FloatingPointError(f"{name}: non-finite per-domain loss at step {done}: "
-                               f"{losses}")
+    losses, lam = metrics["losses"][-1], metrics["lam"][-1]
+    if not (np.all(np.isfinite(metrics["losses"])) and np.all(np.isfinite(metrics["lam"]))):
+      bad = int(np.argmin(np.all(np.isfinite(metrics["losses"]), axis=1) &
+                          np.all(np.isfinite(metrics["lam"]), axis=1)))
+      raise FloatingPointError(
+          f"{name}: non-finite per-domain loss or λ at step {done - n + bad + 1}: "
+          f"losses {metrics['losses'][bad]}, λ {metrics['lam'][bad]}. Nothing was "
+          f"saved for this chunk; the last good checkpoint is step {done - n}.")
+    if checkpointer is not None:
+      checkpointer.save(state, metrics)
+    history.append(metrics)
+    rate = (done - first) / (time.perf_counter() - start)
     log(f"{name}: step {done}/{num_steps}  {rate:.1f} steps/s  "
         f"ETA {(num_steps - done) / rate:.0f}s  loss max {losses.max():.4f} "
-        f"mean {losses.mean():.4f}  λ [{' '.join(f'{x:.3f}' for x in metrics['lam'][-1])}]")
+        f"mean {losses.mean():.4f}  λ [{' '.join(f'{x:.3f}' for x in lam)}]")
+  if not history:
+    return state, {}
   return state, {k: np.concatenate([h[k] for h in history]) for k in history[0]}

@@ -1,0 +1,14 @@
+r"""Phase 3: distill the robust gated model into one expert-sized student.
+
+  python launch/distill.py --workdir=/tmp/robust_gate [--config=launch/configs/digits.py]
+
+Reads what the earlier phases wrote in --workdir (see launch/main.py for the
+order); started again with the same command it resumes from its checkpoints.
+"""
+
+import os
+
+from robust_gate import cli, pipeline
+
+if __name__ == "__main__":
+  cli.main(pipeline.distill_student, os.path.join(os.path.dirname(__file__), "configs/wordfreq.py"))

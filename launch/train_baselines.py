@@ -1,0 +1,14 @@
+r"""Phase 4: train the monolithic baselines (expert-sized, large, group DRO).
+
+  python launch/train_baselines.py --workdir=/tmp/robust_gate [--config=launch/configs/digits.py]
+
+Reads what the earlier phases wrote in --workdir (see launch/main.py for the
+order); started again with the same command it resumes from its checkpoints.
+"""
+
+import os
+
+from robust_gate import cli, pipeline
+
+if __name__ == "__main__":
+  cli.main(pipeline.train_baselines, os.path.join(os.path.dirname(__file__), "configs/wordfreq.py"))
