@@ -32,7 +32,7 @@ from robust_gate import experts
 from robust_gate.checks import InputError
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -63,7 +63,7 @@ class Checkpointer:
         raise InputError(f"{name}: nothing trained in {directory}; run its phase "
                          f"first (or launch/main.py, which runs every phase).")
       os.makedirs(directory, exist_ok=True)
-      _atomic_write(path, json.dumps(_plain(spec), indent=1, sort_keys=True))
+      atomic_write(path, json.dumps(_plain(spec), indent=1, sort_keys=True))
     self._check_spec(path, _plain(spec))
     self._max_to_keep = max_to_keep
     self._manager = self._open()
@@ -168,7 +168,7 @@ def read_metrics(directory: str, up_to: int | None = None, *,
       rows[row["step"]] = row
   rows = [rows[s] for s in sorted(rows)]
   if truncate and dropped:
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
   return rows
 
 

@@ -121,6 +121,13 @@ def text_to_tokens(text, index: int = 0) -> np.ndarray:
   return tokens
 
 
+def tokens_to_text(tokens_T, mask_T=None) -> str:
+  """Byte tokens back to text (up to EOS; invalid UTF-8 shown as U+FFFD)."""
+  tokens = np.asarray(tokens_T)
+  keep = tokens != EOS if mask_T is None else np.asarray(mask_T) & (tokens != EOS)
+  return bytes(tokens[keep].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
 def from_data_source(source, *, domains: Sequence[str], vocab_size: int,
                      max_len: int, text_key: str | None = None,
                      tokens_key: str | None = "tokens",

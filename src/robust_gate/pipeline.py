@@ -217,6 +217,8 @@ def _monolithic(config, workdir, log, c, *, train=False):
 def _start(config, workdir, log, phase):
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
+  checkpoints.atomic_write(os.path.join(workdir, "config.json"),
+                           json.dumps(config.to_dict(), indent=1, default=list))
   s = _splits(config, workdir)
   log(f"{phase}: data {config.data.name}, domains {list(s['train'].domains)}, train "
       f"{s['train'].counts().tolist()}, validation {s['validation'].counts().tolist()}, "
@@ -253,24 +255,57 @@ def train_baselines(config, workdir: str, log=print):
   return {k: v[1] for k, v in _monolithic(config, workdir, log, c, train=True).items()}
 
 
-def evaluate_all(config, workdir: str, log=print) -> dict:
-  """Phase 5: every method on test → results.json, the table and the plots."""
-  _start(config, workdir, log, "evaluate")
-  te = _splits(config, workdir)["test"]
-  domains, K = te.domains, te.num_domains
-  lam_set = uncertainty_lib.from_config(config, K)
+def load_models(config, workdir: str, log=print) -> dict:
+  """Everything the phases trained in `workdir`, restored (for evaluation, notebooks).
+
+  Returns a dict with: splits, lm_cfg, expert_params (stacked), gate_cfg, gates
+  ({robust_gate, erm_gate: GameState}), gate_loss (the gates' loss function),
+  student_params, student_init (index of the expert it started from),
+  monolithic ({name: (LMConfig, params, loss_fn)}), caches (validation, test) and
+  baselines b_k (nats) of both splits.
+  """
   c = _caches(config, workdir, log)
-  cache_te, baseline_te = c["test"], c["baseline_test"]
   gate_cfg, gates = _gates(config, workdir, log, c)
   robust, gate_loss = gates["robust_gate"]
   student_params, init_from = _student(config, workdir, log, c, gate_cfg, robust)
-  mono = _monolithic(config, workdir, log, c)
+  return {"splits": _splits(config, workdir), "lm_cfg": c["lm_cfg"],
+          "expert_params": c["expert_params"], "gate_cfg": gate_cfg,
+          "gates": {k: v[0] for k, v in gates.items()}, "gate_loss": gate_loss,
+          "student_params": student_params, "student_init": init_from,
+          "monolithic": _monolithic(config, workdir, log, c),
+          "cache": {"validation": c["validation"], "test": c["test"]},
+          "baseline": {"validation": c["baseline_validation"],
+                       "test": c["baseline_test"]}}
+
+
+def saved_config(workdir: str):
+  """The config the phases last ran with in `workdir` (workdir/config.json)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise InputError(f"{workdir} has no config.json: no phase has run there.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_all(config, workdir: str, log=print) -> dict:
+  """Phase 5: every method on test → results.json, the table and the plots."""
+  _start(config, workdir, log, "evaluate")
+  m = load_models(config, workdir, log)
+  te = m["splits"]["test"]
+  domains, K = te.domains, te.num_domains
+  lam_set = uncertainty_lib.from_config(config, K)
+  cache_te, baseline_te = m["cache"]["test"], m["baseline"]["test"]
+  gate_cfg, gates, mono = m["gate_cfg"], m["gates"], m["monolithic"]
+  robust, gate_loss = gates["robust_gate"], m["gate_loss"]
+  student_params, init_from = m["student_params"], m["student_init"]
+  expert_params = m["expert_params"]
 
   methods, use = {}, {}
   entry = lambda logp: evaluate.method_entry(evaluate.domain_ce(logp, te), baseline_te,
                                              lam_set, domains)
   for name in ("robust_gate", "erm_gate"):
-    logp, use[name] = evaluate.gate_logprobs_and_usage(gate_cfg, gates[name][0].params,
+    logp, use[name] = evaluate.gate_logprobs_and_usage(gate_cfg, gates[name].params,
                                                        te, cache_te)
     methods[name] = entry(logp)
   uniform = np.full(cache_te.shape, -np.log(K), np.float32)
@@ -283,7 +318,7 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
   for name in ("monolithic", "monolithic_large", "monolithic_dro"):
     cfg, params, _ = mono[name]
     methods[name] = entry(evaluate.lm_logprobs(cfg, params, te))
-  methods["student"] = entry(evaluate.lm_logprobs(c["lm_cfg"], student_params, te))
+  methods["student"] = entry(evaluate.lm_logprobs(m["lm_cfg"], student_params, te))
   for j, d in enumerate(domains):
     methods[f"expert:{d}"] = entry(cache_te[..., j])
 
@@ -306,7 +341,7 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
           "gate": evaluate.gradient_conflict(gate_loss, robust.params,
                                              conflict_key).tolist()},
       "student_init": domains[init_from],
-      "num_params": {"expert": _num_params(c["expert_params"]) // K,
+      "num_params": {"expert": _num_params(expert_params) // K,
                      "student": _num_params(student_params),
                      "gate": _num_params(robust.params),
                      "monolithic": _num_params(mono["monolithic"][1]),
