@@ -139,3 +139,22 @@ def test_bad_config_is_a_clear_error(tmp_path):
   assert out.returncode != 0 and "unknown config.baseline 'oracle'" in out.stderr
   out = _main(tmp_path, "--config.data.options.num_domains=0")
   assert out.returncode != 0 and "Traceback" not in out.stderr
+
+
+def test_eight_devices_match_one(tiny_run, tmp_path):
+  """Every phase data-parallel on 8 simulated CPU devices = the 1-device run."""
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  out = subprocess.run(_command(tmp_path), capture_output=True, text=True, timeout=600,
+                       env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "train_experts: 8 cpu device(s)" in out.stdout
+  one, eight = _results(tiny_run[0]), _results(tmp_path)
+  np.testing.assert_allclose(list(eight["lambda_bar"].values()),
+                             list(one["lambda_bar"].values()), rtol=1e-5)
+  for name, m in one["methods"].items():
+    for key in ("domain_loss", "domain_ce"):
+      np.testing.assert_allclose(list(eight["methods"][name][key].values()),
+                                 list(m[key].values()), rtol=1e-5, atol=1e-6,
+                                 err_msg=name)
+  for name, use in one["gate_usage"].items():
+    np.testing.assert_allclose(eight["gate_usage"][name], use, rtol=1e-5, atol=1e-6)

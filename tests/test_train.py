@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from robust_gate import config_files, data, models, pipeline, train
+from robust_gate.checks import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,3 +54,15 @@ def test_every_config_loads_and_is_valid(path):
                     num_layers=config.monolithic_large.num_layers,
                     num_heads=config.monolithic_large.num_heads,
                     d_ff=config.monolithic_large.d_ff)
+
+
+def test_a_batch_that_does_not_divide_across_devices_is_refused(monkeypatch):
+  d = data.encode([np.array([1, 2])] * 4, np.array([0, 1, 0, 1]), ["a", "b"],
+                  vocab_size=3, max_len=4)
+  cfg = models.LMConfig(vocab_size=3, max_len=4, d_model=8, num_layers=1, num_heads=2,
+                        d_ff=8)
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  with pytest.raises(InputError, match=r"per_domain \(experts\)=12 does not divide "
+                                       r"across the 8 devices"):
+    train.expert_loss_fn(cfg, d, 12)
+  train.expert_loss_fn(cfg, d, 16)  # a multiple of 8 is fine

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from robust_gate import data as data_lib
-from robust_gate import gating, models, train
+from robust_gate import gating, models, parallel, train
 
 
 def teacher_next_token_logprobs(lm_cfg: models.LMConfig, expert_params_M,
@@ -49,12 +49,13 @@ def distill_loss_fn(lm_cfg: models.LMConfig, expert_params_M,
                     d: data_lib.DomainData, per_domain: int):
   """Per-domain mean token KL(teacher ‖ student) on a stratified batch: losses [K]."""
   arrays, index = train.device_arrays(d), data_lib.domain_index(d)
+  parallel.check_divisible(per_domain, "per_domain (distill)")
 
   def loss_fn(student_params, batch, key):
     del batch
     idx_KxB = data_lib.stratified_batch(key, index, per_domain)
     K, B = idx_KxB.shape
-    flat = idx_KxB.reshape(-1)
+    flat = parallel.shard_batch(idx_KxB.reshape(-1))
     x, y, m = arrays["inputs"][flat], arrays["targets"][flat], arrays["mask"][flat]
     teacher = jax.lax.stop_gradient(teacher_next_token_logprobs(
         lm_cfg, expert_params_M, gate_cfg, gate_params, x, y, m))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import experts, gating, models
+from robust_gate import experts, gating, models, parallel
 from robust_gate.data import DomainData
 
 LN2 = math.log(2.0)
@@ -44,8 +44,9 @@ def gate_logprobs_and_usage(config: models.GateConfig, params, data: DomainData,
     prefix = models.prefix_loglik(c, m)
     log_gate = models.gate_log_weights(config, p, x, prefix)
     return gating.causal_mixture_logp(log_gate, c), jnp.exp(log_gate)
-  logp, gate = fn(params, data.inputs_NxT, cache_NxTxM, data.mask_NxT)
-  return np.asarray(logp), usage(np.asarray(gate), data)
+  rows, n = parallel.put_rows(data.inputs_NxT, cache_NxTxM, data.mask_NxT)
+  logp, gate = fn(params, *rows)
+  return np.asarray(logp)[:n], usage(np.asarray(gate)[:n], data)
 
 
 def fixed_gate_logprobs(log_gate_NxTxM, cache_NxTxM) -> np.ndarray:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import checks, models
+from robust_gate import checks, models, parallel
 from robust_gate.checks import InputError
 from robust_gate.data import DomainData
 
@@ -66,12 +66,13 @@ def build_cache(experts: Sequence[Expert], data: DomainData,
   check_vocabularies(experts, data)
   fns = [jax.jit(e.logprob_fn) for e in experts]
   N = len(data.inputs_NxT)
+  batch_size += -batch_size % jax.device_count()  # split evenly over the devices
   pad = -N % batch_size  # one compiled shape: pad the last batch
   inputs = np.pad(data.inputs_NxT, ((0, pad), (0, 0)))
   targets = np.pad(data.targets_NxT, ((0, pad), (0, 0)))
   chunks = []
   for i in range(0, N + pad, batch_size):
-    x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
+    (x, y), _ = parallel.put_rows(inputs[i:i + batch_size], targets[i:i + batch_size])
     outs = [np.asarray(f(x, y), np.float32) for f in fns]
     chunks.append(np.concatenate([o[..., None] if o.ndim == 2 else o for o in outs],
                                  axis=-1))

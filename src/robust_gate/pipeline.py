@@ -220,7 +220,8 @@ def _start(config, workdir, log, phase):
   checkpoints.atomic_write(os.path.join(workdir, "config.json"),
                            json.dumps(config.to_dict(), indent=1, default=list))
   s = _splits(config, workdir)
-  log(f"{phase}: data {config.data.name}, domains {list(s['train'].domains)}, train "
+  log(f"{phase}: {jax.device_count()} {jax.devices()[0].platform} device(s), data "
+      f"{config.data.name}, domains {list(s['train'].domains)}, train "
       f"{s['train'].counts().tolist()}, validation {s['validation'].counts().tolist()}, "
       f"test {s['test'].counts().tolist()}")
 

@@ -22,7 +22,7 @@ import optax
 
 from robust_gate import data as data_lib
 from robust_gate import dual as dual_lib
-from robust_gate import checkpoints, gating, models, primal_dual
+from robust_gate import checkpoints, gating, models, parallel, primal_dual
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
 
@@ -41,10 +41,11 @@ def per_domain_token_loss(nll_KxBxT, mask_KxBxT, baseline_K):
 def expert_loss_fn(config: models.LMConfig, d: data_lib.DomainData, per_domain: int):
   """Stacked experts, expert k trained on domain k: losses [K]."""
   arrays, index = device_arrays(d), data_lib.domain_index(d)
+  parallel.check_divisible(per_domain, "per_domain (experts)")
 
   def loss_fn(params_K, batch, key):
     del batch
-    idx_KxB = data_lib.stratified_batch(key, index, per_domain)
+    idx_KxB = parallel.shard_batch(data_lib.stratified_batch(key, index, per_domain), 1)
     nll_KxBxT = -jax.vmap(models.token_logprobs, in_axes=(None, 0, 0, 0))(
         config, params_K, arrays["inputs"][idx_KxB], arrays["targets"][idx_KxB])
     return per_domain_token_loss(nll_KxBxT, arrays["mask"][idx_KxB], 0.0)
@@ -56,12 +57,13 @@ def monolithic_loss_fn(config: models.LMConfig, d: data_lib.DomainData,
                        per_domain: int, baseline_K):
   """One model scored on every domain: losses [K]."""
   arrays, index = device_arrays(d), data_lib.domain_index(d)
+  parallel.check_divisible(per_domain, "per_domain (monolithic)")
 
   def loss_fn(params, batch, key):
     del batch
     idx_KxB = data_lib.stratified_batch(key, index, per_domain)
     K, B = idx_KxB.shape
-    flat = idx_KxB.reshape(-1)
+    flat = parallel.shard_batch(idx_KxB.reshape(-1))
     logp = models.token_logprobs(config, params, arrays["inputs"][flat],
                                  arrays["targets"][flat])
     return per_domain_token_loss(-logp.reshape(K, B, -1), arrays["mask"][idx_KxB],
@@ -75,10 +77,12 @@ def gate_loss_fn(config: models.GateConfig, d: data_lib.DomainData, cache_NxTxM,
   """The causal gated mixture over cached expert log-probs: losses [K]."""
   arrays, index = device_arrays(d), data_lib.domain_index(d)
   cache = jnp.asarray(cache_NxTxM)
+  parallel.check_divisible(per_domain, "per_domain (gate)")
 
   def loss_fn(params, batch, key):
     del batch
-    flat = data_lib.stratified_batch(key, index, per_domain).reshape(-1)
+    flat = parallel.shard_batch(
+        data_lib.stratified_batch(key, index, per_domain).reshape(-1))
     logp_mix = gated_logprobs(config, params, arrays["inputs"][flat], cache[flat],
                               arrays["mask"][flat])
     K = baseline_K.shape[0]
@@ -105,7 +109,7 @@ def make_game(loss_fn, params, *, num_domains: int, lr: float, dual_lr: float,
   dual = dual_lib.mirror_ascent(dual_lr, uncertainty)
   step = primal_dual.make_step(loss_fn, primal, dual)
   state = primal_dual.init_state(params, primal, dual, jax.random.PRNGKey(seed), lam_K)
-  return step, state
+  return step, parallel.replicate(state)
 
 
 def fit(step_fn, state, num_steps: int, *, name: str, log: Callable = print,

@@ -1,0 +1,68 @@
+"""Data parallelism over every device: batches split, parameters replicated.
+
+One mechanism for every phase: `jit` with shardings (GSPMD). A 1-D mesh named
+"data" spans `jax.devices()` (all local devices; after `jax.distributed.initialize`
+every device of every process). Inside the compiled step, the minibatch indices
+drawn from the step's key are constrained to be split along their batch axis
+(`shard_batch`); XLA then partitions the forward and backward passes by batch,
+keeps parameters, optimizer state and λ replicated, and all-reduces the
+per-domain loss sums and the gradients, so λ is the same number on every device.
+Outside the step, arrays scored in batches (the expert caches, evaluation) are
+placed split by rows (`put_rows`).
+
+Why not `pmap` or `shard_map`: the step functions stay the single-device code
+(no per-device reshaping, no explicit `psum`, no device axis in the state), and
+the device count changes only how XLA partitions, not what is computed.
+
+Batch sizes in configs are global (`per_domain` sequences per domain per step,
+summed over devices); they must divide by the device count (`check_divisible`).
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from robust_gate.checks import InputError
+
+AXIS = "data"
+
+
+def mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), (AXIS,))
+
+
+def check_divisible(n: int, what: str) -> None:
+  """A global batch must split evenly over the devices: a clear error otherwise."""
+  d = jax.device_count()
+  if n % d:
+    raise InputError(f"{what}={n} does not divide across the {d} devices; use a "
+                     f"multiple of {d} (batch sizes are global, split over devices).")
+
+
+def _spec(ndim: int, axis: int) -> PartitionSpec:
+  return PartitionSpec(*([None] * axis + [AXIS] + [None] * (ndim - axis - 1)))
+
+
+def shard_batch(x: jax.Array, axis: int = 0) -> jax.Array:
+  """Inside jit: `x` split over the devices along `axis` (a no-op on one device)."""
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh(), _spec(x.ndim, axis)))
+
+
+def replicate(tree):
+  """A pytree placed whole on every device (parameters, optimizer state, λ)."""
+  return jax.device_put(tree, NamedSharding(mesh(), PartitionSpec()))
+
+
+def put_rows(*arrays):
+  """Host arrays → device arrays split by rows, padded to a multiple of the devices.
+
+  Returns (device_arrays, n): the padded arrays and the original row count.
+  """
+  n = len(arrays[0])
+  pad = -n % jax.device_count()
+  out = []
+  for a in arrays:
+    a = np.asarray(a)
+    a = np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+    out.append(jax.device_put(a, NamedSharding(mesh(), _spec(a.ndim, 0))))
+  return out, n
