@@ -1,14 +1,24 @@
-r"""Inference throughput: the robust gated teacher (M experts + gate) against the student.
+r"""Benchmarks of every phase: tokens/s, step time, peak device memory, MFU; JSON + table.
 
-Both compute full next-token log-distributions for the same [batch, seq_len]
-tokens (the work of scoring or of one sampling step over a whole context), with
-random parameters of the given architecture. Each is jitted, warmed up, then timed
-over --repeats calls (block_until_ready); the median is reported. Prints a table
-and writes JSON.
+Phases (--phases, comma-separated):
+  matmul     the measured bf16 (or --dtype) matmul peak: the MFU denominator
+  experts    expert training: K stacked experts, one step = forward + backward + Adam
+             on per_domain sequences per expert; model FLOPs utilization (MFU)
+  gate       the primal-dual gate step against the ERM gate step (same gate, batch)
+  scan       the lax.scan loop against one jitted step per Python iteration
+  cache      scoring all experts over a dataset (experts.build_cache) against one
+             forward pass of the M experts as one batched program
+  inference  teacher (M experts + gate) against the student, full next-token
+             distributions at equal batch and sequence length
 
-  python launch/benchmark.py --out=/tmp/bench.json                  # CPU, small
-  python launch/benchmark.py --d_model=512 --num_layers=8 --seq_len=256 --batch=64 \
-      --out=$OUT/bench.json                                          # H100
+Every measurement compiles and warms up first, then times --repeats calls with
+block_until_ready under jax.transfer_guard("disallow") (no hidden host round trips
+inside the timed loop) and reports the median. Data is random tokens (throughput
+does not depend on the text).
+
+  python launch/benchmark.py --out=/tmp/bench.json                        # CPU, small
+  python launch/benchmark.py --d_model=512 --num_layers=8 --num_heads=8 --seq_len=256 \
+      --dtype=bfloat16 --out=$OUT/bench.json                              # H100
 """
 
 import json
@@ -20,39 +30,173 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import distill, models
+from robust_gate import data, distill, experts, models, primal_dual, train
 
+_PHASES = flags.DEFINE_list("phases", "matmul,experts,gate,scan,cache,inference",
+                            "Which benchmarks to run.")
 _D = flags.DEFINE_integer("d_model", 64, "Width of each expert and of the student.")
 _L = flags.DEFINE_integer("num_layers", 2, "Transformer blocks.")
 _H = flags.DEFINE_integer("num_heads", 4, "Attention heads.")
 _FF = flags.DEFINE_integer("d_ff", 0, "MLP width; 0 = 4·d_model.")
 _V = flags.DEFINE_integer("vocab", 256, "Vocabulary size.")
 _T = flags.DEFINE_integer("seq_len", 16, "Sequence length.")
-_B = flags.DEFINE_integer("batch", 512, "Sequences per call.")
-_M = flags.DEFINE_integer("num_experts", 6, "Experts in the teacher.")
-_R = flags.DEFINE_integer("repeats", 20, "Timed calls per model.")
+_M = flags.DEFINE_integer("num_experts", 6, "Experts (= domains).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", models.DTYPES, "Transformer compute dtype.")
+_PER_DOMAIN = flags.DEFINE_integer("per_domain", 32,
+                                   "Expert training: sequences per expert per step.")
+_GATE_PER_DOMAIN = flags.DEFINE_integer("gate_per_domain", 64,
+                                        "Gate steps: cached sequences per domain.")
+_B = flags.DEFINE_integer("batch", 512, "Inference and scoring: sequences per call.")
+_SCAN = flags.DEFINE_integer("scan_steps", 20, "Training steps per timed lax.scan call.")
+_MATMUL = flags.DEFINE_integer("matmul_size", 1024, "n of the n×n×n peak matmul.")
+_R = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (median).")
 _OUT = flags.DEFINE_string("out", None, "JSON output path.")
 
 
-def _time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile
-  jax.block_until_ready(fn(*args))  # warm
+def _median_time(fn, repeats, guard=True):
+  """fn() → pytree; compile + warm, then the median of `repeats` timed calls."""
+  jax.block_until_ready(fn())
+  jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), float(np.min(times))
+    with jax.transfer_guard("disallow" if guard else "allow"):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - start)
+  return float(np.median(times))
 
 
-def main(argv):
-  del argv
-  cfg = models.LMConfig(vocab_size=_V.value, max_len=_T.value, d_model=_D.value,
-                        num_layers=_L.value, num_heads=_H.value,
-                        d_ff=_FF.value or 4 * _D.value)
-  gate_cfg = models.GateConfig(num_experts=_M.value, vocab_size=_V.value, max_len=_T.value)
+def _threaded(step, state):
+  """A closure that advances `state` (donated) by one call of `step` each time."""
+  box = [state]
+
+  def fn():
+    box[0] = step(box[0])
+    return box[0]
+  return fn
+
+
+def _peak_memory():
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def _lm_config():
+  return models.LMConfig(vocab_size=_V.value, max_len=_T.value, d_model=_D.value,
+                         num_layers=_L.value, num_heads=_H.value,
+                         d_ff=_FF.value or 4 * _D.value, dtype=_DTYPE.value)
+
+
+def _random_data(num_per_domain):
+  """Random full-length token sequences (T−1 tokens + EOS), M domains."""
+  rng = np.random.default_rng(0)
+  n = num_per_domain * _M.value
+  seqs = list(rng.integers(1, _V.value, size=(n, _T.value - 1)))
+  return data.encode(seqs, np.arange(n) % _M.value, [f"d{k}" for k in range(_M.value)],
+                     vocab_size=_V.value, max_len=_T.value)
+
+
+def model_flops_per_token(cfg: models.LMConfig) -> float:
+  """Training FLOPs per token of one model: 6·(dense params) + 12·L·T·d attention."""
+  d, f, L = cfg.d_model, cfg.d_ff, cfg.num_layers
+  dense = L * (4 * d * d + 2 * d * f) + d * cfg.vocab_size
+  return 6.0 * dense + 12.0 * L * cfg.max_len * d
+
+
+def bench_matmul():
+  n, dt = _MATMUL.value, jnp.dtype(_DTYPE.value)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
+  f = jax.jit(lambda a, b: a @ b)
+  t = _median_time(lambda: f(a, b), _R.value)
+  return {"n": n, "seconds": t, "flops_per_s": 2.0 * n ** 3 / t}
+
+
+def bench_experts(peak):
+  cfg = _lm_config()
+  d = _random_data(max(2 * _PER_DOMAIN.value, 8))
+  step, state = train.make_game(
+      train.expert_loss_fn(cfg, d, _PER_DOMAIN.value),
+      models.init_stacked_lm(cfg, jax.random.PRNGKey(0), _M.value),
+      num_domains=_M.value, lr=1e-3, dual_lr=0.0, seed=0)
+  n = _SCAN.value
+  t = _median_time(_threaded(lambda s: primal_dual.run(step, s, n)[0], state), _R.value)
+  tokens = _M.value * _PER_DOMAIN.value * _T.value
+  flops = model_flops_per_token(cfg) * tokens
+  params = sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)) // _M.value
+  out = {"step_seconds": t / n, "tokens_per_s": tokens * n / t,
+         "model_flops_per_step": flops, "model_flops_per_s": flops * n / t,
+         "params_per_expert": int(params), "peak_bytes": _peak_memory()}
+  if peak:
+    out["mfu"] = out["model_flops_per_s"] / peak
+  return out
+
+
+def _gate_game(dual_lr):
+  gate_cfg = models.GateConfig(num_experts=_M.value, vocab_size=_V.value,
+                               max_len=_T.value)
+  d = _random_data(max(2 * _GATE_PER_DOMAIN.value, 8))
+  cache = np.asarray(jax.nn.log_softmax(jax.random.normal(
+      jax.random.PRNGKey(0), d.inputs_NxT.shape + (_M.value, 4))))[..., 0]
+  cache = np.where(d.mask_NxT[..., None], cache, 0.0).astype(np.float32)
+  loss = train.gate_loss_fn(gate_cfg, d, cache, _GATE_PER_DOMAIN.value,
+                            jnp.zeros(_M.value))
+  return train.make_game(loss, models.init_gate(gate_cfg, jax.random.PRNGKey(1)),
+                         num_domains=_M.value, lr=3e-3, dual_lr=dual_lr, seed=0)
+
+
+def bench_gate():
+  n, out = _SCAN.value, {}
+  for name, dual_lr in (("robust", 0.5), ("erm", 0.0)):
+    step, state = _gate_game(dual_lr)
+    t = _median_time(_threaded(lambda s: primal_dual.run(step, s, n)[0], state),
+                     _R.value)
+    out[f"{name}_step_seconds"] = t / n
+  out["ratio"] = out["robust_step_seconds"] / out["erm_step_seconds"]
+  return out
+
+
+def bench_scan():
+  n = _SCAN.value
+  step, state = _gate_game(0.5)
+  scan_t = _median_time(_threaded(lambda s: primal_dual.run(step, s, n)[0], state),
+                        _R.value)
+  jstep = jax.jit(step, donate_argnums=0)
+
+  def loop(s):
+    for _ in range(n):
+      s, _ = jstep(s, None)
+    return s
+  _, state = _gate_game(0.5)
+  loop_t = _median_time(_threaded(loop, state), _R.value)
+  return {"scan_step_seconds": scan_t / n, "loop_step_seconds": loop_t / n,
+          "speedup": loop_t / scan_t}
+
+
+def bench_cache():
+  cfg = _lm_config()
+  params = models.init_stacked_lm(cfg, jax.random.PRNGKey(0), _M.value)
+  num_batches = 4
+  d = _random_data(_B.value * num_batches // _M.value)
+  group = experts.transformer_experts(cfg, params, [f"d{k}" for k in range(_M.value)])
+  # build_cache moves batches host↔device by design: timed without the guard.
+  t_cache = _median_time(lambda: experts.build_cache([group], d, batch_size=_B.value),
+                         max(2, _R.value // 3), guard=False)
+  fwd = jax.jit(lambda p, x, y: models.stacked_token_logprobs(cfg, p, x, y))
+  x, y = jnp.asarray(d.inputs_NxT[:_B.value]), jnp.asarray(d.targets_NxT[:_B.value])
+  t_fwd = _median_time(lambda: fwd(params, x, y), _R.value)
+  tokens = len(d.inputs_NxT) * _T.value
+  return {"cache_tokens_per_s": tokens / t_cache,
+          "forward_tokens_per_s": _B.value * _T.value / t_fwd,
+          "ratio": (tokens / t_cache) / (_B.value * _T.value / t_fwd)}
+
+
+def bench_inference():
+  cfg = _lm_config()
+  gate_cfg = models.GateConfig(num_experts=_M.value, vocab_size=_V.value,
+                               max_len=_T.value)
   key = jax.random.PRNGKey(0)
-  experts = models.init_stacked_lm(cfg, key, _M.value)
+  expert_params = models.init_stacked_lm(cfg, key, _M.value)
   gate = models.init_gate(gate_cfg, key)
   student = models.init_lm(cfg, key)
   x = jax.random.randint(key, (_B.value, _T.value), 1, _V.value)
@@ -62,27 +206,40 @@ def main(argv):
       cfg, e, gate_cfg, g, x, y, m))
   student_fn = jax.jit(lambda p, x: models.next_token_logprobs(cfg, p, x))
   tokens = _B.value * _T.value
-  t_teacher, t_teacher_min = _time(teacher_fn, experts, gate, x, y, mask, repeats=_R.value)
-  t_student, t_student_min = _time(student_fn, student, x, repeats=_R.value)
-  result = {
-      "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-      "host": platform.processor() or platform.machine(),
-      "config": {"d_model": cfg.d_model, "num_layers": cfg.num_layers, "d_ff": cfg.d_ff,
-                 "vocab": cfg.vocab_size, "seq_len": _T.value, "batch": _B.value,
-                 "num_experts": _M.value, "repeats": _R.value, "dtype": "float32"},
-      "teacher": {"seconds_median": t_teacher, "seconds_min": t_teacher_min,
-                  "tokens_per_s": tokens / t_teacher},
-      "student": {"seconds_median": t_student, "seconds_min": t_student_min,
-                  "tokens_per_s": tokens / t_student},
-      "speedup": t_teacher / t_student,
-      "target_speedup": (_M.value + 1) / 2,
-  }
-  print(f"{'model':10s}{'median s':>12s}{'tokens/s':>14s}")
-  for name in ("teacher", "student"):
-    r = result[name]
-    print(f"{name:10s}{r['seconds_median']:12.5f}{r['tokens_per_s']:14.0f}")
-  print(f"speedup {result['speedup']:.2f}× (target ≥ {result['target_speedup']:.1f}×) on "
-        f"{result['device']}")
+  t_teacher = _median_time(lambda: teacher_fn(expert_params, gate, x, y, mask), _R.value)
+  t_student = _median_time(lambda: student_fn(student, x), _R.value)
+  return {"teacher_tokens_per_s": tokens / t_teacher,
+          "student_tokens_per_s": tokens / t_student,
+          "speedup": t_teacher / t_student, "target_speedup": (_M.value + 1) / 2}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cfg = _lm_config()
+  result = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+            "num_devices": jax.device_count(),
+            "host": platform.processor() or platform.machine(),
+            "config": {"d_model": cfg.d_model, "num_layers": cfg.num_layers,
+                       "num_heads": cfg.num_heads, "d_ff": cfg.d_ff,
+                       "vocab": cfg.vocab_size, "seq_len": _T.value,
+                       "num_experts": _M.value, "dtype": cfg.dtype,
+                       "per_domain": _PER_DOMAIN.value,
+                       "gate_per_domain": _GATE_PER_DOMAIN.value, "batch": _B.value,
+                       "scan_steps": _SCAN.value, "repeats": _R.value}}
+  peak = None
+  for phase in _PHASES.value:
+    fn = {"matmul": bench_matmul, "experts": lambda: bench_experts(peak),
+          "gate": bench_gate, "scan": bench_scan, "cache": bench_cache,
+          "inference": bench_inference}.get(phase)
+    if fn is None:
+      raise app.UsageError(f"unknown phase {phase!r}")
+    result[phase] = fn()
+    if phase == "matmul":
+      peak = result["matmul"]["flops_per_s"]
+    print(f"{phase:10s} " + "  ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in result[phase].items()), flush=True)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=1)

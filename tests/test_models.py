@@ -1,9 +1,12 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from robust_gate import gating, models
+from robust_gate.checks import InputError
 
 CFG = models.LMConfig(vocab_size=11, max_len=8, d_model=16, num_layers=2, num_heads=2,
                       d_ff=32)
@@ -82,3 +85,20 @@ def test_gate_starts_at_the_uniform_prior_posterior_gate():
 def test_bad_model_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     models.LMConfig(vocab_size=5, max_len=4, **kwargs)
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_normalized_outputs():
+  cfg32 = models.LMConfig(vocab_size=11, max_len=9, d_model=32, num_layers=2,
+                          num_heads=4, d_ff=64)
+  cfg16 = models.LMConfig(**{**dataclasses.asdict(cfg32), "dtype": "bfloat16"})
+  params = models.init_lm(cfg32, jax.random.PRNGKey(0))
+  assert models.init_lm(cfg16, jax.random.PRNGKey(0))["params"]["Dense_0"]["kernel"].dtype \
+      == jnp.float32  # master weights
+  x = jax.random.randint(jax.random.PRNGKey(1), (4, 9), 0, 11)
+  lp32 = models.next_token_logprobs(cfg32, params, x)
+  lp16 = models.next_token_logprobs(cfg16, params, x)
+  assert lp16.dtype == jnp.float32
+  np.testing.assert_allclose(jnp.exp(lp16).sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(lp16, lp32, atol=0.05)  # bf16 rounding, same model
+  with pytest.raises(InputError, match="dtype"):
+    models.LMConfig(vocab_size=11, max_len=9, dtype="float16")

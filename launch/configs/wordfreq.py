@@ -12,6 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.box_lo = 0.05           # box Λ: every λ_k ≥ box_lo
   c.box_hi = 0.5            # box Λ: every λ_k ≤ box_hi
   c.kl_radius = 0.1         # kl_ball Λ: KL(λ ‖ uniform) ≤ kl_radius
+  c.dtype = "float32"       # transformer compute dtype: "float32" or "bfloat16"
+                            # (parameters, optimizer and log-softmax stay float32)
   c.checkpoint_every = 200  # steps per compiled lax.scan chunk; a checkpoint, metric
                             # lines and a progress line after each
 

@@ -22,6 +22,9 @@ import jax.numpy as jnp
 from robust_gate.checks import InputError
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
   vocab_size: int
@@ -30,9 +33,14 @@ class LMConfig:
   num_layers: int = 2
   num_heads: int = 4
   d_ff: int = 256
+  dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
 
   def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise InputError(f"LMConfig.dtype must be one of {DTYPES}, got {self.dtype!r}.")
     for f in dataclasses.fields(self):
+      if f.name == "dtype":
+        continue
       v = getattr(self, f.name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise InputError(f"LMConfig.{f.name} must be a positive int, got {v!r}.")
@@ -48,18 +56,16 @@ class _Block(nn.Module):
   def __call__(self, x_BxTxD):
     c = self.config
     B, T, D = x_BxTxD.shape
-    H = c.num_heads
-    h = nn.LayerNorm()(x_BxTxD)
-    qkv = nn.Dense(3 * D, use_bias=False)(h).reshape(B, T, 3, H, D // H)
+    H, dt = c.num_heads, jnp.dtype(c.dtype)
+    h = nn.LayerNorm(dtype=dt)(x_BxTxD)
+    qkv = nn.Dense(3 * D, use_bias=False, dtype=dt)(h).reshape(B, T, 3, H, D // H)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scores_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(D // H)
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    scores_BxHxTxT = jnp.where(causal, scores_BxHxTxT, -1e9)
-    attn = jax.nn.softmax(scores_BxHxTxT, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(B, T, D)
-    x_BxTxD = x_BxTxD + nn.Dense(D, use_bias=False)(out)
-    h = nn.LayerNorm()(x_BxTxD)
-    h = nn.Dense(D)(nn.gelu(nn.Dense(c.d_ff)(h)))
+    # Fused causal attention (cuDNN flash attention where the backend has it;
+    # softmax statistics in float32 either way).
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(B, T, D)
+    x_BxTxD = x_BxTxD + nn.Dense(D, use_bias=False, dtype=dt)(out)
+    h = nn.LayerNorm(dtype=dt)(x_BxTxD)
+    h = nn.Dense(D, dtype=dt)(nn.gelu(nn.Dense(c.d_ff, dtype=dt)(h)))
     return x_BxTxD + h
 
 
@@ -72,12 +78,13 @@ class TransformerLM(nn.Module):
     c = self.config
     chex.assert_rank(inputs_BxT, 2)
     T = inputs_BxT.shape[1]
-    x = nn.Embed(c.vocab_size, c.d_model)(inputs_BxT)
+    dt = jnp.dtype(c.dtype)
+    x = nn.Embed(c.vocab_size, c.d_model, dtype=dt)(inputs_BxT)
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02),
-                       (c.max_len, c.d_model))[:T]
+                       (c.max_len, c.d_model))[:T].astype(dt)
     for _ in range(c.num_layers):
       x = _Block(c)(x)
-    return nn.Dense(c.vocab_size)(nn.LayerNorm()(x))
+    return nn.Dense(c.vocab_size, dtype=dt)(nn.LayerNorm(dtype=dt)(x))
 
 
 def init_lm(config: LMConfig, key: jax.Array):
@@ -91,7 +98,11 @@ def init_stacked_lm(config: LMConfig, key: jax.Array, num_models: int):
 
 
 def next_token_logprobs(config: LMConfig, params, inputs_BxT) -> jax.Array:
-  """Full next-token log-distributions log p(· | x_≤t), [B, T, V] (fp32)."""
+  """Full next-token log-distributions log p(· | x_≤t), [B, T, V].
+
+  The log-softmax (a log-sum-exp over the vocabulary) is float32 whatever the
+  compute dtype: every loss, cache and gate downstream works in float32.
+  """
   logits = TransformerLM(config).apply(params, inputs_BxT)
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 

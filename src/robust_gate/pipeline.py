@@ -30,9 +30,10 @@ from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
 
 
-def _lm_config(c, vocab_size, max_len) -> models.LMConfig:
+def _lm_config(c, vocab_size, max_len, dtype) -> models.LMConfig:
   return models.LMConfig(vocab_size=vocab_size, max_len=max_len, d_model=c.d_model,
-                         num_layers=c.num_layers, num_heads=c.num_heads, d_ff=c.d_ff)
+                         num_layers=c.num_layers, num_heads=c.num_heads, d_ff=c.d_ff,
+                         dtype=dtype)
 
 
 def _num_params(params) -> int:
@@ -41,6 +42,8 @@ def _num_params(params) -> int:
 
 def check_config(config) -> None:
   """Positive sizes and step counts, finite positive learning rates, η ≥ 0."""
+  if config.dtype not in models.DTYPES:
+    raise InputError(f"config.dtype={config.dtype!r} must be one of {models.DTYPES}.")
   every = config.checkpoint_every
   if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
     raise InputError(f"config.checkpoint_every={every!r} must be a positive int.")
@@ -108,12 +111,13 @@ def _phase(config, workdir, name, step_fn, state, steps, spec, log, *, train):
 def _experts(config, workdir, log, *, train=False):
   tr = _splits(config, workdir)["train"]
   ec = config.expert
-  lm_cfg = _lm_config(ec, tr.vocab_size, config.data.max_len)
+  lm_cfg = _lm_config(ec, tr.vocab_size, config.data.max_len, config.dtype)
   step, state = train_lib.make_game(
       train_lib.expert_loss_fn(lm_cfg, tr, ec.per_domain),
       models.init_stacked_lm(lm_cfg, jax.random.fold_in(_key(config), 1), tr.num_domains),
       num_domains=tr.num_domains, lr=ec.lr, dual_lr=0.0, seed=config.seed)
-  spec = {**_common_spec(config), "expert": _section(config, "expert")}
+  spec = {**_common_spec(config), "expert": _section(config, "expert"),
+          "dtype": config.dtype}
   state = _phase(config, workdir, "experts", step, state, ec.steps, spec, log, train=train)
   return lm_cfg, state.params
 
@@ -181,7 +185,7 @@ def _student(config, workdir, log, c, gate_cfg, robust, *, train=False):
       lam_K=lam_bar / jnp.sum(lam_bar))
   spec = {**_common_spec(config), "experts": c["digest"],
           "robust_gate": experts.params_fingerprint(robust),
-          "distill": _section(config, "distill")}
+          "distill": _section(config, "distill"), "dtype": config.dtype}
   state = _phase(config, workdir, "student", step, state, dc.steps, spec, log, train=train)
   return state.params, init_from
 
@@ -196,7 +200,8 @@ def _monolithic(config, workdir, log, c, *, train=False):
   for name, cfg, section, dual_lr in (
       ("monolithic", c["lm_cfg"], "monolithic", 0.0),
       ("monolithic_dro", c["lm_cfg"], "monolithic", mc.dro_dual_lr),
-      ("monolithic_large", _lm_config(lc, tr.vocab_size, config.data.max_len),
+      ("monolithic_large", _lm_config(lc, tr.vocab_size, config.data.max_len,
+                                      config.dtype),
        "monolithic_large", 0.0)):
     sc = config[section]
     loss_fn = train_lib.monolithic_loss_fn(
