@@ -49,6 +49,18 @@ class LMConfig:
                        f"num_heads={self.num_heads}.")
 
 
+def _attention_implementation(c: LMConfig):
+  """cuDNN flash attention on GPU in bfloat16 (what it supports); XLA's otherwise.
+
+  On the H100 it lifts expert training from 33% to 44% MFU (BUILD_NOTES.md).
+  """
+  head_dim = c.d_model // c.num_heads
+  if (jax.default_backend() == "gpu" and c.dtype == "bfloat16" and head_dim % 8 == 0
+      and head_dim <= 128):
+    return "cudnn"
+  return None
+
+
 class _Block(nn.Module):
   config: LMConfig
 
@@ -60,9 +72,9 @@ class _Block(nn.Module):
     h = nn.LayerNorm(dtype=dt)(x_BxTxD)
     qkv = nn.Dense(3 * D, use_bias=False, dtype=dt)(h).reshape(B, T, 3, H, D // H)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    # Fused causal attention (cuDNN flash attention where the backend has it;
-    # softmax statistics in float32 either way).
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(B, T, D)
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation=_attention_implementation(c)
+    ).reshape(B, T, D)
     x_BxTxD = x_BxTxD + nn.Dense(D, use_bias=False, dtype=dt)(out)
     h = nn.LayerNorm(dtype=dt)(x_BxTxD)
     h = nn.Dense(D, dtype=dt)(nn.gelu(nn.Dense(c.d_ff, dtype=dt)(h)))
