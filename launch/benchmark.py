@@ -50,6 +50,8 @@ _B = flags.DEFINE_integer("batch", 512, "Inference and scoring: sequences per ca
 _SCAN = flags.DEFINE_integer("scan_steps", 20, "Training steps per timed lax.scan call.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 1024, "n of the n×n×n peak matmul.")
 _R = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (median).")
+_XLA_ATTENTION = flags.DEFINE_bool(
+    "xla_attention", False, "Ablation: force XLA's attention instead of cuDNN's on GPU.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path.")
 
 
@@ -216,6 +218,8 @@ def bench_inference():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _XLA_ATTENTION.value:
+    models._attention_implementation = lambda c: "xla"  # pylint: disable=protected-access
   cfg = _lm_config()
   result = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
             "num_devices": jax.device_count(),
@@ -226,7 +230,8 @@ def main(argv):
                        "num_experts": _M.value, "dtype": cfg.dtype,
                        "per_domain": _PER_DOMAIN.value,
                        "gate_per_domain": _GATE_PER_DOMAIN.value, "batch": _B.value,
-                       "scan_steps": _SCAN.value, "repeats": _R.value}}
+                       "scan_steps": _SCAN.value, "repeats": _R.value,
+                       "xla_attention": _XLA_ATTENTION.value}}
   peak = None
   for phase in _PHASES.value:
     fn = {"matmul": bench_matmul, "experts": lambda: bench_experts(peak),
