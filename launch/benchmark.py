@@ -6,6 +6,8 @@ Phases (--phases, comma-separated):
              on per_domain sequences per expert; model FLOPs utilization (MFU)
   gate       the primal-dual gate step against the ERM gate step (same gate, batch)
   scan       the lax.scan loop against one jitted step per Python iteration
+  distill    one distillation step (teacher: M experts + gate, on the fly; student
+             forward + backward + Adam)
   cache      scoring all experts over a dataset (experts.build_cache) against one
              forward pass of the M experts as one batched program
   inference  teacher (M experts + gate) against the student, full next-token
@@ -32,7 +34,7 @@ import numpy as np
 
 from robust_gate import data, distill, experts, models, primal_dual, train
 
-_PHASES = flags.DEFINE_list("phases", "matmul,experts,gate,scan,cache,inference",
+_PHASES = flags.DEFINE_list("phases", "matmul,experts,gate,scan,distill,cache,inference",
                             "Which benchmarks to run.")
 _D = flags.DEFINE_integer("d_model", 64, "Width of each expert and of the student.")
 _L = flags.DEFINE_integer("num_layers", 2, "Transformer blocks.")
@@ -175,6 +177,25 @@ def bench_scan():
           "speedup": loop_t / scan_t}
 
 
+def bench_distill():
+  """One distillation step: M expert forwards + gate (the teacher) + student fwd/bwd."""
+  cfg = _lm_config()
+  gate_cfg = models.GateConfig(num_experts=_M.value, vocab_size=_V.value,
+                               max_len=_T.value)
+  d = _random_data(max(2 * _PER_DOMAIN.value, 8))
+  expert_params = models.init_stacked_lm(cfg, jax.random.PRNGKey(0), _M.value)
+  loss = distill.distill_loss_fn(cfg, expert_params, gate_cfg,
+                                 models.init_gate(gate_cfg, jax.random.PRNGKey(1)), d,
+                                 _PER_DOMAIN.value)
+  step, state = train.make_game(loss, models.init_lm(cfg, jax.random.PRNGKey(2)),
+                                num_domains=_M.value, lr=1e-3, dual_lr=0.0, seed=0)
+  n = _SCAN.value
+  t = _median_time(_threaded(lambda s: primal_dual.run(step, s, n)[0], state), _R.value)
+  tokens = _M.value * _PER_DOMAIN.value * _T.value
+  return {"step_seconds": t / n, "student_tokens_per_s": tokens * n / t,
+          "peak_bytes": _peak_memory()}
+
+
 def bench_cache():
   cfg = _lm_config()
   params = models.init_stacked_lm(cfg, jax.random.PRNGKey(0), _M.value)
@@ -235,7 +256,8 @@ def main(argv):
   peak = None
   for phase in _PHASES.value:
     fn = {"matmul": bench_matmul, "experts": lambda: bench_experts(peak),
-          "gate": bench_gate, "scan": bench_scan, "cache": bench_cache,
+          "gate": bench_gate, "scan": bench_scan, "distill": bench_distill,
+          "cache": bench_cache,
           "inference": bench_inference}.get(phase)
     if fn is None:
       raise app.UsageError(f"unknown phase {phase!r}")

@@ -23,5 +23,6 @@ def test_benchmark_writes_json(tmp_path):
   assert 0 < r["experts"]["mfu"] and r["experts"]["params_per_expert"] > 0
   for phase, key in (("gate", "ratio"), ("scan", "speedup"), ("cache", "ratio")):
     assert r[phase][key] > 0
-  for phase in ("matmul", "experts", "gate", "scan", "cache", "inference"):
+  assert r["distill"]["student_tokens_per_s"] > 0
+  for phase in ("matmul", "experts", "gate", "scan", "distill", "cache", "inference"):
     assert phase in proc.stdout

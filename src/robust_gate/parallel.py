@@ -53,6 +53,12 @@ def replicate(tree):
   return jax.device_put(tree, NamedSharding(mesh(), PartitionSpec()))
 
 
+def put(array, axis: int = 0) -> jax.Array:
+  """A host array → a device array split over the devices along `axis`."""
+  array = np.asarray(array)
+  return jax.device_put(array, NamedSharding(mesh(), _spec(array.ndim, axis)))
+
+
 def put_rows(*arrays):
   """Host arrays → device arrays split by rows, padded to a multiple of the devices.
 
@@ -60,9 +66,5 @@ def put_rows(*arrays):
   """
   n = len(arrays[0])
   pad = -n % jax.device_count()
-  out = []
-  for a in arrays:
-    a = np.asarray(a)
-    a = np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-    out.append(jax.device_put(a, NamedSharding(mesh(), _spec(a.ndim, 0))))
-  return out, n
+  return [put(np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)))
+          for a in arrays], n
