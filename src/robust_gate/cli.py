@@ -43,4 +43,10 @@ def main(phase, default_config: str) -> None:
                  f"command again to resume.")
       raise
 
-  app.run(run)
+  try:
+    app.run(run)
+  except (AttributeError, KeyError) as e:  # an override naming no config field
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    name = str(e).strip("'\"")
+    sys.exit(f"robust_gate: unknown config field '{name}' in {' '.join(overrides)}; every "
+             f"field is listed, with a comment, in launch/configs/wordfreq.py.")

@@ -221,10 +221,17 @@ def _monolithic(config, workdir, log, c, *, train=False):
 
 def _start(config, workdir, log, phase):
   check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise InputError(f"cannot use --workdir={workdir!r}: {e.strerror}.") from e
   checkpoints.atomic_write(os.path.join(workdir, "config.json"),
                            json.dumps(config.to_dict(), indent=1, default=list))
   s = _splits(config, workdir)
+  uncertainty_lib.from_config(config, s["train"].num_domains)  # Λ checked before any work
+  if config.gate.dual_lr == 0 and phase == "train_gate":
+    log("note: config.gate.dual_lr=0, so the robust gate is trained as the ERM gate "
+        "(λ fixed at Λ's prior).")
   log(f"{phase}: {jax.device_count()} {jax.devices()[0].platform} device(s), data "
       f"{config.data.name}, domains {list(s['train'].domains)}, train "
       f"{s['train'].counts().tolist()}, validation {s['validation'].counts().tolist()}, "
