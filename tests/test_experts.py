@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,18 @@ def test_bad_experts_are_clear_errors():
   if np.any(d.targets_NxT[d.mask_NxT] == 3):
     with pytest.raises(InputError, match="-inf under every expert"):
       experts.build_cache([partial], d)
+
+
+def test_parameters_that_do_not_match_the_architecture_are_refused():
+  cfg = models.LMConfig(vocab_size=V, max_len=6, d_model=8, num_layers=1, num_heads=2,
+                        d_ff=16)
+  params = models.init_stacked_lm(cfg, jax.random.PRNGKey(0), 2)
+  experts.transformer_experts(cfg, params, ["a", "b"])  # matches
+  wide = dataclasses.replace(cfg, d_model=16)
+  with pytest.raises(InputError, match="do not match the architecture"):
+    experts.transformer_experts(wide, params, ["a", "b"])
+  with pytest.raises(InputError, match="do not match the architecture"):
+    experts.transformer_experts(cfg, params, ["a", "b", "c"])  # 2 stacked, 3 names
+  deeper = dataclasses.replace(cfg, num_layers=2)
+  with pytest.raises(InputError, match="missing"):
+    experts.transformer_experts(deeper, params, ["a", "b"])

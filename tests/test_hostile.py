@@ -44,15 +44,28 @@ def _launch(launcher, workdir, *args, prelude=""):
                         timeout=300)
 
 
-@pytest.mark.parametrize("workdir, message", [
-    ("/proc/robust_gate_test", "cannot use --workdir='/proc/robust_gate_test'"),
-    ("FILE", "cannot use --workdir="),
+# Permission denied is injected (the tests may run as root, whom permissions do not stop).
+NO_PERMISSION = ("import errno, os\n_makedirs = os.makedirs\n"
+                 "def makedirs(path, *a, **k):\n"
+                 "  if 'denied' in str(path):\n"
+                 "    raise PermissionError(errno.EACCES, 'Permission denied', str(path))\n"
+                 "  return _makedirs(path, *a, **k)\n"
+                 "os.makedirs = makedirs")
+
+
+@pytest.mark.parametrize("workdir, prelude, message", [
+    ("/proc/robust_gate_test", "", "cannot use --workdir='/proc/robust_gate_test'"),
+    ("FILE", "", "cannot use --workdir="),
+    ("DENIED", NO_PERMISSION, "Permission denied"),
 ])
-def test_a_workdir_that_cannot_be_created_is_a_clear_error(tmp_path, workdir, message):
+def test_a_workdir_that_cannot_be_created_is_a_clear_error(tmp_path, workdir, prelude,
+                                                           message):
   if workdir == "FILE":
     workdir = tmp_path / "a_file"
     workdir.write_text("not a directory")
-  out = _launch("train_experts", workdir)
+  elif workdir == "DENIED":
+    workdir = tmp_path / "denied"
+  out = _launch("train_experts", workdir, prelude=prelude)
   assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
 

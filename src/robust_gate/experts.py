@@ -35,6 +35,7 @@ class Expert:
 
 def transformer_experts(config: models.LMConfig, params_M, names: Sequence[str]) -> Expert:
   """Stacked TransformerLM experts as one Expert group."""
+  models.check_params(config, params_M, num_models=len(names))
   return Expert(
       names=tuple(names), vocab_size=config.vocab_size,
       logprob_fn=lambda x, y: models.stacked_token_logprobs(config, params_M, x, y),

@@ -109,6 +109,21 @@ def init_stacked_lm(config: LMConfig, key: jax.Array, num_models: int):
   return jax.vmap(lambda k: init_lm(config, k))(jax.random.split(key, num_models))
 
 
+def check_params(config: LMConfig, params, num_models: int | None = None) -> None:
+  """InputError unless `params` has exactly the structure and shapes `config` implies
+  (with a leading axis of `num_models` for stacked models)."""
+  expected = jax.eval_shape(lambda: init_lm(config, jax.random.PRNGKey(0)))
+  want = {jax.tree_util.keystr(p): (num_models,) * (num_models is not None) + l.shape
+          for p, l in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  got = {jax.tree_util.keystr(p): jnp.shape(l)
+         for p, l in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for path in sorted(set(want) | set(got)):
+    if want.get(path) != got.get(path):
+      raise InputError(
+          f"parameters do not match the architecture {config}: {path} has shape "
+          f"{got.get(path, 'missing')}, the config implies {want.get(path, 'none')}.")
+
+
 def next_token_logprobs(config: LMConfig, params, inputs_BxT) -> jax.Array:
   """Full next-token log-distributions log p(· | x_≤t), [B, T, V].
 
