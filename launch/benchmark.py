@@ -50,6 +50,7 @@ _GATE_PER_DOMAIN = flags.DEFINE_integer("gate_per_domain", 64,
                                         "Gate steps: cached sequences per domain.")
 _B = flags.DEFINE_integer("batch", 512, "Inference and scoring: sequences per call.")
 _SCAN = flags.DEFINE_integer("scan_steps", 20, "Training steps per timed lax.scan call.")
+_UNROLL = flags.DEFINE_list("scan_unroll", "1", "lax.scan unroll values to time.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 1024, "n of the n×n×n peak matmul.")
 _R = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (median).")
 _XLA_ATTENTION = flags.DEFINE_bool(
@@ -161,10 +162,11 @@ def bench_gate():
 
 
 def bench_scan():
-  n = _SCAN.value
-  step, state = _gate_game(0.5)
-  scan_t = _median_time(_threaded(lambda s: primal_dual.run(step, s, n)[0], state),
-                        _R.value)
+  n, out = _SCAN.value, {}
+  for unroll in map(int, _UNROLL.value):
+    step, state = _gate_game(0.5)
+    out[unroll] = _median_time(_threaded(
+        lambda s, u=unroll: primal_dual.run(step, s, n, unroll=u)[0], state), _R.value)
   jstep = jax.jit(step, donate_argnums=0)
 
   def loop(s):
@@ -173,8 +175,11 @@ def bench_scan():
     return s
   _, state = _gate_game(0.5)
   loop_t = _median_time(_threaded(loop, state), _R.value)
-  return {"scan_step_seconds": scan_t / n, "loop_step_seconds": loop_t / n,
-          "speedup": loop_t / scan_t}
+  res = {"loop_step_seconds": loop_t / n}
+  for unroll, t in out.items():
+    suffix = "" if unroll == 1 else f"_unroll{unroll}"
+    res[f"scan_step_seconds{suffix}"], res[f"speedup{suffix}"] = t / n, loop_t / t
+  return res
 
 
 def bench_distill():

@@ -28,11 +28,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from robust_gate import experts
+from robust_gate import experts, parallel
 from robust_gate.checks import InputError
 
 
 def atomic_write(path: str, text: str) -> None:
+  """Replaces `path` whole (on process 0 only: one writer across hosts)."""
+  if not parallel.is_main():
+    return
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -62,8 +65,10 @@ class Checkpointer:
       if not create:
         raise InputError(f"{name}: nothing trained in {directory}; run its phase "
                          f"first (or launch/main.py, which runs every phase).")
-      os.makedirs(directory, exist_ok=True)
+      if parallel.is_main():
+        os.makedirs(directory, exist_ok=True)
       atomic_write(path, json.dumps(_plain(spec), indent=1, sort_keys=True))
+    parallel.sync(f"spec {directory}")  # written before any process reads it
     self._check_spec(path, _plain(spec))
     self._max_to_keep = max_to_keep
     self._manager = self._open()
@@ -113,9 +118,12 @@ class Checkpointer:
 
   def _quarantine(self, step: int, error: Exception) -> None:
     corrupt = os.path.join(self.directory, "corrupt")
-    os.makedirs(corrupt, exist_ok=True)
     dest = os.path.join(corrupt, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(os.path.join(self.directory, "checkpoints", str(step)), dest)
+    parallel.sync(f"quarantine {self.directory} {step}")  # every process has read it
+    if parallel.is_main():
+      os.makedirs(corrupt, exist_ok=True)
+      shutil.move(os.path.join(self.directory, "checkpoints", str(step)), dest)
+    parallel.sync(f"quarantined {self.directory} {step}")
     self.log(f"{self.name}: checkpoint at step {step} is corrupt "
              f"({type(error).__name__}: {str(error)[:200]}); moved to {dest}, "
              f"using the previous one.")
@@ -129,10 +137,11 @@ class Checkpointer:
         json.dumps({"step": first + i, **{k: np.asarray(v[i]).tolist()
                                           for k, v in metrics.items()}}) + "\n"
         for i in range(len(metrics["losses"])))
-    with open(self.metrics_path, "a") as f:
-      f.write(lines)
-      f.flush()
-      os.fsync(f.fileno())
+    if parallel.is_main():
+      with open(self.metrics_path, "a") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"digest": experts.params_fingerprint(state),

@@ -24,6 +24,14 @@ def main(phase, default_config: str) -> None:
                                            lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Output directory (resumable).",
                                 required=True)
+  coordinator = flags.DEFINE_string(
+      "coordinator_address", None, "Multi-host: host:port of process 0; with "
+      "--num_processes and --process_id, calls jax.distributed.initialize.")
+  num_processes = flags.DEFINE_integer("num_processes", None, "Multi-host: processes.")
+  process_id = flags.DEFINE_integer("process_id", None, "Multi-host: this process.")
+  distributed = flags.DEFINE_bool(
+      "distributed", False, "Multi-host: jax.distributed.initialize() with the "
+      "cluster's own settings (Cloud TPU, SLURM, ...) for flags not given.")
 
   def run(argv):
     if len(argv) > 1:
@@ -31,8 +39,12 @@ def main(phase, default_config: str) -> None:
     logging.set_verbosity(logging.ERROR)  # tfds' notes on custom configs are noise
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tfds.disable_progress_bar()
+    import jax  # pylint: disable=g-import-not-at-top
+    if distributed.value or coordinator.value:
+      jax.distributed.initialize(coordinator.value, num_processes.value, process_id.value)
+    log = (lambda s: print(s, flush=True)) if jax.process_index() == 0 else (lambda s: None)
     try:
-      phase(config.value, workdir.value, log=lambda s: print(s, flush=True))
+      phase(config.value, workdir.value, log=log)
     except InputError as e:
       sys.exit(f"robust_gate: {e}")
     except OSError as e:

@@ -46,7 +46,7 @@ def gate_logprobs_and_usage(config: models.GateConfig, params, data: DomainData,
     return gating.causal_mixture_logp(log_gate, c), jnp.exp(log_gate)
   rows, n = parallel.put_rows(data.inputs_NxT, cache_NxTxM, data.mask_NxT)
   logp, gate = fn(params, *rows)
-  return np.asarray(logp)[:n], usage(np.asarray(gate)[:n], data)
+  return parallel.fetch(logp)[:n], usage(parallel.fetch(gate)[:n], data)
 
 
 def fixed_gate_logprobs(log_gate_NxTxM, cache_NxTxM) -> np.ndarray:
@@ -93,6 +93,8 @@ def format_table(results: dict) -> str:
 
 
 def write_json(path: str, obj) -> None:
+  if not parallel.is_main():
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)

@@ -98,7 +98,7 @@ def build_cache(experts: Sequence[Expert], data: DomainData, batch_size: int = 5
   targets = np.pad(data.targets_NxT, ((0, pad), (0, 0))).reshape(shape)
   outs = [score(parallel.put(inputs[c], axis=1), parallel.put(targets[c], axis=1))
           for c in range(calls)]
-  cache = np.concatenate([np.asarray(o).reshape(per_call * batch_size, T, -1)
+  cache = np.concatenate([parallel.fetch(o).reshape(per_call * batch_size, T, -1)
                           for o in outs])[:N]
   names = sum((e.names for e in experts), ())
   if cache.shape[-1] != len(names):
@@ -116,6 +116,8 @@ def cache_fingerprint(data: DomainData, experts: Sequence[Expert]) -> str:
 
 def save_cache(path: str, cache: np.ndarray, fingerprint: str) -> None:
   """Writes atomically: a crash leaves the old file or none, never half of one."""
+  if not parallel.is_main():
+    return
   tmp = path + ".tmp.npz"
   np.savez(tmp, cache=cache, fingerprint=np.array(fingerprint))
   os.replace(tmp, path)
@@ -135,6 +137,7 @@ def load_cache(path: str, fingerprint: str, data: DomainData) -> np.ndarray:
 def cached_scores(path: str, experts: Sequence[Expert], data: DomainData) -> np.ndarray:
   """Loads the cache at `path` if it matches, else builds and saves it."""
   fingerprint = cache_fingerprint(data, experts)
+  parallel.sync(f"cache {path}")  # every process takes the same branch
   if os.path.exists(path):
     return load_cache(path, fingerprint, data)
   cache = build_cache(experts, data)

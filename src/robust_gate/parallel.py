@@ -14,12 +14,19 @@ Why not `pmap` or `shard_map`: the step functions stay the single-device code
 (no per-device reshaping, no explicit `psum`, no device axis in the state), and
 the device count changes only how XLA partitions, not what is computed.
 
+Across hosts: after `jax.distributed.initialize` (the launchers' --coordinator_address,
+--num_processes, --process_id flags; robust_gate.cli) every process runs the same
+program on the same host data (datasets and keys are deterministic), puts only
+its own devices' shards (`put`), and gathers what it reads back (`fetch`). Files
+are written by process 0 alone (`is_main`); `sync` is a barrier across processes.
+
 Batch sizes in configs are global (`per_domain` sequences per domain per step,
 summed over devices); they must divide by the device count (`check_divisible`).
 """
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from robust_gate.checks import InputError
@@ -68,3 +75,21 @@ def put_rows(*arrays):
   pad = -n % jax.device_count()
   return [put(np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)))
           for a in arrays], n
+
+
+def fetch(x) -> np.ndarray:
+  """A device array → the whole array on the host (gathered across processes)."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_main() -> bool:
+  """True on the process that writes files and prints progress (process 0)."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (a no-op in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

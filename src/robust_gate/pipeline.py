@@ -25,6 +25,7 @@ import numpy as np
 
 from robust_gate import data as data_lib
 from robust_gate import checkpoints, datasets, distill, evaluate, experts, gating, models
+from robust_gate import parallel
 from robust_gate import train as train_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
@@ -79,7 +80,11 @@ def _splits(config, workdir):
   key = (json.dumps(config.data.to_dict(), sort_keys=True, default=list), data_dir)
   if key not in _SPLITS_CACHE:
     _SPLITS_CACHE.clear()
+    if not parallel.is_main():  # process 0 prepares the TFDS dataset, the others read it
+      parallel.sync(f"data {data_dir}")
     _SPLITS_CACHE[key] = load_splits(config, data_dir)
+    if parallel.is_main():
+      parallel.sync(f"data {data_dir}")
   return _SPLITS_CACHE[key]
 
 
@@ -222,7 +227,8 @@ def _monolithic(config, workdir, log, c, *, train=False):
 def _start(config, workdir, log, phase):
   check_config(config)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    if parallel.is_main():
+      os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise InputError(f"cannot use --workdir={workdir!r}: {e.strerror}.") from e
   checkpoints.atomic_write(os.path.join(workdir, "config.json"),
@@ -232,7 +238,8 @@ def _start(config, workdir, log, phase):
   if config.gate.dual_lr == 0 and phase == "train_gate":
     log("note: config.gate.dual_lr=0, so the robust gate is trained as the ERM gate "
         "(λ fixed at Λ's prior).")
-  log(f"{phase}: {jax.device_count()} {jax.devices()[0].platform} device(s), data "
+  log(f"{phase}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
+      f"{jax.process_count()} process(es), data "
       f"{config.data.name}, domains {list(s['train'].domains)}, train "
       f"{s['train'].counts().tolist()}, validation {s['validation'].counts().tolist()}, "
       f"test {s['test'].counts().tolist()}")
@@ -365,7 +372,8 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
       os.path.join(workdir, name), up_to=steps))["lam"]
       for name, steps in (("robust_gate", config.gate.steps),
                           ("monolithic_dro", config.monolithic.steps))}
-  evaluate.plot(results, lam_history, workdir)
+  if parallel.is_main():
+    evaluate.plot(results, lam_history, workdir)
   log(evaluate.format_table(results))
   return results
 

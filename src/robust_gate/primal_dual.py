@@ -92,9 +92,10 @@ def make_step(loss_fn: LossFn, primal_opt: optax.GradientTransformation,
   return step
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "num_steps"),
+@functools.partial(jax.jit, static_argnames=("step_fn", "num_steps", "unroll"),
                    donate_argnames=("state",))
-def run(step_fn, state: GameState, num_steps: int, batches: Any = None):
+def run(step_fn, state: GameState, num_steps: int, batches: Any = None,
+        unroll: int = 1):
   """Runs `num_steps` steps inside one `lax.scan` under jit.
 
   Args:
@@ -103,11 +104,12 @@ def run(step_fn, state: GameState, num_steps: int, batches: Any = None):
     num_steps: number of steps.
     batches: None (loss_fn samples from its key, or uses exact expectations)
       or a pytree with leading axis num_steps, one slice per step.
+    unroll: steps per loop iteration of the compiled scan (lax.scan's `unroll`).
 
   Returns:
     (state, metrics) with every metric stacked over steps.
   """
-  return jax.lax.scan(step_fn, state, batches, length=num_steps)
+  return jax.lax.scan(step_fn, state, batches, length=num_steps, unroll=unroll)
 
 
 class Certificate(NamedTuple):
