@@ -53,6 +53,7 @@ class MarkovConfig(tfds.core.BuilderConfig):
   num_states: int = 8        # tokens 1..num_states
   seq_len: int = 16
   concentration: float = 0.3  # Dirichlet concentration of the transition rows
+  similarity: float = 0.0     # rows pulled toward shared rows: 1 = identical domains
   examples_per_split: tuple = (2000, 500, 500)
   seed: int = 0
 
@@ -145,6 +146,9 @@ def markov_chains(config: MarkovConfig):
   rng = np.random.default_rng(config.seed)
   S = config.num_states
   trans = rng.dirichlet(np.full(S, config.concentration), size=(config.num_domains, S))
+  if config.similarity:  # drawn after `trans`, so similarity 0 leaves the chains as they were
+    shared = rng.dirichlet(np.full(S, config.concentration), size=S)
+    trans = (1 - config.similarity) * trans + config.similarity * shared
   trans = 0.98 * trans + 0.02 / S  # every transition possible: finite KL everywhere
   initial = np.stack([_stationary(t) for t in trans])
   return initial, trans
@@ -226,7 +230,10 @@ def _check_options(name: str, values: dict) -> None:
         continue
       if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise InputError(f"{name} dataset option {key}={value!r} must be numeric.")
-      if key != "seed" and not (np.isfinite(v) and v > 0):
+      if key == "similarity":
+        if not 0 <= v <= 1:
+          raise InputError(f"{name} dataset option similarity={v!r} must be in [0, 1].")
+      elif key != "seed" and not (np.isfinite(v) and v > 0):
         raise InputError(f"{name} dataset option {key}={value!r} must be positive.")
   if name == "digits" and "groups" in values:
     classes = [c for g in values["groups"] for c in g]
