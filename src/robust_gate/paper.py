@@ -239,7 +239,7 @@ def conflict(config, workdir, log=print, points: int = 6):
     ax.set_xticks(range(K), tr.domains, rotation=45)
     ax.set_yticks(range(K), tr.domains)
     ax.set(title=f"{name}: cosines at the end")
-  fig.colorbar(im, ax=axes[1:])
+  fig.colorbar(im, ax=axes[-1], fraction=0.046)
   return _out(workdir, "conflict", out, fig)
 
 
