@@ -13,7 +13,7 @@ def random_instance(rng: np.random.Generator, K: int, N: int, M: int | None = No
 
 # The end-to-end files take minutes each: handed out first, pytest-xdist runs them
 # beside the many fast files instead of after them (the order within files stays).
-_SLOW_FIRST = ("test_multihost.py", "test_pipeline.py", "test_paper.py",
+_SLOW_FIRST = ("test_pipeline.py", "test_paper.py",
                "test_notebooks.py", "test_hostile.py")
 
 

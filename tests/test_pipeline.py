@@ -7,6 +7,7 @@ again with the same command ends with the same results (bitwise on CPU).
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -161,3 +162,24 @@ def test_eight_devices_match_one(tiny_run, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "train_experts: 8 cpu device(s)" in out.stdout
   _assert_same_results(_results(tiny_run[0]), _results(tmp_path))
+
+
+def test_two_processes_match_one(tiny_run, tmp_path):
+  """2 processes × 4 CPU devices each = the 1-device run, every number; process 0
+  alone writes the workdir and prints."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  two = tmp_path / "two"
+  procs = [subprocess.Popen(
+      _command(two, "main", f"--coordinator_address=localhost:{port}",
+               "--num_processes=2", f"--process_id={i}"),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+      for i in (1, 0)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "train_experts: 8 cpu device(s) in 2 process(es)" in outs[1][0]
+  assert "train_experts" not in outs[0][0]  # process 1 prints nothing
+  _assert_same_results(_results(tiny_run[0]), _results(two))
