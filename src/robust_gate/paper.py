@@ -20,7 +20,6 @@ import dataclasses
 import itertools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +53,6 @@ def _plt():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
-
-
-def _losses(logp_NxT, data, baseline_K) -> np.ndarray:
-  """Per-domain L_k in bits per token."""
-  return (evaluate.domain_ce(logp_NxT, data) - np.asarray(baseline_K)) / LN2
 
 
 def gate_config(config, num_experts: int, vocab_size: int, hidden=None):
@@ -111,9 +105,10 @@ def late(curve, name, worst=max):
   return float(np.mean(vals)), float(np.std(vals))
 
 
-def gate_losses(cfg, params, split, cache, baseline_K):
+def gate_losses(cfg, params, split, cache, baseline_K) -> np.ndarray:
+  """The gated model's per-domain L_k on `split`, bits per token."""
   logp, _ = evaluate.gate_logprobs_and_usage(cfg, params, split, cache)
-  return _losses(logp, split, baseline_K)
+  return (evaluate.domain_ce(logp, split) - np.asarray(baseline_K)) / LN2
 
 
 def _table(rows, cols, fmt="{:10.4f}"):
@@ -193,7 +188,6 @@ def _mean_off_diagonal(c_KxK):
 def conflict(config, workdir, log=print, points: int = 6):
   """Item 2: per-domain gradient cosine matrices over training, monolithic vs gate."""
   _, m = _load(config, workdir, log)
-  va = m["splits"]["validation"]
   tr = m["splits"]["train"]
   K = tr.num_domains
   key = jax.random.PRNGKey(config.seed + 17)
@@ -205,7 +199,6 @@ def conflict(config, workdir, log=print, points: int = 6):
                      config.monolithic.lr, 0.0, config.monolithic.steps),
       "gate": (m["gate_loss"], models.init_gate(gate_cfg, jax.random.PRNGKey(config.seed)),
                config.gate.lr, config.gate.dual_lr, config.gate.steps)}
-  del va
   out = {"domains": list(tr.domains), "models": {}}
   for name, (loss_fn, params, lr, dual_lr, steps) in runs.items():
     step, state = train_lib.make_game(loss_fn, params, num_domains=K, lr=lr,
