@@ -14,6 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from robust_gate import parallel
 from robust_gate.checks import InputError
 
 
@@ -42,7 +43,7 @@ def main(phase, default_config: str) -> None:
     import jax  # pylint: disable=g-import-not-at-top
     if distributed.value or coordinator.value:
       jax.distributed.initialize(coordinator.value, num_processes.value, process_id.value)
-    log = (lambda s: print(s, flush=True)) if jax.process_index() == 0 else (lambda s: None)
+    log = (lambda s: print(s, flush=True)) if parallel.is_main() else (lambda s: None)
     try:
       phase(config.value, workdir.value, log=log)
     except InputError as e:

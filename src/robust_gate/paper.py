@@ -121,14 +121,19 @@ def _table(rows, cols, fmt="{:10.4f}"):
   return "\n".join(lines)
 
 
-def _load(config, workdir, log):
-  results_path = os.path.join(workdir, "results.json")
-  if not os.path.exists(results_path):
+def _results(workdir) -> dict:
+  """The finished main job's results.json (a clear error when there is none)."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
     raise InputError(f"{workdir} has no results.json: run launch/main.py "
-                              f"--workdir={workdir} with this config first.")
-  with open(results_path) as f:
-    results = json.load(f)
-  return results, pipeline.load_models(config, workdir, log=lambda s: None)
+                     f"--workdir={workdir} with this config first.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _load(config, workdir, log):
+  del log  # restoring is quiet: the experiments print their own lines
+  return _results(workdir), pipeline.load_models(config, workdir, log=lambda s: None)
 
 
 def simplex_grid(K: int, n: int) -> np.ndarray:
@@ -142,8 +147,7 @@ def simplex_grid(K: int, n: int) -> np.ndarray:
 
 def mixtures(config, workdir, log=print, resolution: int = 4):
   """Item 1: L(λ) = Σ_k λ_k L_k of every method on a simplex grid and at λ̄."""
-  with open(os.path.join(workdir, "results.json")) as f:
-    results = json.load(f)
+  results = _results(workdir)
   domains = results["domains"]
   K = len(domains)
   grid = simplex_grid(K, resolution)
@@ -539,9 +543,9 @@ def prune(config, workdir, log=print, threshold: float = 0.02):
     _, _, curve = fit_gate(config, va, cache_va[..., keep], b_va, log=log,
                            name=f"gate on {len(keep)} experts",
                            evals={"test": (te, cache_te[..., keep], b_te)})
+    worst, worst_sd = late(curve, "test")
     path.append({"experts": [domains[j] for j in keep],
-                 "test_worst": late(curve, "test")[0],
-                 "test_worst_sd": late(curve, "test")[1],
+                 "test_worst": worst, "test_worst_sd": worst_sd,
                  "expert_flops_per_token": expert_flops * len(keep)})
     keep = [j for j in keep if j != min(keep, key=lambda j: mass[j])]
   below = [domains[j] for j in range(M) if mass[j] < threshold]
