@@ -16,15 +16,21 @@ Phases (--phases, comma-separated):
 Every measurement compiles and warms up first, then times --repeats calls with
 block_until_ready under jax.transfer_guard("disallow") (no hidden host round trips
 inside the timed loop) and reports the median. Data is random tokens (throughput
-does not depend on the text).
+does not depend on the text). --profile adds, for the experts and scan phases, the
+device time of one call per operation (from a jax.profiler trace): where the time goes.
 
   python launch/benchmark.py --out=/tmp/bench.json                        # CPU, small
   python launch/benchmark.py --d_model=512 --num_layers=8 --num_heads=8 --seq_len=256 \
       --dtype=bfloat16 --out=$OUT/bench.json                              # H100
 """
 
+import collections
+import glob
+import gzip
 import json
+import os
 import platform
+import tempfile
 import time
 
 from absl import app, flags
@@ -55,6 +61,8 @@ _MATMUL = flags.DEFINE_integer("matmul_size", 1024, "n of the n×n×n peak matmu
 _R = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (median).")
 _XLA_ATTENTION = flags.DEFINE_bool(
     "xla_attention", False, "Ablation: force XLA's attention instead of cuDNN's on GPU.")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "Add each experts/scan call's device time per operation.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path.")
 
 
@@ -69,6 +77,54 @@ def _median_time(fn, repeats, guard=True):
       jax.block_until_ready(fn())
       times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+def _device_ops(fn):
+  """Device time of one call of fn() per operation name, from a profiler trace.
+
+  Returns {"device_seconds": busy time summed over device ops, "num_ops": count,
+  "lines": the trace's device lines, "by_kind": seconds per kind of op, "ops":
+  [[name, seconds, count], ...] longest first}; empty on a backend whose trace has
+  no device lines (CPU).
+  """
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir):
+      jax.block_until_ready(fn())
+    path, = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+  names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+  devices = {pid for (pid, tid), n in names.items() if tid is None and "/device:" in n}
+  # A GPU trace shows each kernel on its stream's line and again on derived lines
+  # ("XLA Ops", "XLA Modules"); count the streams only.
+  lines = {k for k, n in names.items() if k[0] in devices and k[1] is not None}
+  streams = {k for k in lines if names[k].startswith("Stream")} or lines
+  seconds, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or (e["pid"], e.get("tid")) not in streams:
+      continue
+    seconds[e["name"]] += e["dur"] * 1e-6
+    count[e["name"]] += 1
+  by_kind = collections.Counter()
+  for n, t in seconds.items():
+    by_kind[_op_kind(n)] += t
+  return {"device_seconds": sum(seconds.values()), "num_ops": sum(count.values()),
+          "lines": sorted(names[k] for k in lines), "by_kind": dict(by_kind),
+          "ops": [[n, t, count[n]] for n, t in seconds.most_common()]}
+
+
+def _op_kind(name):
+  """A device op's kind by its kernel or fusion name (cuBLAS, Triton GEMM, cuDNN...)."""
+  if name.startswith(("nvjet", "sm90_xmma", "cutlass", "gemm_fusion", "cublas")):
+    return "matmul"
+  if "sdpa" in name or "flash" in name or name.startswith("cudnn"):
+    return "attention"
+  if "scatter" in name:
+    return "scatter"
+  if name.startswith(("memcpy", "memset", "Memcpy", "Memset")):
+    return "copy"
+  return "elementwise and reductions"
 
 
 def _threaded(step, state):
@@ -109,11 +165,13 @@ def model_flops_per_token(cfg: models.LMConfig) -> float:
 
 
 def bench_matmul():
+  """n×n×n products on random data, 10 dispatched back to back per timed call (one
+  product per call would also time the host's launch and wait)."""
   n, dt = _MATMUL.value, jnp.dtype(_DTYPE.value)
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
+  bs = [jax.random.normal(jax.random.PRNGKey(k), (n, n), dt) for k in range(1, 3)]
   f = jax.jit(lambda a, b: a @ b)
-  t = _median_time(lambda: f(a, b), _R.value)
+  t = _median_time(lambda: [f(a, bs[k % 2]) for k in range(10)], _R.value) / 10
   return {"n": n, "seconds": t, "flops_per_s": 2.0 * n ** 3 / t}
 
 
@@ -125,7 +183,8 @@ def bench_experts(peak):
       models.init_stacked_lm(cfg, jax.random.PRNGKey(0), _M.value),
       num_domains=_M.value, lr=1e-3, dual_lr=0.0, seed=0)
   n = _SCAN.value
-  t = _median_time(_threaded(lambda s: primal_dual.run(step, s, n)[0], state), _R.value)
+  call = _threaded(lambda s: primal_dual.run(step, s, n)[0], state)
+  t = _median_time(call, _R.value)
   tokens = _M.value * _PER_DOMAIN.value * _T.value
   flops = model_flops_per_token(cfg) * tokens
   params = sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)) // _M.value
@@ -134,6 +193,8 @@ def bench_experts(peak):
          "params_per_expert": int(params), "peak_bytes": _peak_memory()}
   if peak:
     out["mfu"] = out["model_flops_per_s"] / peak
+  if _PROFILE.value:
+    out["profile"] = _device_ops(call)
   return out
 
 
@@ -165,8 +226,10 @@ def bench_scan():
   n, out = _SCAN.value, {}
   for unroll in map(int, _UNROLL.value):
     step, state = _gate_game(0.5)
-    out[unroll] = _median_time(_threaded(
-        lambda s, u=unroll: primal_dual.run(step, s, n, unroll=u)[0], state), _R.value)
+    call = _threaded(lambda s, u=unroll: primal_dual.run(step, s, n, unroll=u)[0], state)
+    out[unroll] = _median_time(call, _R.value)
+    if unroll == 1 and _PROFILE.value:
+      profile = _device_ops(call)
   jstep = jax.jit(step, donate_argnums=0)
 
   def loop(s):
@@ -176,6 +239,8 @@ def bench_scan():
   _, state = _gate_game(0.5)
   loop_t = _median_time(_threaded(loop, state), _R.value)
   res = {"loop_step_seconds": loop_t / n}
+  if _PROFILE.value and 1 in out:
+    res["profile"] = profile
   for unroll, t in out.items():
     suffix = "" if unroll == 1 else f"_unroll{unroll}"
     res[f"scan_step_seconds{suffix}"], res[f"speedup{suffix}"] = t / n, loop_t / t
@@ -257,7 +322,8 @@ def main(argv):
                        "per_domain": _PER_DOMAIN.value,
                        "gate_per_domain": _GATE_PER_DOMAIN.value, "batch": _B.value,
                        "scan_steps": _SCAN.value, "repeats": _R.value,
-                       "xla_attention": _XLA_ATTENTION.value}}
+                       "xla_attention": _XLA_ATTENTION.value,
+                       "xla_flags": os.environ.get("XLA_FLAGS", "")}}
   peak = None
   for phase in _PHASES.value:
     fn = {"matmul": bench_matmul, "experts": lambda: bench_experts(peak),
@@ -271,7 +337,15 @@ def main(argv):
       peak = result["matmul"]["flops_per_s"]
     print(f"{phase:10s} " + "  ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-        for k, v in result[phase].items()), flush=True)
+        for k, v in result[phase].items() if k != "profile"), flush=True)
+    if "profile" in result[phase]:
+      prof = result[phase]["profile"]
+      print(f"{'':10s} one call: {prof['num_ops']} device ops, "
+            f"{prof['device_seconds'] * 1e3:.3f} ms busy")
+      print(f"{'':12s}" + "  ".join(f"{k} {t * 1e3:.3f} ms"
+                                     for k, t in prof["by_kind"].items()))
+      for name, t, c in prof["ops"][:12]:
+        print(f"{'':12s}{t * 1e3:9.3f} ms {c:6d}×  {name[:90]}")
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=1)

@@ -28,6 +28,48 @@ def test_next_token_distributions_are_normalized_and_causal():
   assert not np.allclose(logp[:, 5:], logp2[:, 5:])
 
 
+def _reference_lm(params, x_BxT):
+  """The transformer written plainly: gathered embeddings, one [D, 3D] q/k/v product
+  sliced, masked softmax attention; the parameter layout of nn.Embed / nn.Dense."""
+  p = params["params"]
+
+  def layer_norm(q, h):
+    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    return (h - mu) / jnp.sqrt(var + 1e-6) * q["scale"] + q["bias"]
+
+  B, T = x_BxT.shape
+  H = CFG.num_heads
+  h = p["Embed_0"]["embedding"][x_BxT] + p["pos_embedding"][:T]
+  for i in range(CFG.num_layers):
+    q = p[f"_Block_{i}"]
+    a = layer_norm(q["LayerNorm_0"], h)
+    qkv = (a @ q["Dense_0"]["kernel"]).reshape(B, T, 3, H, -1)
+    s = jnp.einsum("bqhk,bthk->bhqt", qkv[:, :, 0], qkv[:, :, 1]) / np.sqrt(qkv.shape[-1])
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    o = jnp.einsum("bhqt,bthk->bqhk", jax.nn.softmax(s, -1), qkv[:, :, 2])
+    h = h + o.reshape(B, T, -1) @ q["Dense_1"]["kernel"]
+    a = layer_norm(q["LayerNorm_1"], h)
+    a = jax.nn.gelu(a @ q["Dense_3"]["kernel"] + q["Dense_3"]["bias"])
+    h = h + a @ q["Dense_2"]["kernel"] + q["Dense_2"]["bias"]
+  h = layer_norm(p["LayerNorm_0"], h)
+  return h @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+
+
+def test_transformer_equals_a_plain_reference_in_value_and_gradient():
+  """One-hot embedding, q/k/v as three products of one kernel and rematerialized GELU
+  (speed, BUILD_NOTES.md) compute the plain transformer on the same parameters."""
+  params = models.init_lm(CFG, jax.random.PRNGKey(0))
+  assert params["params"]["_Block_0"]["Dense_0"]["kernel"].shape == (16, 48)
+  x = _tokens(jax.random.PRNGKey(1))
+  got = models.TransformerLM(CFG).apply(params, x)
+  np.testing.assert_allclose(got, _reference_lm(params, x), atol=1e-5)
+  loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p)))
+  g = jax.grad(loss(lambda p: models.TransformerLM(CFG).apply(p, x)))(params)
+  g_ref = jax.grad(loss(lambda p: _reference_lm(p, x)))(params)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         g, g_ref)
+
+
 def test_stacked_experts_equal_individual_ones():
   params = models.init_stacked_lm(CFG, jax.random.PRNGKey(0), 3)
   x, y = _tokens(jax.random.PRNGKey(1)), _tokens(jax.random.PRNGKey(2))

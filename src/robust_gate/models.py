@@ -61,6 +61,26 @@ def _attention_implementation(c: LMConfig):
   return None
 
 
+class _QKV(nn.Module):
+  """Queries, keys and values [B, T, H, D/H] from one [D, 3D] kernel.
+
+  The parameter of a bias-free `nn.Dense(3D)` (same shape, initializer, name in
+  the block), applied as three matmuls: each output is written in the layout
+  attention reads, where slicing one [B, T, 3D] product copies all three
+  (1.7 ms of a 54 ms expert step on the H100, BUILD_NOTES.md).
+  """
+  num_heads: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, h_BxTxD):
+    B, T, D = h_BxTxD.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (D, 3 * D))
+    kernel_Dx3xHxK = kernel.astype(self.dtype).reshape(D, 3, self.num_heads, -1)
+    h_BxTxD = h_BxTxD.astype(self.dtype)
+    return [jnp.einsum("btd,dhk->bthk", h_BxTxD, kernel_Dx3xHxK[:, i]) for i in range(3)]
+
+
 class _Block(nn.Module):
   config: LMConfig
 
@@ -68,16 +88,19 @@ class _Block(nn.Module):
   def __call__(self, x_BxTxD):
     c = self.config
     B, T, D = x_BxTxD.shape
-    H, dt = c.num_heads, jnp.dtype(c.dtype)
+    dt = jnp.dtype(c.dtype)
     h = nn.LayerNorm(dtype=dt)(x_BxTxD)
-    qkv = nn.Dense(3 * D, use_bias=False, dtype=dt)(h).reshape(B, T, 3, H, D // H)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Explicit names: the layout of every checkpoint written before _QKV existed.
+    q, k, v = _QKV(c.num_heads, dt, name="Dense_0")(h)
     out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation=_attention_implementation(c)
     ).reshape(B, T, D)
-    x_BxTxD = x_BxTxD + nn.Dense(D, use_bias=False, dtype=dt)(out)
+    x_BxTxD = x_BxTxD + nn.Dense(D, use_bias=False, dtype=dt, name="Dense_1")(out)
     h = nn.LayerNorm(dtype=dt)(x_BxTxD)
-    h = nn.Dense(D, dtype=dt)(nn.gelu(nn.Dense(c.d_ff, dtype=dt)(h)))
+    h = nn.Dense(c.d_ff, dtype=dt, name="Dense_3")(h)
+    # Rematerialized: the backward pass recomputes GELU from its input instead of
+    # keeping its tanh, one [B, T, d_ff] tensor less written and read per block.
+    h = nn.Dense(D, dtype=dt, name="Dense_2")(jax.checkpoint(nn.gelu)(h))
     return x_BxTxD + h
 
 
@@ -91,7 +114,13 @@ class TransformerLM(nn.Module):
     chex.assert_rank(inputs_BxT, 2)
     T = inputs_BxT.shape[1]
     dt = jnp.dtype(c.dtype)
-    x = nn.Embed(c.vocab_size, c.d_model, dtype=dt)(inputs_BxT)
+    # A one-hot matmul, not a gather: the same numbers forward (one nonzero term),
+    # and backward a dense matmul where a gather's gradient is a scatter-add whose
+    # atomics collide on the few table rows (2.2 ms of a 54 ms expert step on the
+    # H100, BUILD_NOTES.md).
+    table = nn.Embed(c.vocab_size, c.d_model, dtype=dt).embedding
+    x = jnp.dot(jax.nn.one_hot(inputs_BxT, c.vocab_size, dtype=dt), table.astype(dt),
+                precision=jax.lax.Precision.HIGHEST)
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02),
                        (c.max_len, c.d_model))[:T].astype(dt)
     for _ in range(c.num_layers):
@@ -180,7 +209,7 @@ class CausalGate(nn.Module):
     alive_BxTxM = jnp.isfinite(rel_BxTxM)
     rel_BxTxM = jnp.where(alive_BxTxM, rel_BxTxM, -1e4)  # no inf in any gradient
     feats = [jnp.maximum(rel_BxTxM, -30.0) / 10.0,
-             jnp.broadcast_to(nn.Embed(c.max_len, c.pos_embed)(jnp.arange(T))[None],
+             jnp.broadcast_to(nn.Embed(c.max_len, c.pos_embed).embedding[:T],
                               inputs_BxT.shape + (c.pos_embed,))]
     if c.token_embed:
       feats.append(nn.Embed(c.vocab_size, c.token_embed)(inputs_BxT))
