@@ -164,22 +164,40 @@ def test_eight_devices_match_one(tiny_run, tmp_path):
   _assert_same_results(_results(tiny_run[0]), _results(tmp_path))
 
 
-def test_two_processes_match_one(tiny_run, tmp_path):
-  """2 processes × 4 CPU devices each = the 1-device run, every number; process 0
-  alone writes the workdir and prints."""
+def _two_processes(workdir, logs, env):
+  """The main job as 2 processes (each with its own devices); each one's stdout and
+  stderr go to logs/<id>.out, .err."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
+  logs.mkdir(parents=True)
+  return [subprocess.Popen(
+      _command(workdir, "main", f"--coordinator_address=localhost:{port}",
+               "--num_processes=2", f"--process_id={i}"),
+      stdout=open(logs / f"{i}.out", "w"), stderr=open(logs / f"{i}.err", "w"),
+      env=env) for i in (0, 1)]
+
+
+def test_two_processes_killed_and_resumed_match_one(tiny_run, tmp_path):
+  """2 processes × 4 CPU devices each, both SIGKILLed in the gate phase and started
+  again = the 1-device run, every number; process 0 alone writes and prints."""
   env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   two = tmp_path / "two"
-  procs = [subprocess.Popen(
-      _command(two, "main", f"--coordinator_address=localhost:{port}",
-               "--num_processes=2", f"--process_id={i}"),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-      for i in (1, 0)]
-  outs = [p.communicate(timeout=900) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert "train_experts: 8 cpu device(s) in 2 process(es)" in outs[1][0]
-  assert "train_experts" not in outs[0][0]  # process 1 prints nothing
+  procs = _two_processes(two, tmp_path / "killed", env)
+  deadline = time.time() + 600
+  while not (two / "robust_gate" / "checkpoints" / "20").exists():
+    assert all(p.poll() is None for p in procs), (tmp_path / "killed" / "0.err").read_text()
+    assert time.time() < deadline
+    time.sleep(0.05)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL, "finished before it could be killed"
+  procs = _two_processes(two, tmp_path / "resumed", env)
+  for i, p in enumerate(procs):
+    assert p.wait(timeout=900) == 0, (tmp_path / "resumed" / f"{i}.err").read_text()[-3000:]
+  out0, out1 = ((tmp_path / "resumed" / f"{i}.out").read_text() for i in (0, 1))
+  assert "train_gate: 8 cpu device(s) in 2 process(es)" in out0
+  assert "robust_gate: resumed at step" in out0
+  # Process 1 prints nothing of its own (gloo's C++ connection lines aside).
+  assert not [l for l in out1.splitlines() if not l.startswith("[Gloo]")], out1
   _assert_same_results(_results(tiny_run[0]), _results(two))
