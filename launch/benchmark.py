@@ -5,7 +5,8 @@ Phases (--phases, comma-separated):
   experts    expert training: K stacked experts, one step = forward + backward + Adam
              on per_domain sequences per expert; model FLOPs utilization (MFU)
   gate       the primal-dual gate step against the ERM gate step (same gate, batch)
-  scan       the lax.scan loop against one jitted step per Python iteration
+  scan       the lax.scan loop against one jitted step per Python iteration (and
+             against itself compiled without primal_dual.COMPILER_OPTIONS)
   distill    one distillation step (teacher: M experts + gate, on the fly; student
              forward + backward + Adam)
   cache      scoring all experts over a dataset (experts.build_cache) against one
@@ -230,7 +231,8 @@ def bench_scan():
     out[unroll] = _median_time(call, _R.value)
     if unroll == 1 and _PROFILE.value:
       profile = _device_ops(call)
-  jstep = jax.jit(step, donate_argnums=0)
+  # The same step, compiled with the same options, dispatched once per iteration.
+  jstep = jax.jit(step, donate_argnums=0, compiler_options=primal_dual.COMPILER_OPTIONS)
 
   def loop(s):
     for _ in range(n):
@@ -244,6 +246,18 @@ def bench_scan():
   for unroll, t in out.items():
     suffix = "" if unroll == 1 else f"_unroll{unroll}"
     res[f"scan_step_seconds{suffix}"], res[f"speedup{suffix}"] = t / n, loop_t / t
+  # Ablation: the same scan compiled without primal_dual.COMPILER_OPTIONS (its graph's
+  # kernels serialized on GPU); its time, and whether the results are bitwise equal.
+  serial = jax.jit(primal_dual.run.__wrapped__, static_argnames=("step_fn", "num_steps"),
+                   donate_argnames=("state",))
+  _, state = _gate_game(0.5)
+  res["scan_step_seconds_serial"] = _median_time(
+      _threaded(lambda s: serial(step, s, n)[0], state), _R.value) / n
+  (_, a), (_, b) = _gate_game(0.5), _gate_game(0.5)
+  a, b = primal_dual.run(step, a, n), serial(step, b, n)
+  res["serial_bitwise_equal"] = all(
+      bool(np.array_equal(x, y)) for x, y in
+      zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
   return res
 
 

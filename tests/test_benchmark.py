@@ -24,5 +24,6 @@ def test_benchmark_writes_json(tmp_path):
   for phase, key in (("gate", "ratio"), ("scan", "speedup"), ("cache", "ratio")):
     assert r[phase][key] > 0
   assert r["distill"]["student_tokens_per_s"] > 0
+  assert r["scan"]["serial_bitwise_equal"] is True
   for phase in ("matmul", "experts", "gate", "scan", "distill", "cache", "inference"):
     assert phase in proc.stdout

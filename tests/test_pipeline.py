@@ -6,6 +6,7 @@ again with the same command ends with the same results (bitwise on CPU).
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -198,6 +199,9 @@ def test_two_processes_killed_and_resumed_match_one(tiny_run, tmp_path):
   out0, out1 = ((tmp_path / "resumed" / f"{i}.out").read_text() for i in (0, 1))
   assert "train_gate: 8 cpu device(s) in 2 process(es)" in out0
   assert "robust_gate: resumed at step" in out0
-  # Process 1 prints nothing of its own (gloo's C++ connection lines aside).
-  assert not [l for l in out1.splitlines() if not l.startswith("[Gloo]")], out1
+  # Process 1 prints nothing of its own: gloo's C++ connection messages aside, which
+  # its threads write unsynchronized (two can share a line, a newline can come alone).
+  gloo = (r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. "
+          r"Expected number of connected peer ranks is : \d+")
+  assert not re.sub(gloo, "", out1).strip(), out1
   _assert_same_results(_results(tiny_run[0]), _results(two))

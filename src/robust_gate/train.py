@@ -160,4 +160,5 @@ def fit(step_fn, state, num_steps: int, *, name: str, log: Callable = print,
         f"mean {losses.mean():.4f}  λ [{' '.join(f'{x:.3f}' for x in lam)}]")
   if not history:
     return state, {}
-  return state, {k: np.concatenate([h[k] for h in history]) for k in history[0]}
+  # The newest chunk's metric names (rows resumed from an older version may hold more).
+  return state, {k: np.concatenate([h[k] for h in history]) for k in history[-1]}
