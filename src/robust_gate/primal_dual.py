@@ -95,9 +95,10 @@ def make_step(loss_fn: LossFn, primal_opt: optax.GradientTransformation,
 # XLA:GPU runs the scanned step as one CUDA graph whose kernels, by default, run one
 # after another. A small gate's step is ~40 kernels of ~1.6 µs, many of them
 # independent (each parameter's gradient and Adam update, the dual step, the
-# metrics); CONCURRENT lets the graph run those side by side: 65 → 46 µs per step of
-# the main job's gate on an H100, 96 → 94 ms per large expert step (BUILD_NOTES.md,
-# "Issue 6"). The kernels and their results are the same; the CPU backend ignores it.
+# metrics); CONCURRENT lets the graph run those side by side: 61–65 → 41–45 µs per
+# step of the main job's gate on an H100 (`benchmark.py` scan phase, which also checks
+# the results are bitwise the same), 95.6 → 93.5–94.2 ms per large expert step
+# (BUILD_NOTES.md, "Issue 6"). The CPU backend ignores it.
 COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 
