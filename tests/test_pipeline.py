@@ -172,11 +172,14 @@ def _two_processes(workdir, logs, env):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   logs.mkdir(parents=True)
-  return [subprocess.Popen(
-      _command(workdir, "main", f"--coordinator_address=localhost:{port}",
-               "--num_processes=2", f"--process_id={i}"),
-      stdout=open(logs / f"{i}.out", "w"), stderr=open(logs / f"{i}.err", "w"),
-      env=env) for i in (0, 1)]
+  procs = []
+  for i in (0, 1):  # each child keeps its own copy of the log files open
+    with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+      procs.append(subprocess.Popen(
+          _command(workdir, "main", f"--coordinator_address=localhost:{port}",
+                   "--num_processes=2", f"--process_id={i}"),
+          stdout=out, stderr=err, env=env))
+  return procs
 
 
 def test_two_processes_killed_and_resumed_match_one(tiny_run, tmp_path):
