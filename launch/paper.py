@@ -3,7 +3,7 @@ r"""The paper's claims, measured (issue 8): one experiment per run.
   python3 launch/paper.py --experiment=mixtures --workdir=/tmp/rg_main     # after main.py
   python3 launch/paper.py --experiment=jsd --config=launch/configs/jsd.py --workdir=/tmp/rg_jsd
 
---experiment is one of mixtures, conflict, jsd, gate_size, prior, extend, prune
+--experiment is one of mixtures, conflict, jsd, gate_size, prior, extend, prune, ema
 (robust_gate.paper says what each measures). Every experiment but jsd reads the
 finished main job in --workdir, run with the same --config; results go to
 <workdir>/paper/<experiment>.json and .png.

@@ -15,6 +15,7 @@ TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
     (["--config.gate.steps=abc"], "flag --config.gate.steps=abc: invalid literal for int"),
     (["--config.gate.steps=-3"], "config.gate.steps=-3 must be finite and > 0"),
     (["--config.gate.lr=nan"], "config.gate.lr=nan must be finite and > 0"),
+    (["--config.gate.ema_decay=1.0"], "config.gate.ema_decay=1.0 must be in [0, 1)"),
     (["--config.expert.lr=0"], "config.expert.lr=0.0 must be finite and > 0"),
     (["--config.expert.d_model=0"], "config.expert.d_model=0 must be finite and > 0"),
     (["--config.checkpoint_every=0"], "config.checkpoint_every=0 must be a positive int"),

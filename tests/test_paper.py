@@ -86,11 +86,11 @@ def test_expanded_gate_keeps_the_old_experts_relative_weights():
   np.testing.assert_allclose(jax.nn.logsumexp(ln, -1), 0.0, atol=1e-5)  # in G_1
 
 
-@pytest.mark.parametrize("name", ["conflict", "gate_size", "prior", "extend", "prune"])
+@pytest.mark.parametrize("name", ["conflict", "gate_size", "prior", "extend", "prune", "ema"])
 def test_experiment_runs_and_reports_finite_numbers(tiny, name):
   config, workdir = tiny
   kwargs = {"gate_size": {"hiddens": (4, 16), "fractions": (0.5, 1.0)},
-            "conflict": {"points": 3}}.get(name, {})
+            "conflict": {"points": 3}, "ema": {"decays": (0.0, 0.9), "points": 4}}.get(name, {})
   config = copy.deepcopy(config)
   out = paper.EXPERIMENTS[name](config, workdir, log=lambda s: None, **kwargs)
   flat = json.dumps(out)
@@ -106,3 +106,9 @@ def test_experiment_runs_and_reports_finite_numbers(tiny, name):
   if name == "prune":
     assert len(out["path"]) == 3 and out["path"][-1]["expert_flops_per_token"] == \
         pytest.approx(out["path"][0]["expert_flops_per_token"] / 3)
+  if name == "ema":  # decay 0 refits the main job's robust gate: its last iterate
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    last, averaged = out["runs"]
+    assert last["test_worst_final"] == pytest.approx(
+        results["methods"]["robust_gate"]["worst_case"], rel=1e-5)
+    assert averaged["test_worst_final"] != pytest.approx(last["test_worst_final"], rel=1e-5)

@@ -43,6 +43,17 @@ def test_scan_equals_the_same_number_of_single_steps():
   assert int(scanned.step) == 40
 
 
+def test_ema_of_the_parameters_follows_its_recursion():
+  step, state, _ = _game()  # ema_decay = 0.9
+  jit_step = jax.jit(step)
+  ema = state.params
+  for _ in range(20):
+    state, _ = jit_step(state, None)
+    ema = 0.9 * ema + 0.1 * state.params
+  np.testing.assert_allclose(state.ema_params, ema, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(state.ema_params, state.params, atol=1e-4)  # not the last iterate
+
+
 def test_lambda_average_and_last_stay_in_the_set():
   box = uncertainty.box([0.1, 0.2, 0.1], [0.5, 0.7, 0.6])
   step, state, _ = _game(lam_set=box, dual_lr=2.0)

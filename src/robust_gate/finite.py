@@ -139,7 +139,7 @@ def solve(domain_probs_KxN, expert_logprobs_MxN, *,
   state = primal_dual.init_state(params, primal_opt, dual_opt, key_game)
   state, history = primal_dual.run(step_fn, state, steps)
 
-  final_params = state.ema_params if ema_decay > 0 else state.params
+  final_params = state.ema_params  # the last iterate when ema_decay = 0
   log_gate_NxM = np.asarray(log_gate_fn(final_params), np.float64)
   return _report(probs, logp, covered, log_gate_NxM, baseline_K, uncertainty,
                  np.asarray(state.lam_avg_K, np.float64),

@@ -13,6 +13,7 @@ gates of MATH.md §2.1 (in G_1 by construction), evaluated on the test split.
   prior       box and KL-ball Λ against the simplex: worst case inside and outside Λ
   extend      a new domain's expert added to a fitted gate: warm start vs scratch
   prune       experts with little gate mass under λ̄ dropped: worst case and cost
+  ema         the reported gate as an EMA of w, several decays, against the last iterate
 """
 
 import copy
@@ -63,12 +64,13 @@ def gate_config(config, num_experts: int, vocab_size: int, hidden=None):
 
 
 def fit_gate(config, split, cache, baseline_K, *, log, name, evals, hidden=None,
-             lam_set=None, steps=None, params=None, points: int = 10):
+             lam_set=None, steps=None, params=None, points: int = 10, ema_decay=None):
   """A robust gate over `cache`'s experts trained on `split` (the config's gate section).
 
-  The last iterate of the game oscillates (BUILD_NOTES, issue 8), so the gate is
-  evaluated at `points` evenly spaced steps (and at step 0) on every
-  `evals[name] = (split, cache, baseline_K)`; `late` summarizes the second half.
+  The gate evaluated is the EMA of w (`ema_decay`, default config.gate.ema_decay; 0:
+  the last iterate, which oscillates: BUILD_NOTES, issue 8), at `points` evenly
+  spaced steps (and at step 0) on every `evals[name] = (split, cache, baseline_K)`;
+  `late` summarizes the second half.
 
   Returns (gate_cfg, state, curve): curve[i] = {"step": s, name: L_k (bits/token)}.
   """
@@ -80,17 +82,18 @@ def fit_gate(config, split, cache, baseline_K, *, log, name, evals, hidden=None,
     params = models.init_gate(cfg, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
   step, state = train_lib.make_game(
       loss_fn, params, num_domains=K, lr=gc.lr, dual_lr=gc.dual_lr, seed=config.seed,
-      uncertainty=lam_set or uncertainty_lib.simplex(K))
+      uncertainty=lam_set or uncertainty_lib.simplex(K),
+      ema_decay=gc.ema_decay if ema_decay is None else ema_decay)
   steps = steps or gc.steps
 
   def point(p):
     return {"step": int(state.step), **{n: gate_losses(cfg, p, *e).tolist()
                                         for n, e in evals.items()}}
-  curve = [point(state.params)]
+  curve = [point(state.ema_params)]
   for s in np.linspace(0, steps, points + 1).astype(int)[1:]:
     state, _ = train_lib.fit(step, state, int(s), name=name, log=lambda line: None,
                              chunk=config.checkpoint_every)
-    curve.append(point(state.params))
+    curve.append(point(state.ema_params))
   log(f"{name}: {steps} steps; " + ", ".join(
       f"{n} worst final {max(curve[-1][n]):.4f}, late {late(curve, n)[0]:.4f}"
       for n in evals))
@@ -291,7 +294,7 @@ def jsd_point(config, workdir, log=print) -> dict:
   mono_cfg, mono_params, _ = m["monolithic"]["monolithic"]
   logq = {"monolithic": evaluate.lm_logprobs(mono_cfg, mono_params, data).sum(1),
           "robust_gate": evaluate.gate_logprobs_and_usage(
-              m["gate_cfg"], m["gates"]["robust_gate"].params, data, cache)[0].sum(1)}
+              m["gate_cfg"], m["gates"]["robust_gate"].ema_params, data, cache)[0].sum(1)}
   row = {"similarity": options.get("similarity", 0.0), "lambda_bar": lam.tolist(),
          "jsd_lambda_bar_bits_per_token": jsd_lam / T1 / LN2,
          "jsd_uniform_bits_per_token": markov_jsd(logd_KxN, np.full(K, 1 / K)) / T1 / LN2,
@@ -490,7 +493,7 @@ def extend(config, workdir, log=print, new_domain: int = -1):
                            jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
   evals = {"test": (te_all, c_te_all, b_te_all)}
   runs = {}
-  for name, init in (("warm start", expand_gate(st_old.params, fresh)),
+  for name, init in (("warm start", expand_gate(st_old.ema_params, fresh)),
                      ("from scratch", fresh)):
     _, _, curve = fit_gate(config, va_all, c_va_all, b_va_all, log=log,
                            name=f"gate on {K} domains, {name}", params=init, evals=evals)
@@ -566,5 +569,44 @@ def prune(config, workdir, log=print, threshold: float = 0.02):
   return _out(workdir, "prune", out, fig)
 
 
+# ---------------------------------------------------------------------------- 8. ema
+
+def ema(config, workdir, log=print, decays=(0.0, 0.9, 0.99, 0.998), points: int = 30):
+  """The gate reported as an EMA of w (MATH.md §4) against the last iterate (decay 0).
+
+  The EMA does not feed back into training, so every decay sees the same trajectory
+  of w and λ (same seed): the runs differ only in which gate is read off. Each is
+  evaluated on test at `points` steps; `late` gives the mean and spread of the worst
+  case over the second half, the quantity the last iterate's oscillation makes noisy.
+  """
+  _, m = _load(config, workdir, log)
+  va, te = m["splits"]["validation"], m["splits"]["test"]
+  evals = {"test": (te, m["cache"]["test"], m["baseline"]["test"])}
+  out = {"decays": list(decays), "steps": config.gate.steps, "runs": []}
+  for decay in decays:
+    _, _, curve = fit_gate(config, va, m["cache"]["validation"], m["baseline"]["validation"],
+                           log=log, name=f"gate ema_decay={decay}", evals=evals,
+                           points=points, ema_decay=decay)
+    worst, worst_sd = late(curve, "test")
+    out["runs"].append({"ema_decay": decay, "test_worst_late": worst,
+                        "test_worst_late_sd": worst_sd,
+                        "test_worst_final": float(max(curve[-1]["test"])),
+                        "curve": [(c["step"], max(c["test"])) for c in curve]})
+  log("ema (test worst case, bits/token; late = mean ± std over the second half):\n"
+      + _table([(f"decay {r['ema_decay']}", [r["test_worst_late"], r["test_worst_late_sd"],
+                                             r["test_worst_final"]]) for r in out["runs"]],
+               ["late mean", "late std", "final"]))
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in out["runs"]:
+    steps, worst = zip(*r["curve"][1:])
+    ax.plot(steps, worst, ".-", label=f"ema_decay={r['ema_decay']}")
+  ax.set(xlabel="gate step", ylabel="test worst-case L_k (bits/token)",
+         title="the reported gate: last iterate vs EMA of w")
+  ax.legend(fontsize=7)
+  return _out(workdir, "ema", out, fig)
+
+
 EXPERIMENTS = {"mixtures": mixtures, "conflict": conflict, "jsd": jsd,
-               "gate_size": gate_size, "prior": prior, "extend": extend, "prune": prune}
+               "gate_size": gate_size, "prior": prior, "extend": extend, "prune": prune,
+               "ema": ema}

@@ -41,8 +41,12 @@ def _num_params(params) -> int:
   return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
+_FLOAT_KEYS = ("lr", "dual_lr", "dro_dual_lr", "ema_decay")
+
+
 def check_config(config) -> None:
-  """Positive sizes and step counts, finite positive learning rates, η ≥ 0."""
+  """Positive sizes and step counts, finite positive learning rates, η ≥ 0, an EMA
+  decay in [0, 1)."""
   if config.dtype not in models.DTYPES:
     raise InputError(f"config.dtype={config.dtype!r} must be one of {models.DTYPES}.")
   every = config.checkpoint_every
@@ -53,14 +57,15 @@ def check_config(config) -> None:
       name = f"config.{section}.{key}"
       if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{name}={value!r} must be a number.")
-      if key.endswith("dual_lr") or key == "token_embed":
-        ok = np.isfinite(value) and value >= 0
+      if key == "ema_decay":
+        lo, hi, want = 0.0, 1.0, "in [0, 1)"
+      elif key.endswith("dual_lr") or key == "token_embed":
+        lo, hi, want = 0.0, np.inf, "finite and ≥ 0"
       else:
-        ok = np.isfinite(value) and value > 0
-      if not ok:
-        raise InputError(f"{name}={value!r} must be finite and "
-                         f"{'≥ 0' if key.endswith('dual_lr') or key == 'token_embed' else '> 0'}.")
-      if key not in ("lr", "dual_lr", "dro_dual_lr") and not isinstance(value, int):
+        lo, hi, want = np.nextafter(0.0, 1.0), np.inf, "finite and > 0"
+      if not (np.isfinite(value) and lo <= value < hi):
+        raise InputError(f"{name}={value!r} must be {want}.")
+      if key not in _FLOAT_KEYS and not isinstance(value, int):
         raise InputError(f"{name}={value!r} must be an int.")
 
 
@@ -156,7 +161,11 @@ def _uncertainty_spec(config):
 
 
 def _gates(config, workdir, log, c, *, train=False):
-  """The robust gate and the ERM gate: {name: (GameState, loss_fn)}."""
+  """The robust gate and the ERM gate: {name: (GameState, loss_fn)}.
+
+  The gate that is evaluated, distilled and reported is `state.ema_params`, the EMA
+  of w with `config.gate.ema_decay` (MATH.md §4); at 0 it is the last iterate.
+  """
   va = _splits(config, workdir)["validation"]
   K = va.num_domains
   gate_cfg = _gate_config(config, K, va.vocab_size)
@@ -169,7 +178,8 @@ def _gates(config, workdir, log, c, *, train=False):
     step, state = train_lib.make_game(
         loss_fn, models.init_gate(gate_cfg, jax.random.fold_in(_key(config), 2)),
         num_domains=K, lr=gc.lr, dual_lr=dual_lr, seed=config.seed,
-        uncertainty=lam_set if dual_lr else None)  # ERM: the uniform mixture
+        uncertainty=lam_set if dual_lr else None,  # ERM: the uniform mixture
+        ema_decay=gc.ema_decay)
     spec = {**_common_spec(config), "experts": c["digest"], "baseline": config.baseline,
             "gate": {**_section(config, "gate"), "dual_lr": dual_lr},
             **(_uncertainty_spec(config) if dual_lr else {})}
@@ -184,7 +194,7 @@ def _student(config, workdir, log, c, gate_cfg, robust, *, train=False):
   lam_bar = robust.lam_avg_K
   params, init_from = distill.student_init(c["expert_params"], lam_bar)
   step, state = train_lib.make_game(
-      distill.distill_loss_fn(c["lm_cfg"], c["expert_params"], gate_cfg, robust.params,
+      distill.distill_loss_fn(c["lm_cfg"], c["expert_params"], gate_cfg, robust.ema_params,
                               tr, dc.per_domain),
       params, num_domains=tr.num_domains, lr=dc.lr, dual_lr=0.0, seed=config.seed,
       lam_K=lam_bar / jnp.sum(lam_bar))
@@ -325,7 +335,7 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
   entry = lambda logp: evaluate.method_entry(evaluate.domain_ce(logp, te), baseline_te,
                                              lam_set, domains)
   for name in ("robust_gate", "erm_gate"):
-    logp, use[name] = evaluate.gate_logprobs_and_usage(gate_cfg, gates[name].params,
+    logp, use[name] = evaluate.gate_logprobs_and_usage(gate_cfg, gates[name].ema_params,
                                                        te, cache_te)
     methods[name] = entry(logp)
   uniform = np.full(cache_te.shape, -np.log(K), np.float32)
@@ -358,12 +368,12 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
           "monolithic": evaluate.gradient_conflict(mono["monolithic"][2],
                                                    mono["monolithic"][1],
                                                    conflict_key).tolist(),
-          "gate": evaluate.gradient_conflict(gate_loss, robust.params,
+          "gate": evaluate.gradient_conflict(gate_loss, robust.ema_params,
                                              conflict_key).tolist()},
       "student_init": domains[init_from],
       "num_params": {"expert": _num_params(expert_params) // K,
                      "student": _num_params(student_params),
-                     "gate": _num_params(robust.params),
+                     "gate": _num_params(robust.ema_params),
                      "monolithic": _num_params(mono["monolithic"][1]),
                      "monolithic_large": _num_params(mono["monolithic_large"][1])},
   }

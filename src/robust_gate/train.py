@@ -102,12 +102,14 @@ def gated_logprobs(config: models.GateConfig, params, inputs_BxT, logp_BxTxM,
 
 
 def make_game(loss_fn, params, *, num_domains: int, lr: float, dual_lr: float,
-              seed: int, uncertainty=None, weight_decay: float = 0.0, lam_K=None):
-  """(step_fn, initial GameState): Adam(W) primal, mirror-ascent dual from `lam_K`."""
+              seed: int, uncertainty=None, weight_decay: float = 0.0, lam_K=None,
+              ema_decay: float = 0.0):
+  """(step_fn, initial GameState): Adam(W) primal, mirror-ascent dual from `lam_K`,
+  an EMA of the parameters with `ema_decay` (0: the EMA is the last iterate)."""
   uncertainty = uncertainty or uncertainty_lib.simplex(num_domains)
   primal = optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
   dual = dual_lib.mirror_ascent(dual_lr, uncertainty)
-  step = primal_dual.make_step(loss_fn, primal, dual)
+  step = primal_dual.make_step(loss_fn, primal, dual, ema_decay=ema_decay)
   state = primal_dual.init_state(params, primal, dual, jax.random.PRNGKey(seed), lam_K)
   return step, parallel.replicate(state)
 
