@@ -43,14 +43,16 @@ def test_scan_equals_the_same_number_of_single_steps():
   assert int(scanned.step) == 40
 
 
-def test_ema_of_the_parameters_follows_its_recursion():
+def test_ema_is_the_decay_weighted_average_of_the_iterates():
   step, state, _ = _game()  # ema_decay = 0.9
   jit_step = jax.jit(step)
-  ema = state.params
+  iterates = []  # w_1 .. w_20; the init w_0 gets no weight (debiased)
   for _ in range(20):
     state, _ = jit_step(state, None)
-    ema = 0.9 * ema + 0.1 * state.params
-  np.testing.assert_allclose(state.ema_params, ema, rtol=1e-5, atol=1e-7)
+    iterates.append(np.asarray(state.params, np.float64))
+  weights = 0.9 ** np.arange(19, -1, -1)
+  ema = np.tensordot(weights / weights.sum(), np.stack(iterates), axes=1)
+  np.testing.assert_allclose(state.ema_params, ema, rtol=1e-4, atol=1e-6)
   assert not np.allclose(state.ema_params, state.params, atol=1e-4)  # not the last iterate
 
 

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.gate.lr = 3e-3          # Adam learning rate of the gate
   c.gate.dual_lr = 0.5      # mirror-ascent step size η of the robust gate
   c.gate.per_domain = 64    # cached sequences per domain per step
-  c.gate.ema_decay = 0.0    # EMA of the gate's parameters, the gate reported (0: last iterate)
+  c.gate.ema_decay = 0.99   # EMA of w: the gate reported (0: the last iterate; BUILD_NOTES)
 
   c.distill = ml_collections.ConfigDict()
   c.distill.steps = 600     # student steps (teacher evaluated on the fly each step)

@@ -10,7 +10,7 @@ of one stratified minibatch (or exact expectations). Each step:
   1. L̂ = loss_fn(w, batch, fold_in(key, step));
   2. primal descent with ∇_w Σ_k λ_k L̂_k(w) through any optax optimizer;
   3. dual mirror ascent λ ← Proj^KL_Λ(λ ⊙ exp(η L̂(w))) (same L̂, simultaneous);
-  4. running mean λ̄ of the λ played and an EMA of w.
+  4. running mean λ̄ of the λ played and a debiased EMA of w.
 
 The metrics of each step are the per-domain losses L̂ and the λ played (the
 objective Σ_k λ_k L̂_k is their dot product).
@@ -38,7 +38,7 @@ class GameState:
   opt_state: Any           # primal optimizer state.
   dual_state: DualState    # log λ and the dual step count.
   lam_avg_K: jax.Array     # λ̄, the running mean of the λ played (Λ's prior at step 0).
-  ema_params: Any          # EMA of w (equal to w when ema_decay = 0).
+  ema_params: Any          # debiased EMA of w_1..w_t (w itself when ema_decay = 0).
   key: jax.Array           # base PRNG key; step t uses fold_in(key, t).
 
   @property
@@ -78,8 +78,11 @@ def make_step(loss_fn: LossFn, primal_opt: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     _, dual_state = dual.update(jax.lax.stop_gradient(losses_K),
                                         state.dual_state)
-    ema_params = optax.incremental_update(params, state.ema_params,
-                                          1.0 - ema_decay)
+    # Debiased: the average of w_1..w_t with weights ∝ decay^(t−s), so w_0 (the init)
+    # carries no weight however short the run; α_1 = 1, and decay 0 gives w exactly.
+    decay, t = jnp.float32(ema_decay), (state.step + 1).astype(jnp.float32)
+    alpha = (1.0 - decay) / (1.0 - decay ** t)
+    ema_params = optax.incremental_update(params, state.ema_params, alpha)
     # Renormalized each step: float32 running means otherwise drift off Σ = 1.
     lam_avg_K = state.lam_avg_K + (lam_K - state.lam_avg_K) / (state.step + 1)
     new_state = state.replace(
