@@ -55,6 +55,8 @@ _PER_DOMAIN = flags.DEFINE_integer("per_domain", 32,
                                    "Expert training: sequences per expert per step.")
 _GATE_PER_DOMAIN = flags.DEFINE_integer("gate_per_domain", 64,
                                         "Gate steps: cached sequences per domain.")
+_GATE_EMA = flags.DEFINE_float("gate_ema_decay", 0.99,
+                               "EMA decay of the benchmarked gates (config.gate.ema_decay).")
 _B = flags.DEFINE_integer("batch", 512, "Inference and scoring: sequences per call.")
 _SCAN = flags.DEFINE_integer("scan_steps", 20, "Training steps per timed lax.scan call.")
 _UNROLL = flags.DEFINE_list("scan_unroll", "1", "lax.scan unroll values to time.")
@@ -209,7 +211,8 @@ def _gate_game(dual_lr):
   loss = train.gate_loss_fn(gate_cfg, d, cache, _GATE_PER_DOMAIN.value,
                             jnp.zeros(_M.value))
   return train.make_game(loss, models.init_gate(gate_cfg, jax.random.PRNGKey(1)),
-                         num_domains=_M.value, lr=3e-3, dual_lr=dual_lr, seed=0)
+                         num_domains=_M.value, lr=3e-3, dual_lr=dual_lr, seed=0,
+                         ema_decay=_GATE_EMA.value)
 
 
 def bench_gate():
@@ -334,7 +337,8 @@ def main(argv):
                        "vocab": cfg.vocab_size, "seq_len": _T.value,
                        "num_experts": _M.value, "dtype": cfg.dtype,
                        "per_domain": _PER_DOMAIN.value,
-                       "gate_per_domain": _GATE_PER_DOMAIN.value, "batch": _B.value,
+                       "gate_per_domain": _GATE_PER_DOMAIN.value,
+                       "gate_ema_decay": _GATE_EMA.value, "batch": _B.value,
                        "scan_steps": _SCAN.value, "repeats": _R.value,
                        "xla_attention": _XLA_ATTENTION.value,
                        "xla_flags": os.environ.get("XLA_FLAGS", "")}}
