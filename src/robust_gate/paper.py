@@ -577,14 +577,15 @@ def ema(config, workdir, log=print, decays=(0.0, 0.9, 0.99, 0.998), seeds=(0, 1,
 
   The EMA does not feed back into training, so for one seed every decay sees the
   same trajectory of w and λ: the runs differ only in which gate is read off. Each
-  is evaluated on test at `points` steps; `late` gives the mean and spread of the
-  worst case over the second half (what the last iterate's oscillation makes noisy),
+  is evaluated on validation (its training data) and test at `points` steps; `late`
+  gives the mean and spread of the test worst case over the second half (what the last iterate's oscillation makes noisy),
   and the spread of the final worst case over gate seeds (config.seed + s; the
   experts stay those of the main job) is the draw a single run reports.
   """
   _, m = _load(config, workdir, log)
   va, te = m["splits"]["validation"], m["splits"]["test"]
-  evals = {"test": (te, m["cache"]["test"], m["baseline"]["test"])}
+  evals = {"validation": (va, m["cache"]["validation"], m["baseline"]["validation"]),
+           "test": (te, m["cache"]["test"], m["baseline"]["test"])}
   out = {"decays": list(decays), "seeds": list(seeds), "steps": config.gate.steps,
          "runs": [], "summary": []}
   for s in seeds:
@@ -598,7 +599,10 @@ def ema(config, workdir, log=print, decays=(0.0, 0.9, 0.99, 0.998), seeds=(0, 1,
       out["runs"].append({"seed": cfg.seed, "ema_decay": decay, "test_worst_late": worst,
                           "test_worst_late_sd": worst_sd,
                           "test_worst_final": float(max(curve[-1]["test"])),
-                          "curve": [(c["step"], max(c["test"])) for c in curve]})
+                          "validation_worst_final": float(max(curve[-1]["validation"])),
+                          "curve": [(c["step"], max(c["test"])) for c in curve],
+                          "validation_curve": [(c["step"], max(c["validation"]))
+                                               for c in curve]})
   for decay in decays:
     rs = [r for r in out["runs"] if r["ema_decay"] == decay]
     final = [r["test_worst_final"] for r in rs]
@@ -607,24 +611,31 @@ def ema(config, workdir, log=print, decays=(0.0, 0.9, 0.99, 0.998), seeds=(0, 1,
         "test_worst_late": float(np.mean([r["test_worst_late"] for r in rs])),
         "test_worst_late_sd": float(np.mean([r["test_worst_late_sd"] for r in rs])),
         "test_worst_final": float(np.mean(final)),
-        "test_worst_final_sd_over_seeds": float(np.std(final))})
+        "test_worst_final_sd_over_seeds": float(np.std(final)),
+        "validation_worst_final": float(np.mean([r["validation_worst_final"] for r in rs]))})
   log(f"ema (test worst case, bits/token, {len(seeds)} gate seeds; late: over the second "
       "half of training):\n" + _table(
           [(f"decay {r['ema_decay']}", [r["test_worst_late"], r["test_worst_late_sd"],
                                         r["test_worst_final"],
-                                        r["test_worst_final_sd_over_seeds"]])
+                                        r["test_worst_final_sd_over_seeds"],
+                                        r["validation_worst_final"]])
            for r in out["summary"]],
-          ["late mean", "late std", "final mean", "final std"]))
+          ["late mean", "late std", "final mean", "final std", "val final"]))
   plt = _plt()
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(7, 4.5))
   for i, decay in enumerate(decays):
     for r in (r for r in out["runs"] if r["ema_decay"] == decay):
       steps, worst = zip(*r["curve"][1:])
       first = r["seed"] == config.seed + seeds[0]
       ax.plot(steps, worst, ".-" if first else "-", color=f"C{i}", alpha=1 if first else 0.3,
               label=f"ema_decay={decay}" if first else None)
-  ax.set(xlabel="gate step", ylabel="test worst-case L_k (bits/token)",
-         title="the reported gate: last iterate vs EMA of w (faint: other seeds)")
+      if first:
+        steps, worst = zip(*r["validation_curve"][1:])
+        ax.plot(steps, worst, ":", color=f"C{i}")
+  ax.set(xlabel="gate step", ylabel="worst-case L_k (bits/token)",
+         title="the reported gate: last iterate vs EMA of w\n"
+               "test (faint: other seeds); dotted: validation (the gate's training data)")
+  ax.title.set_fontsize(10)
   ax.legend(fontsize=7)
   return _out(workdir, "ema", out, fig)
 
