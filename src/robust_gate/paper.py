@@ -578,9 +578,10 @@ def ema(config, workdir, log=print, decays=(0.0, 0.9, 0.99, 0.998), seeds=(0, 1,
   The EMA does not feed back into training, so for one seed every decay sees the
   same trajectory of w and λ: the runs differ only in which gate is read off. Each
   is evaluated on validation (its training data) and test at `points` steps; `late`
-  gives the mean and spread of the test worst case over the second half (what the last iterate's oscillation makes noisy),
-  and the spread of the final worst case over gate seeds (config.seed + s; the
-  experts stay those of the main job) is the draw a single run reports.
+  gives the mean and spread of the test worst case over the second half (what the
+  last iterate's oscillation makes noisy), and the spread of the final worst case
+  over gate seeds (config.seed + s; the experts stay those of the main job) is the
+  draw a single run reports.
   """
   _, m = _load(config, workdir, log)
   va, te = m["splits"]["validation"], m["splits"]["test"]

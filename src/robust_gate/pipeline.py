@@ -58,12 +58,12 @@ def check_config(config) -> None:
       if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{name}={value!r} must be a number.")
       if key == "ema_decay":
-        lo, hi, want = 0.0, 1.0, "in [0, 1)"
+        ok, want = 0 <= value < 1, "in [0, 1)"
       elif key.endswith("dual_lr") or key == "token_embed":
-        lo, hi, want = 0.0, np.inf, "finite and ≥ 0"
+        ok, want = value >= 0, "finite and ≥ 0"
       else:
-        lo, hi, want = np.nextafter(0.0, 1.0), np.inf, "finite and > 0"
-      if not (np.isfinite(value) and lo <= value < hi):
+        ok, want = value > 0, "finite and > 0"
+      if not (np.isfinite(value) and ok):
         raise InputError(f"{name}={value!r} must be {want}.")
       if key not in _FLOAT_KEYS and not isinstance(value, int):
         raise InputError(f"{name}={value!r} must be an int.")
