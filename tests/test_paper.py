@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from robust_gate import config_files, models, paper, pipeline
+from robust_gate import config_files, models, paper, pipeline, sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "launch", "configs")
@@ -26,6 +26,21 @@ def tiny(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("paper"))
   pipeline.run(config, workdir, log=lambda s: None)
   return config, workdir
+
+
+def test_the_reported_gate_is_an_average_and_normalized(tiny):
+  """The main job reports the EMA of the robust gate's parameters: not the last iterate,
+  and a causal gated model whose every next-token conditional sums to 1 (G_1)."""
+  config, workdir = tiny
+  m = pipeline.load_models(config, workdir, log=lambda s: None)
+  robust = m["gates"]["robust_gate"]
+  assert config.gate.ema_decay > 0
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(robust.ema_params), jax.tree_util.tree_leaves(robust.params)))
+  next_fn = sampling.gated_next_fn(m["lm_cfg"], m["expert_params"], m["gate_cfg"],
+                                   robust.ema_params)
+  logp_BxTxV = np.asarray(next_fn(m["splits"]["test"].inputs_NxT[:16]), np.float64)
+  np.testing.assert_allclose(np.exp(logp_BxTxV).sum(-1), 1.0, atol=1e-5)
 
 
 def test_simplex_grid_is_every_lattice_point_once():
