@@ -11,8 +11,8 @@ import json
 import os
 import time
 
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
 from robust_gate import finite, objectives, reference, uncertainty
 
@@ -31,23 +31,38 @@ def main(argv):
         for kind in ("simplex", "box"):
           seed = 1000 * K + N + 7 * perturbed
           probs, logp = finite.random_instance(seed, K, N, perturbed=perturbed)
-          lam_set = (uncertainty.simplex(K) if kind == "simplex" else
-                     uncertainty.box(np.full(K, 0.5 / K), np.full(K, 2.0 / K)))
+          lam_set = (
+            uncertainty.simplex(K)
+            if kind == "simplex"
+            else uncertainty.box(np.full(K, 0.5 / K), np.full(K, 2.0 / K))
+          )
           start = time.perf_counter()
-          sol = finite.solve(probs, logp, uncertainty=lam_set, gate=_GATE.value,
-                             steps=_STEPS.value, dual_lr=dual_lr)
+          sol = finite.solve(
+            probs, logp, uncertainty=lam_set, gate=_GATE.value, steps=_STEPS.value, dual_lr=dual_lr
+          )
           seconds = time.perf_counter() - start
           b = np.asarray(objectives.entropy(probs), np.float64)
           exact = reference.solve_exact(probs, logp, b, lam_set).value
-          rows.append(dict(dual_lr=dual_lr, K=K, N=N, perturbed=perturbed, set=kind,
-                           game=sol.worst_case, exact=exact,
-                           rel_gap=(sol.worst_case - exact) / exact,
-                           lam_in_set=bool(lam_set.contains(sol.lam_avg)),
-                           seconds=seconds))
+          rows.append(
+            dict(
+              dual_lr=dual_lr,
+              K=K,
+              N=N,
+              perturbed=perturbed,
+              set=kind,
+              game=sol.worst_case,
+              exact=exact,
+              rel_gap=(sol.worst_case - exact) / exact,
+              lam_in_set=bool(lam_set.contains(sol.lam_avg)),
+              seconds=seconds,
+            )
+          )
           r = rows[-1]
-          print(f"η={dual_lr:<5} K={K} N={N:<3} {'perturbed' if perturbed else 'exact':9s} "
-                f"{kind:8s} game {r['game']:.5f} exact {exact:.5f} "
-                f"gap {r['rel_gap']:+.2e} λ̄∈Λ {r['lam_in_set']} {seconds:.1f}s")
+          print(
+            f"η={dual_lr:<5} K={K} N={N:<3} {'perturbed' if perturbed else 'exact':9s} "
+            f"{kind:8s} game {r['game']:.5f} exact {exact:.5f} "
+            f"gap {r['rel_gap']:+.2e} λ̄∈Λ {r['lam_in_set']} {seconds:.1f}s"
+          )
   print("\nmax relative gap by η:")
   for dual_lr in sorted({r["dual_lr"] for r in rows}):
     gaps = [r["rel_gap"] for r in rows if r["dual_lr"] == dual_lr]

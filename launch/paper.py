@@ -15,10 +15,12 @@ from absl import flags
 
 from robust_gate import cli, paper
 
-_EXPERIMENT = flags.DEFINE_enum("experiment", None, list(paper.EXPERIMENTS),
-                                "Which experiment to run.", required=True)
+_EXPERIMENT = flags.DEFINE_enum(
+  "experiment", None, list(paper.EXPERIMENTS), "Which experiment to run.", required=True
+)
 
 if __name__ == "__main__":
-  cli.main(lambda config, workdir, log: paper.EXPERIMENTS[_EXPERIMENT.value](
-      config, workdir, log),
-           os.path.join(os.path.dirname(__file__), "configs", "wordfreq.py"))
+  cli.main(
+    lambda config, workdir, log: paper.EXPERIMENTS[_EXPERIMENT.value](config, workdir, log),
+    os.path.join(os.path.dirname(__file__), "configs", "wordfreq.py"),
+  )

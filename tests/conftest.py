@@ -5,16 +5,16 @@ import numpy as np
 from robust_gate import finite
 
 
-def random_instance(rng: np.random.Generator, K: int, N: int, M: int | None = None,
-                    perturbed: bool = False):
+def random_instance(
+  rng: np.random.Generator, K: int, N: int, M: int | None = None, perturbed: bool = False
+):
   """A random finite game drawn from `rng` (see finite.random_instance)."""
   return finite.random_instance(int(rng.integers(2**31)), K, N, M, perturbed)
 
 
 # The end-to-end files take minutes each: handed out first, pytest-xdist runs them
 # beside the many fast files instead of after them (the order within files stays).
-_SLOW_FIRST = ("test_pipeline.py", "test_paper.py",
-               "test_notebooks.py", "test_hostile.py")
+_SLOW_FIRST = ("test_pipeline.py", "test_paper.py", "test_notebooks.py", "test_hostile.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,7 +1,6 @@
 """Checkpoints resume bitwise, corrupt ones are detected, specs never mix, NaN saves nothing."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +27,19 @@ def _game():
 
 def _fit(directory, steps, spec=None, log=None):
   step, state = _game()
-  ckpt = checkpoints.Checkpointer(str(directory), spec or {"a": 1}, name="toy",
-                                  log=log or (lambda s: None))
-  return train.fit(step, state, steps, name="toy", log=log or (lambda s: None), chunk=10,
-                   checkpointer=ckpt)
+  ckpt = checkpoints.Checkpointer(
+    str(directory), spec or {"a": 1}, name="toy", log=log or (lambda s: None)
+  )
+  return train.fit(
+    step, state, steps, name="toy", log=log or (lambda s: None), chunk=10, checkpointer=ckpt
+  )
 
 
 def _equal(a, b):
   leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
   return len(leaves_a) == len(leaves_b) and all(
-      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+    np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +48,12 @@ def reference(tmp_path_factory):
 
 
 def test_interrupted_run_resumes_bitwise(tmp_path, reference):
-  _fit(tmp_path, 20)                       # "killed" after step 20
+  _fit(tmp_path, 20)  # "killed" after step 20
   logs = []
   state, hist = _fit(tmp_path, 50, log=logs.append)
   assert any("resumed at step 20" in s for s in logs)
-  assert _equal(state, reference[0])       # params, optimizer, λ, λ̄, key, step
-  for k in reference[1]:                   # the history spans both runs
+  assert _equal(state, reference[0])  # params, optimizer, λ, λ̄, key, step
+  for k in reference[1]:  # the history spans both runs
     np.testing.assert_array_equal(hist[k], reference[1][k])
   rows = checkpoints.read_metrics(str(tmp_path))
   assert [r["step"] for r in rows] == list(range(1, 51))
@@ -67,7 +69,7 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_used(tmp_path, referenc
   _fit(tmp_path, 30)
   ckpts = tmp_path / "checkpoints"
   assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [20, 30]
-  for f in (ckpts / "30").rglob("*"):      # damage every data file of the newest
+  for f in (ckpts / "30").rglob("*"):  # damage every data file of the newest
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(b"\x00garbage" + f.read_bytes()[8:])
   logs = []
@@ -106,12 +108,10 @@ def test_non_finite_loss_stops_without_overwriting_good_state(tmp_path):
     return jnp.where(params["w"][0, 0] > 0.5, jnp.nan, losses)  # blows up mid-run
 
   params = {"w": jnp.zeros((2, 4))}
-  step, state = train.make_game(loss_fn, params, num_domains=K, lr=0.05, dual_lr=0.2,
-                                seed=3)
+  step, state = train.make_game(loss_fn, params, num_domains=K, lr=0.05, dual_lr=0.2, seed=3)
   ckpt = checkpoints.Checkpointer(str(tmp_path), {}, name="nan", log=lambda s: None)
   with pytest.raises(FloatingPointError, match="non-finite per-domain loss or λ at step"):
-    train.fit(step, state, 200, name="nan", log=lambda s: None, chunk=10,
-              checkpointer=ckpt)
+    train.fit(step, state, 200, name="nan", log=lambda s: None, chunk=10, checkpointer=ckpt)
   last = max(ckpt.steps())
   good = ckpt.restore(state)
   assert int(good.step) == last and last < 200

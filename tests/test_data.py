@@ -29,7 +29,9 @@ def test_truncation_keeps_the_context_full():
   assert d.mask_NxT.all()
 
 
-@pytest.mark.parametrize("seqs, labels, domains, match", [
+@pytest.mark.parametrize(
+  "seqs, labels, domains, match",
+  [
     ([np.array([1])], [0], [], "domain list is empty"),
     ([np.array([1]), np.array([2])], [0, 0], ["a", "b"], "domain 'b' has no examples"),
     ([np.array([1])], [2], ["a", "b"], "domain label 2, outside"),
@@ -39,7 +41,8 @@ def test_truncation_keeps_the_context_full():
     ([np.array([1, 9])], [0], ["a"], "token 9 outside the vocabulary"),
     ([np.array([0, 1])], [0], ["a"], "token 0 outside"),
     ([np.array([1])], [0, 0], ["a"], "1 sequences but 2 domain labels"),
-])
+  ],
+)
 def test_bad_data_is_a_clear_error(seqs, labels, domains, match):
   with pytest.raises(InputError, match=match):
     data.encode(seqs, labels, domains, vocab_size=8, max_len=6)
@@ -52,16 +55,20 @@ def test_text_encoding():
   with pytest.raises(InputError, match="NUL byte"):
     data.text_to_tokens("a\x00b")
   with pytest.raises(InputError, match="domain 'c', not in the domain list"):
-    data.from_data_source([{"text": "ab", "domain": "c"}], domains=["a", "b"],
-                          vocab_size=256, max_len=8, text_key="text")
+    data.from_data_source(
+      [{"text": "ab", "domain": "c"}],
+      domains=["a", "b"],
+      vocab_size=256,
+      max_len=8,
+      text_key="text",
+    )
   with pytest.raises(InputError, match="split is empty"):
     data.from_data_source([], domains=["a"], vocab_size=256, max_len=8, text_key="text")
 
 
 def test_stratified_batch_draws_every_domain():
   d = _toy()
-  idx = jax.jit(lambda k: data.stratified_batch(k, data.domain_index(d), 50))(
-      jax.random.PRNGKey(0))
+  idx = jax.jit(lambda k: data.stratified_batch(k, data.domain_index(d), 50))(jax.random.PRNGKey(0))
   assert idx.shape == (2, 50)
   np.testing.assert_array_equal(d.domain_N[np.asarray(idx)], np.repeat([[0], [1]], 50, 1))
   assert set(np.asarray(idx[0]).tolist()) == {0, 3}
@@ -69,8 +76,9 @@ def test_stratified_batch_draws_every_domain():
 
 def test_catalog_dataset_by_name_with_mock_data():
   with tfds.testing.mock_data(num_examples=40):
-    d = data.load_catalog("ag_news_subset", "test", text_key="description",
-                          domain_key="label", max_len=32)
+    d = data.load_catalog(
+      "ag_news_subset", "test", text_key="description", domain_key="label", max_len=32
+    )
   assert d.domains == ("World", "Sports", "Business", "Sci/Tech") or len(d.domains) == 4
   assert d.inputs_NxT.shape == (40, 32) and d.vocab_size == 256
   assert d.mask_NxT.any(axis=1).all()

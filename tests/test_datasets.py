@@ -7,13 +7,13 @@ from robust_gate.checks import InputError
 
 def test_wordfreq_builder_splits_are_disjoint(tmp_path):
   opts = dict(languages=("en", "fi"), examples_per_split=(60, 30, 30), wordlist_size=2000)
-  splits = {s: data.load_local("wordfreq", s, str(tmp_path), 16, **opts)
-            for s in datasets.SPLITS}
+  splits = {s: data.load_local("wordfreq", s, str(tmp_path), 16, **opts) for s in datasets.SPLITS}
   words = {}
   for s, d in splits.items():
     assert d.domains == ("en", "fi") and d.vocab_size == 256
-    np.testing.assert_array_equal(d.counts(), [opts["examples_per_split"][
-        datasets.SPLITS.index(s)]] * 2)
+    np.testing.assert_array_equal(
+      d.counts(), [opts["examples_per_split"][datasets.SPLITS.index(s)]] * 2
+    )
     words[s] = {bytes(t[m][:-1].astype(np.uint8)) for t, m in zip(d.targets_NxT, d.mask_NxT)}
   assert not words["train"] & words["validation"]
   assert not words["train"] & words["test"]
@@ -27,7 +27,7 @@ def test_digits_builder(tmp_path):
   d = data.load_local("digits", "train", str(tmp_path), 66, groups=((0,), (1, 7)))
   assert d.domains == ("digits_0", "digits_17") and d.vocab_size == 18
   assert d.mask_NxT.sum(1).tolist() == [65] * len(d.domain_N)  # 64 pixels + EOS
-  assert 1 <= d.targets_NxT[:, :64].min() and d.targets_NxT[:, :64].max() <= 17
+  assert d.targets_NxT[:, :64].min() >= 1 and d.targets_NxT[:, :64].max() <= 17
   assert d.counts()[1] > d.counts()[0]  # two classes against one
 
 
@@ -52,14 +52,17 @@ def test_unknown_options_are_errors(tmp_path):
     datasets.make_config("imagenet")
 
 
-@pytest.mark.parametrize("name, opts, match", [
+@pytest.mark.parametrize(
+  "name, opts, match",
+  [
     ("markov", {"num_domains": 0}, "must be positive"),
     ("markov", {"concentration": float("nan")}, "must be positive"),
     ("wordfreq", {"languages": ()}, "is empty"),
     ("digits", {"groups": ((0, 1), (1, 2))}, "disjoint"),
     ("digits", {"groups": ((0, 11),)}, "classes 0..9"),
     ("markov", {"seq_len": "long"}, "numeric"),
-])
+  ],
+)
 def test_bad_options_are_errors(name, opts, match):
   with pytest.raises(InputError, match=match):
     datasets.make_config(name, **opts)

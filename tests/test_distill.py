@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tolerances import F32_RTOL
 
 from robust_gate import data, distill, models, train
 
@@ -25,8 +26,9 @@ def test_student_init_takes_the_largest_lambda_expert():
   experts = models.init_stacked_lm(CFG, jax.random.PRNGKey(0), 2)
   student, j = distill.student_init(experts, jnp.array([0.3, 0.7]))
   assert j == 1
-  np.testing.assert_array_equal(jax.tree_util.tree_leaves(student)[0],
-                                jax.tree_util.tree_leaves(experts)[0][1])
+  np.testing.assert_array_equal(
+    jax.tree_util.tree_leaves(student)[0], jax.tree_util.tree_leaves(experts)[0][1]
+  )
 
 
 def test_distillation_reduces_the_kl_to_the_teacher():
@@ -35,9 +37,10 @@ def test_distillation_reduces_the_kl_to_the_teacher():
   gate = models.init_gate(GATE, jax.random.PRNGKey(1))
   student = models.init_lm(CFG, jax.random.PRNGKey(2))
   loss_fn = distill.distill_loss_fn(CFG, experts, GATE, gate, d, per_domain=8)
-  step, state = train.make_game(loss_fn, student, num_domains=2, lr=1e-2, dual_lr=0.0,
-                                seed=0, lam_K=jnp.array([0.25, 0.75]))
-  np.testing.assert_allclose(state.lam_K, [0.25, 0.75], rtol=1e-6)
+  step, state = train.make_game(
+    loss_fn, student, num_domains=2, lr=1e-2, dual_lr=0.0, seed=0, lam_K=jnp.array([0.25, 0.75])
+  )
+  np.testing.assert_allclose(state.lam_K, [0.25, 0.75], rtol=F32_RTOL)
   state, hist = train.fit(step, state, 200, name="distill", log=lambda s: None)
   np.testing.assert_allclose(hist["lam"], np.tile([0.25, 0.75], (200, 1)), rtol=1e-5)
   assert np.all(hist["losses"][-20:].mean(0) < 0.5 * hist["losses"][:20].mean(0))
@@ -47,6 +50,7 @@ def test_distillation_reduces_the_kl_to_the_teacher():
 def _finite_sequence_space(V=3, L=3, M=2, seed=0):
   """All V^L sequences and M random autoregressive experts with exact conditionals."""
   import itertools
+
   rng = np.random.default_rng(seed)
   seqs = np.array(list(itertools.product(range(V), repeat=L)), np.int32)
   # Expert j's conditional at (x_<t) from a random table keyed by the prefix.
@@ -76,6 +80,7 @@ def test_sequence_gate_distills_exactly_when_a_causal_gate_exists():
 
 def test_sequence_gate_distillation_reduces_the_kl():
   from robust_gate import gating
+
   seqs, cond, logp_NxM = _finite_sequence_space(seed=1)
   scores = jax.random.normal(jax.random.PRNGKey(0), logp_NxM.shape) * 2.0
   log_gate = jax.nn.log_softmax(scores, axis=-1)

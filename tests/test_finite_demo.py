@@ -10,14 +10,19 @@ MAIN = os.path.join(ROOT, "launch", "finite_demo.py")
 
 
 def _run(workdir, *overrides):
-  return subprocess.run([sys.executable, MAIN, f"--workdir={workdir}", *overrides],
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, MAIN, f"--workdir={workdir}", *overrides],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.mark.parametrize("lam_set", ["simplex", "box", "kl_ball"])
 def test_finite_demo_end_to_end(tmp_path, lam_set):
-  out = _run(tmp_path, "--config.steps=1500", "--config.num_points=12",
-             f"--config.uncertainty={lam_set}")
+  out = _run(
+    tmp_path, "--config.steps=1500", "--config.num_points=12", f"--config.uncertainty={lam_set}"
+  )
   assert out.returncode == 0, out.stderr
   assert "worst case over Λ" in out.stdout
   results = json.loads((tmp_path / "results.json").read_text())

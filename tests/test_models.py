@@ -8,8 +8,7 @@ import pytest
 from robust_gate import gating, models
 from robust_gate.checks import InputError
 
-CFG = models.LMConfig(vocab_size=11, max_len=8, d_model=16, num_layers=2, num_heads=2,
-                      d_ff=32)
+CFG = models.LMConfig(vocab_size=11, max_len=8, d_model=16, num_layers=2, num_heads=2, d_ff=32)
 
 
 def _tokens(key, B=3):
@@ -66,8 +65,9 @@ def test_transformer_equals_a_plain_reference_in_value_and_gradient():
   loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p)))
   g = jax.grad(loss(lambda p: models.TransformerLM(CFG).apply(p, x)))(params)
   g_ref = jax.grad(loss(lambda p: _reference_lm(p, x)))(params)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                         g, g_ref)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref
+  )
 
 
 def test_stacked_experts_equal_individual_ones():
@@ -75,28 +75,33 @@ def test_stacked_experts_equal_individual_ones():
   x, y = _tokens(jax.random.PRNGKey(1)), _tokens(jax.random.PRNGKey(2))
   stacked = models.stacked_token_logprobs(CFG, params, x, y)
   for j in range(3):
-    one = jax.tree_util.tree_map(lambda a: a[j], params)
-    np.testing.assert_allclose(stacked[..., j], models.token_logprobs(CFG, one, x, y),
-                               atol=1e-6)
+    one = jax.tree_util.tree_map(lambda a, j=j: a[j], params)
+    np.testing.assert_allclose(stacked[..., j], models.token_logprobs(CFG, one, x, y), atol=1e-6)
 
 
 def test_gated_transformer_experts_are_normalized():
   """The causal gate over real experts: every conditional sums to 1 (G_1)."""
   M = 3
   params = models.init_stacked_lm(CFG, jax.random.PRNGKey(0), M)
-  gate_cfg = models.GateConfig(num_experts=M, vocab_size=CFG.vocab_size,
-                               max_len=CFG.max_len, token_embed=4)
+  gate_cfg = models.GateConfig(
+    num_experts=M, vocab_size=CFG.vocab_size, max_len=CFG.max_len, token_embed=4
+  )
   gate_params = models.init_gate(gate_cfg, jax.random.PRNGKey(3))
   gate_params = jax.tree_util.tree_map(  # non-trivial gate weights
-      lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(4), a.shape), gate_params)
+    lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(4), a.shape), gate_params
+  )
   x = _tokens(jax.random.PRNGKey(1))
   y = jnp.concatenate([x[:, 1:], jnp.zeros((3, 1), x.dtype)], axis=1)
   mask = jnp.ones(x.shape, bool)
-  logp_BxTxMxV = jnp.stack([models.next_token_logprobs(
-      CFG, jax.tree_util.tree_map(lambda a: a[j], params), x) for j in range(M)], axis=2)
+  logp_BxTxMxV = jnp.stack(
+    [
+      models.next_token_logprobs(CFG, jax.tree_util.tree_map(lambda a, j=j: a[j], params), x)
+      for j in range(M)
+    ],
+    axis=2,
+  )
   observed = models.stacked_token_logprobs(CFG, params, x, y)
-  log_gate = models.gate_log_weights(gate_cfg, gate_params, x,
-                                     models.prefix_loglik(observed, mask))
+  log_gate = models.gate_log_weights(gate_cfg, gate_params, x, models.prefix_loglik(observed, mask))
   mix = gating.causal_mixture_next_token(log_gate, logp_BxTxMxV)
   np.testing.assert_allclose(jnp.exp(mix).sum(-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(jnp.exp(log_gate).sum(-1), 1.0, atol=1e-5)
@@ -114,28 +119,32 @@ def test_gate_starts_at_the_uniform_prior_posterior_gate():
   expected = gating.posterior_log_gate(jnp.zeros(M), prefix.reshape(-1, M)).reshape(B, T, M)
   np.testing.assert_allclose(jnp.exp(log_gate), jnp.exp(expected), atol=1e-6)
   assert float(jnp.exp(log_gate[0, 3, 1])) == 0.0
-  grads = jax.grad(lambda p: models.gate_log_weights(cfg, p, jnp.zeros((B, T), jnp.int32),
-                                                     prefix)[..., 0].sum())(params)
+  grads = jax.grad(
+    lambda p: models.gate_log_weights(cfg, p, jnp.zeros((B, T), jnp.int32), prefix)[..., 0].sum()
+  )(params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"d_model": 10, "num_heads": 3}, "not divisible"),
     ({"num_layers": 0}, "positive int"),
     ({"d_ff": 2.5}, "positive int"),
-])
+  ],
+)
 def test_bad_model_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     models.LMConfig(vocab_size=5, max_len=4, **kwargs)
 
 
 def test_bfloat16_compute_keeps_float32_weights_and_normalized_outputs():
-  cfg32 = models.LMConfig(vocab_size=11, max_len=9, d_model=32, num_layers=2,
-                          num_heads=4, d_ff=64)
+  cfg32 = models.LMConfig(vocab_size=11, max_len=9, d_model=32, num_layers=2, num_heads=4, d_ff=64)
   cfg16 = models.LMConfig(**{**dataclasses.asdict(cfg32), "dtype": "bfloat16"})
   params = models.init_lm(cfg32, jax.random.PRNGKey(0))
-  assert models.init_lm(cfg16, jax.random.PRNGKey(0))["params"]["Dense_0"]["kernel"].dtype \
-      == jnp.float32  # master weights
+  assert (
+    models.init_lm(cfg16, jax.random.PRNGKey(0))["params"]["Dense_0"]["kernel"].dtype == jnp.float32
+  )  # master weights
   x = jax.random.randint(jax.random.PRNGKey(1), (4, 9), 0, 11)
   lp32 = models.next_token_logprobs(cfg32, params, x)
   lp16 = models.next_token_logprobs(cfg16, params, x)

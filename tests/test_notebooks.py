@@ -16,8 +16,14 @@ def test_notebook_executes(path, monkeypatch):
   # runs its smaller job in a temporary directory).
   monkeypatch.delenv("ROBUST_GATE_WORKDIR", raising=False)
   nb = nbformat.read(path, as_version=4)
-  NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": os.path.dirname(path)}}).execute()
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if o.get("output_type") == "error"]
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(path)}}
+  ).execute()
+  errors = [
+    o
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.get("outputs", [])
+    if o.get("output_type") == "error"
+  ]
   assert not errors

@@ -5,10 +5,12 @@ import copy
 import json
 import math
 import os
+import pathlib
 
 import jax
 import numpy as np
 import pytest
+from tolerances import F32_RTOL
 
 from robust_gate import config_files, models, paper, pipeline, sampling
 
@@ -19,8 +21,10 @@ CONFIGS = os.path.join(ROOT, "launch", "configs")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   # The compilation cache the launcher tests share (tests/test_pipeline.py).
-  jax.config.update("jax_compilation_cache_dir", os.path.join(
-      os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"))
+  jax.config.update(
+    "jax_compilation_cache_dir",
+    os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"),
+  )
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
   workdir = str(tmp_path_factory.mktemp("paper"))
@@ -35,10 +39,15 @@ def test_the_reported_gate_is_an_average_and_normalized(tiny):
   m = pipeline.load_models(config, workdir, log=lambda s: None)
   robust = m["gates"]["robust_gate"]
   assert config.gate.ema_decay > 0
-  assert not all(np.array_equal(a, b) for a, b in zip(
-      jax.tree_util.tree_leaves(robust.ema_params), jax.tree_util.tree_leaves(robust.params)))
-  next_fn = sampling.gated_next_fn(m["lm_cfg"], m["expert_params"], m["gate_cfg"],
-                                   robust.ema_params)
+  assert not all(
+    np.array_equal(a, b)
+    for a, b in zip(
+      jax.tree_util.tree_leaves(robust.ema_params), jax.tree_util.tree_leaves(robust.params)
+    )
+  )
+  next_fn = sampling.gated_next_fn(
+    m["lm_cfg"], m["expert_params"], m["gate_cfg"], robust.ema_params
+  )
   logp_BxTxV = np.asarray(next_fn(m["splits"]["test"].inputs_NxT[:16]), np.float64)
   np.testing.assert_allclose(np.exp(logp_BxTxV).sum(-1), 1.0, atol=1e-5)
 
@@ -53,12 +62,12 @@ def test_simplex_grid_is_every_lattice_point_once():
 def test_mixtures_grid_worst_is_the_simplex_worst(tiny):
   config, workdir = tiny
   out = paper.mixtures(config, workdir, log=lambda s: None, resolution=3)
-  results = json.load(open(os.path.join(workdir, "results.json")))
+  results = json.loads(pathlib.Path(workdir, "results.json").read_text())
   lam = np.array(list(results["lambda_bar"].values()))
   for name, m in out["methods"].items():
     L = np.array(list(results["methods"][name]["domain_loss"].values()))
-    assert m["grid_worst"] == pytest.approx(L.max())  # the vertices are on the grid
-    assert m["at_lambda_bar"] == pytest.approx(lam @ L)
+    assert m["grid_worst"] == pytest.approx(L.max(), rel=F32_RTOL)  # the vertices are on the grid
+    assert m["at_lambda_bar"] == pytest.approx(lam @ L, rel=F32_RTOL)
     assert m["grid_mean"] <= m["grid_worst"] + 1e-12
   assert out["methods"]["robust_gate"]["gap_to_robust_worst"] == 0.0
   assert os.path.exists(os.path.join(workdir, "paper", "mixtures.png"))
@@ -94,9 +103,9 @@ def test_expanded_gate_keeps_the_old_experts_relative_weights():
   warm = paper.expand_gate(old, models.init_gate(new_cfg, jax.random.PRNGKey(1)))
   x = jax.random.randint(jax.random.PRNGKey(2), (4, T), 0, V)
   prefix = -jax.random.uniform(jax.random.PRNGKey(3), (4, T, K)) * 5
-  lo = models.gate_log_weights(old_cfg, old, x, prefix[..., :K - 1])
+  lo = models.gate_log_weights(old_cfg, old, x, prefix[..., : K - 1])
   ln = models.gate_log_weights(new_cfg, warm, x, prefix)
-  renorm = ln[..., :K - 1] - jax.nn.logsumexp(ln[..., :K - 1], -1, keepdims=True)
+  renorm = ln[..., : K - 1] - jax.nn.logsumexp(ln[..., : K - 1], -1, keepdims=True)
   np.testing.assert_allclose(renorm, lo, atol=1e-5)
   np.testing.assert_allclose(jax.nn.logsumexp(ln, -1), 0.0, atol=1e-5)  # in G_1
 
@@ -104,10 +113,11 @@ def test_expanded_gate_keeps_the_old_experts_relative_weights():
 @pytest.mark.parametrize("name", ["conflict", "gate_size", "prior", "extend", "prune", "ema"])
 def test_experiment_runs_and_reports_finite_numbers(tiny, name):
   config, workdir = tiny
-  kwargs = {"gate_size": {"hiddens": (4, 16), "fractions": (0.5, 1.0)},
-            "conflict": {"points": 3},
-            "ema": {"decays": (config.gate.ema_decay, 0.0), "seeds": (0, 1),
-                    "points": 4}}.get(name, {})
+  kwargs = {
+    "gate_size": {"hiddens": (4, 16), "fractions": (0.5, 1.0)},
+    "conflict": {"points": 3},
+    "ema": {"decays": (config.gate.ema_decay, 0.0), "seeds": (0, 1), "points": 4},
+  }.get(name, {})
   config = copy.deepcopy(config)
   out = paper.EXPERIMENTS[name](config, workdir, log=lambda s: None, **kwargs)
   flat = json.dumps(out)
@@ -121,11 +131,13 @@ def test_experiment_runs_and_reports_finite_numbers(tiny, name):
     for r in out["trained_on"].values():  # the simplex contains box and KL ball
       assert r["worst_in_simplex"] >= max(r["worst_in_box"], r["worst_in_kl_ball"]) - 1e-6
   if name == "prune":
-    assert len(out["path"]) == 3 and out["path"][-1]["expert_flops_per_token"] == \
-        pytest.approx(out["path"][0]["expert_flops_per_token"] / 3)
+    assert len(out["path"]) == 3 and out["path"][-1]["expert_flops_per_token"] == pytest.approx(
+      out["path"][0]["expert_flops_per_token"] / 3
+    )
   if name == "ema":  # the config's decay and seed refit the main job's robust gate
-    results = json.load(open(os.path.join(workdir, "results.json")))
+    results = json.loads(pathlib.Path(workdir, "results.json").read_text())
     averaged, last = out["runs"][:2]
     assert averaged["test_worst_final"] == pytest.approx(
-        results["methods"]["robust_gate"]["worst_case"], rel=1e-5)
+      results["methods"]["robust_gate"]["worst_case"], rel=1e-5
+    )
     assert last["test_worst_final"] != pytest.approx(averaged["test_worst_final"], rel=1e-5)

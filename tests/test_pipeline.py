@@ -19,29 +19,47 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "launch", "main.py")
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
-METHODS = ["robust_gate", "erm_gate", "uniform_mixture", "posterior_gate", "monolithic",
-           "monolithic_large", "monolithic_dro", "student"]
+METHODS = [
+  "robust_gate",
+  "erm_gate",
+  "uniform_mixture",
+  "posterior_gate",
+  "monolithic",
+  "monolithic_large",
+  "monolithic_dro",
+  "student",
+]
 
 
 PHASES = ["train_experts", "train_gate", "distill", "train_baselines", "evaluate"]
 
 
 def _command(workdir, launcher="main", *overrides):
-  return [sys.executable, os.path.join(ROOT, "launch", f"{launcher}.py"),
-          f"--workdir={workdir}", f"--config={TINY}", *overrides]
+  return [
+    sys.executable,
+    os.path.join(ROOT, "launch", f"{launcher}.py"),
+    f"--workdir={workdir}",
+    f"--config={TINY}",
+    *overrides,
+  ]
 
 
 # The launchers run as subprocesses; a shared persistent compilation cache spares
 # each one the compile (the executables are the same, so are the results).
-ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(
-    os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"),
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+ENV = {
+  **os.environ,
+  "JAX_COMPILATION_CACHE_DIR": os.path.join(
+    os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"
+  ),
+  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 
 
 def _main(workdir, *overrides, launcher="main"):
-  return subprocess.run(_command(workdir, launcher, *overrides), capture_output=True,
-                        text=True, timeout=600, env=ENV)
+  return subprocess.run(
+    _command(workdir, launcher, *overrides), capture_output=True, text=True, timeout=600, env=ENV
+  )
 
 
 def _results(workdir):
@@ -85,14 +103,21 @@ def test_main_job_writes_results_plots_and_table(tiny_run):
 
 
 def test_rerun_resumes_everything_and_refuses_another_config(tiny_run):
-  workdir, first = tiny_run
+  workdir, _first = tiny_run
   stamp = os.path.getmtime(workdir / "cache_test.npz")
   before = _results(workdir)
   out = _main(workdir)
   assert out.returncode == 0, out.stderr[-3000:]
   assert os.path.getmtime(workdir / "cache_test.npz") == stamp  # reused, not rebuilt
-  for model in ("experts", "robust_gate", "erm_gate", "student", "monolithic",
-                "monolithic_dro", "monolithic_large"):
+  for model in (
+    "experts",
+    "robust_gate",
+    "erm_gate",
+    "student",
+    "monolithic",
+    "monolithic_dro",
+    "monolithic_large",
+  ):
     assert f"{model}: resumed at step" in out.stdout
   assert "steps/s" not in out.stdout  # nothing trained again
   assert _results(workdir) == before
@@ -120,8 +145,9 @@ def test_phase_launchers_one_by_one_match_the_main_job(tiny_run, tmp_path):
 def test_killed_at_any_moment_resumes_to_the_same_results(tiny_run, tmp_path):
   """SIGKILL mid-phase (twice: in the expert and in the gate phase), then resume."""
   for marker in ("experts/checkpoints/10", "robust_gate/checkpoints/20"):
-    proc = subprocess.Popen(_command(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(
+      _command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+    )
     deadline = time.time() + 300
     while not (tmp_path / marker).exists() and proc.poll() is None:
       assert time.time() < deadline
@@ -144,13 +170,18 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
 
 def _assert_same_results(one, eight):
-  np.testing.assert_allclose(list(eight["lambda_bar"].values()),
-                             list(one["lambda_bar"].values()), rtol=1e-5)
+  np.testing.assert_allclose(
+    list(eight["lambda_bar"].values()), list(one["lambda_bar"].values()), rtol=1e-5
+  )
   for name, m in one["methods"].items():
     for key in ("domain_loss", "domain_ce"):
-      np.testing.assert_allclose(list(eight["methods"][name][key].values()),
-                                 list(m[key].values()), rtol=1e-5, atol=1e-6,
-                                 err_msg=name)
+      np.testing.assert_allclose(
+        list(eight["methods"][name][key].values()),
+        list(m[key].values()),
+        rtol=1e-5,
+        atol=1e-6,
+        err_msg=name,
+      )
   for name, use in one["gate_usage"].items():
     np.testing.assert_allclose(eight["gate_usage"][name], use, rtol=1e-5, atol=1e-6)
 
@@ -158,8 +189,7 @@ def _assert_same_results(one, eight):
 def test_eight_devices_match_one(tiny_run, tmp_path):
   """Every phase data-parallel on 8 simulated CPU devices = the 1-device run."""
   env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  out = subprocess.run(_command(tmp_path), capture_output=True, text=True, timeout=600,
-                       env=env)
+  out = subprocess.run(_command(tmp_path), capture_output=True, text=True, timeout=600, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "train_experts: 8 cpu device(s)" in out.stdout
   _assert_same_results(_results(tiny_run[0]), _results(tmp_path))
@@ -175,10 +205,20 @@ def _two_processes(workdir, logs, env):
   procs = []
   for i in (0, 1):  # each child keeps its own copy of the log files open
     with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
-      procs.append(subprocess.Popen(
-          _command(workdir, "main", f"--coordinator_address=localhost:{port}",
-                   "--num_processes=2", f"--process_id={i}"),
-          stdout=out, stderr=err, env=env))
+      procs.append(
+        subprocess.Popen(
+          _command(
+            workdir,
+            "main",
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+          ),
+          stdout=out,
+          stderr=err,
+          env=env,
+        )
+      )
   return procs
 
 
@@ -204,7 +244,9 @@ def test_two_processes_killed_and_resumed_match_one(tiny_run, tmp_path):
   assert "robust_gate: resumed at step" in out0
   # Process 1 prints nothing of its own: gloo's C++ connection messages aside, which
   # its threads write unsynchronized (two can share a line, a newline can come alone).
-  gloo = (r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. "
-          r"Expected number of connected peer ranks is : \d+")
+  gloo = (
+    r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. "
+    r"Expected number of connected peer ranks is : \d+"
+  )
   assert not re.sub(gloo, "", out1).strip(), out1
   _assert_same_results(_results(tiny_run[0]), _results(two))

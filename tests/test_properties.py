@@ -7,7 +7,8 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from robust_gate import gating, objectives, train
 
@@ -15,9 +16,11 @@ scores = st.floats(-30, 30, width=32)
 
 
 @settings(max_examples=40, deadline=None)
-@given(hnp.arrays(np.float32, (2, 3, 4), elements=scores),
-       hnp.arrays(np.float32, (2, 3, 4, 5), elements=scores),
-       hnp.arrays(np.bool_, (4, 5)))
+@given(
+  hnp.arrays(np.float32, (2, 3, 4), elements=scores),
+  hnp.arrays(np.float32, (2, 3, 4, 5), elements=scores),
+  hnp.arrays(np.bool_, (4, 5)),
+)
 def test_causal_mixture_is_a_distribution_for_any_gate_and_experts(gate, logits, dead):
   # Any gate on Δ_M; any experts, some giving some tokens no mass (never all of them).
   dead[:, 0] = False
@@ -31,8 +34,9 @@ def test_causal_mixture_is_a_distribution_for_any_gate_and_experts(gate, logits,
 
 
 @settings(max_examples=40, deadline=None)
-@given(hnp.arrays(np.float32, (6, 3), elements=scores),
-       hnp.arrays(np.float32, (3, 6), elements=scores))
+@given(
+  hnp.arrays(np.float32, (6, 3), elements=scores), hnp.arrays(np.float32, (3, 6), elements=scores)
+)
 def test_sequence_gate_normalized_by_exact_z_sums_to_one(gate, logits):
   log_gate = jax.nn.log_softmax(jnp.asarray(gate))
   expert = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)  # M distributions on N
@@ -41,12 +45,15 @@ def test_sequence_gate_normalized_by_exact_z_sums_to_one(gate, logits):
 
 
 @settings(max_examples=40, deadline=None)
-@given(hnp.arrays(np.float32, (8,), elements=st.floats(0, 50, width=32)),
-       hnp.arrays(np.int32, (8,), elements=st.integers(0, 2)),
-       hnp.arrays(np.float32, (3,), elements=st.floats(-5, 5, width=32)))
+@given(
+  hnp.arrays(np.float32, (8,), elements=st.floats(0, 50, width=32)),
+  hnp.arrays(np.int32, (8,), elements=st.integers(0, 2)),
+  hnp.arrays(np.float32, (3,), elements=st.floats(-5, 5, width=32)),
+)
 def test_domain_losses_are_finite_and_exact_group_means(nll, domain, baseline):
-  losses, weight = objectives.domain_losses(jnp.asarray(nll), jnp.asarray(domain), 3,
-                                            jnp.asarray(baseline))
+  losses, weight = objectives.domain_losses(
+    jnp.asarray(nll), jnp.asarray(domain), 3, jnp.asarray(baseline)
+  )
   assert np.all(np.isfinite(losses))
   for k in range(3):
     rows = domain == k
@@ -56,8 +63,10 @@ def test_domain_losses_are_finite_and_exact_group_means(nll, domain, baseline):
 
 
 @settings(max_examples=40, deadline=None)
-@given(hnp.arrays(np.float32, (3, 2, 4), elements=st.floats(0, 50, width=32)),
-       hnp.arrays(np.bool_, (3, 2, 4)))
+@given(
+  hnp.arrays(np.float32, (3, 2, 4), elements=st.floats(0, 50, width=32)),
+  hnp.arrays(np.bool_, (3, 2, 4)),
+)
 def test_token_losses_are_finite_whenever_each_domain_has_a_token(nll, mask):
   mask[:, 0, 0] = True
   losses = train.per_domain_token_loss(jnp.asarray(nll), jnp.asarray(mask), 0.0)

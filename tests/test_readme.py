@@ -1,13 +1,14 @@
 """The README's Python example runs as written (docs match the code)."""
 
 import os
+import pathlib
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_readme_python_examples_run():
-  text = open(os.path.join(ROOT, "README.md")).read()
+  text = pathlib.Path(ROOT, "README.md").read_text()
   blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
   assert blocks
   for code in blocks:
@@ -15,6 +16,6 @@ def test_readme_python_examples_run():
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-  text = open(os.path.join(ROOT, "README.md")).read()
+  text = pathlib.Path(ROOT, "README.md").read_text()
   command = re.search(r"# Install and run the test suite.*\n(.*)\n", text).group(1)
-  assert command.strip() in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+  assert command.strip() in pathlib.Path(ROOT, ".ci", "run").read_text().splitlines()

@@ -1,14 +1,14 @@
 import jax.numpy as jnp
 import numpy as np
-
 from conftest import random_instance
+
 from robust_gate import objectives, reference, uncertainty
 
 
 def test_exact_solver_matches_brute_force_on_three_points():
   """Grid search over the reachable models p ∝ c, min_j p_j ≤ c ≤ max_j p_j."""
   rng = np.random.default_rng(0)
-  for trial in range(3):
+  for _trial in range(3):
     D, logE = random_instance(rng, 2, 3, perturbed=True)
     E = np.exp(logE)
     lo, hi = E.min(0), E.max(0)

@@ -14,7 +14,8 @@ def _models():
   experts = models.init_stacked_lm(CFG, jax.random.PRNGKey(0), 3)
   gate = models.init_gate(GATE, jax.random.PRNGKey(1))
   gate = jax.tree_util.tree_map(
-      lambda a: a + 0.5 * jax.random.normal(jax.random.PRNGKey(2), a.shape), gate)
+    lambda a: a + 0.5 * jax.random.normal(jax.random.PRNGKey(2), a.shape), gate
+  )
   return experts, gate
 
 
@@ -35,8 +36,11 @@ def test_adjust_is_normalized():
 @pytest.mark.parametrize("which", ["expert", "gated"])
 def test_sampling_is_deterministic_and_well_formed(which):
   experts, gate = _models()
-  fn = (sampling.lm_next_fn(CFG, jax.tree_util.tree_map(lambda a: a[0], experts))
-        if which == "expert" else sampling.gated_next_fn(CFG, experts, GATE, gate))
+  fn = (
+    sampling.lm_next_fn(CFG, jax.tree_util.tree_map(lambda a: a[0], experts))
+    if which == "expert"
+    else sampling.gated_next_fn(CFG, experts, GATE, gate)
+  )
   draw = jax.jit(lambda k: sampling.sample(fn, k, 64, CFG.max_len, temperature=0.9, top_k=4))
   a, ma = draw(jax.random.PRNGKey(3))
   b, mb = draw(jax.random.PRNGKey(3))
@@ -69,8 +73,10 @@ def test_gated_sampler_and_distillation_teacher_agree():
   x = jax.random.randint(jax.random.PRNGKey(5), (3, CFG.max_len), 1, CFG.vocab_size)
   x = x.at[:, 0].set(0)
   y = jnp.concatenate([x[:, 1:], jnp.zeros((3, 1), x.dtype)], 1)
-  teacher = distill.teacher_next_token_logprobs(CFG, experts, GATE, gate, x, y,
-                                                jnp.ones(x.shape, bool))
-  np.testing.assert_allclose(sampling.gated_next_fn(CFG, experts, GATE, gate)(x), teacher,
-                             atol=1e-5)
+  teacher = distill.teacher_next_token_logprobs(
+    CFG, experts, GATE, gate, x, y, jnp.ones(x.shape, bool)
+  )
+  np.testing.assert_allclose(
+    sampling.gated_next_fn(CFG, experts, GATE, gate)(x), teacher, atol=1e-5
+  )
   np.testing.assert_allclose(jnp.exp(teacher).sum(-1), 1.0, atol=1e-5)

@@ -13,15 +13,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_stacked_experts_learn_their_own_domains(tmp_path):
   """Two chains; after training, each expert is best on its own domain's held-out data."""
-  opts = dict(num_domains=2, num_states=4, seq_len=6, concentration=0.1,
-              examples_per_split=(400, 200, 10))
+  opts = dict(
+    num_domains=2, num_states=4, seq_len=6, concentration=0.1, examples_per_split=(400, 200, 10)
+  )
   tr = data.load_local("markov", "train", str(tmp_path), 8, **opts)
   va = data.load_local("markov", "validation", str(tmp_path), 8, **opts)
-  cfg = models.LMConfig(vocab_size=tr.vocab_size, max_len=8, d_model=16, num_layers=1,
-                        num_heads=2, d_ff=32)
+  cfg = models.LMConfig(
+    vocab_size=tr.vocab_size, max_len=8, d_model=16, num_layers=1, num_heads=2, d_ff=32
+  )
   params = models.init_stacked_lm(cfg, jax.random.PRNGKey(0), 2)
-  step, state = train.make_game(train.expert_loss_fn(cfg, tr, 16), params, num_domains=2,
-                                lr=1e-2, dual_lr=0.0, seed=0)
+  step, state = train.make_game(
+    train.expert_loss_fn(cfg, tr, 16), params, num_domains=2, lr=1e-2, dual_lr=0.0, seed=0
+  )
   logs = []
   state, hist = train.fit(step, state, 300, name="experts", log=logs.append, chunk=100)
   assert len(logs) == 3 and "ETA" in logs[0]
@@ -36,33 +39,41 @@ def test_stacked_experts_learn_their_own_domains(tmp_path):
 def test_fit_stops_on_a_non_finite_loss():
   def loss_fn(params, batch, key):
     return params["w"] * jax.numpy.array([1.0, jax.numpy.nan])
-  step, state = train.make_game(loss_fn, {"w": jax.numpy.ones(())}, num_domains=2, lr=0.1,
-                                dual_lr=0.1, seed=0)
+
+  step, state = train.make_game(
+    loss_fn, {"w": jax.numpy.ones(())}, num_domains=2, lr=0.1, dual_lr=0.1, seed=0
+  )
   with pytest.raises(FloatingPointError, match="non-finite per-domain loss or λ at step 1:"):
     train.fit(step, state, 10, name="nan", log=lambda s: None, chunk=5)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "launch", "configs",
-                                                               "*.py"))))
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "launch", "configs", "*.py"))))
 def test_every_config_loads_and_is_valid(path):
   import wordfreq  # noqa: F401  the package, imported first: configs must not clash
+
   config = config_files.load(path)
   if "data" in config:  # main-job configs
     pipeline.check_config(config)
-    models.LMConfig(vocab_size=256, max_len=config.data.max_len,
-                    d_model=config.monolithic_large.d_model,
-                    num_layers=config.monolithic_large.num_layers,
-                    num_heads=config.monolithic_large.num_heads,
-                    d_ff=config.monolithic_large.d_ff)
+    models.LMConfig(
+      vocab_size=256,
+      max_len=config.data.max_len,
+      d_model=config.monolithic_large.d_model,
+      num_layers=config.monolithic_large.num_layers,
+      num_heads=config.monolithic_large.num_heads,
+      d_ff=config.monolithic_large.d_ff,
+    )
 
 
 def test_a_batch_that_does_not_divide_across_devices_is_refused(monkeypatch):
-  d = data.encode([np.array([1, 2])] * 4, np.array([0, 1, 0, 1]), ["a", "b"],
-                  vocab_size=3, max_len=4)
-  cfg = models.LMConfig(vocab_size=3, max_len=4, d_model=8, num_layers=1, num_heads=2,
-                        d_ff=8)
+  d = data.encode(
+    [np.array([1, 2])] * 4, np.array([0, 1, 0, 1]), ["a", "b"], vocab_size=3, max_len=4
+  )
+  cfg = models.LMConfig(vocab_size=3, max_len=4, d_model=8, num_layers=1, num_heads=2, d_ff=8)
   monkeypatch.setattr(jax, "device_count", lambda: 8)
-  with pytest.raises(InputError, match=r"per_domain \(experts\)=12 does not divide "
-                                       r"across the 8 devices"):
+  with pytest.raises(
+    InputError,
+    match=r"per_domain \(experts\)=12 does not divide "
+    r"across the 8 devices",
+  ):
     train.expert_loss_fn(cfg, d, 12)
   train.expert_loss_fn(cfg, d, 16)  # a multiple of 8 is fine

@@ -4,14 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.optimize import linprog
+from tolerances import F32_RTOL
 
 from robust_gate import uncertainty
 from robust_gate.checks import InputError
 
-log_vectors = st.integers(2, 6).flatmap(lambda k: hnp.arrays(
-    np.float64, k, elements=st.floats(-30, 30, allow_nan=False)))
+log_vectors = st.integers(2, 6).flatmap(
+  lambda k: hnp.arrays(np.float64, k, elements=st.floats(-30, 30, allow_nan=False))
+)
 
 
 def random_box(rng, K):
@@ -24,8 +27,11 @@ def random_box(rng, K):
 def sets_for(K, seed):
   rng = np.random.default_rng(seed)
   prior = rng.dirichlet(np.ones(K))
-  return [uncertainty.simplex(K), random_box(rng, K),
-          uncertainty.kl_ball(prior, float(rng.uniform(0.01, 0.5)))]
+  return [
+    uncertainty.simplex(K),
+    random_box(rng, K),
+    uncertainty.kl_ball(prior, float(rng.uniform(0.01, 0.5))),
+  ]
 
 
 @settings(max_examples=60, deadline=None)
@@ -59,8 +65,7 @@ def test_projection_is_the_kl_projection(kind):
 def test_simplex_projection_is_normalization():
   s = uncertainty.simplex(3)
   log_q = jnp.log(jnp.array([1.0, 2.0, 5.0]))
-  np.testing.assert_allclose(np.exp(s.project_log(log_q)), [0.125, 0.25, 0.625],
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.exp(s.project_log(log_q)), [0.125, 0.25, 0.625], rtol=F32_RTOL)
 
 
 def test_max_linear_matches_linear_programming():
@@ -70,17 +75,25 @@ def test_max_linear_matches_linear_programming():
       c = rng.normal(size=K)
       simplex, box, ball = sets_for(K, 10 * K + trial)
       v, lam = simplex.max_linear(jnp.asarray(c, jnp.float32))
-      np.testing.assert_allclose(v, c.max(), rtol=1e-6)
+      np.testing.assert_allclose(v, c.max(), rtol=F32_RTOL)
       v, lam = box.max_linear(jnp.asarray(c, jnp.float32))
-      res = linprog(-c, A_eq=np.ones((1, K)), b_eq=[1],
-                    bounds=list(zip(np.asarray(box.lo_K), np.asarray(box.hi_K))))
+      res = linprog(
+        -c,
+        A_eq=np.ones((1, K)),
+        b_eq=[1],
+        bounds=list(zip(np.asarray(box.lo_K), np.asarray(box.hi_K))),
+      )
       np.testing.assert_allclose(v, -res.fun, atol=1e-5)
       assert box.contains(lam)
       v, lam = ball.max_linear(jnp.asarray(c, jnp.float32))
       x = cp.Variable(K, nonneg=True)
-      prob = cp.Problem(cp.Maximize(c @ x), [
+      prob = cp.Problem(
+        cp.Maximize(c @ x),
+        [
           cp.sum(x) == 1,
-          cp.sum(cp.kl_div(x, np.asarray(ball.prior_K, np.float64))) <= float(ball.radius)])
+          cp.sum(cp.kl_div(x, np.asarray(ball.prior_K, np.float64))) <= float(ball.radius),
+        ],
+      )
       prob.solve()
       np.testing.assert_allclose(v, prob.value, atol=2e-4)
       assert ball.contains(lam, atol=1e-4)
@@ -95,8 +108,9 @@ def test_box_vertices_are_extreme_points():
   rng = np.random.default_rng(0)
   for _ in range(10):
     c = rng.normal(size=3)
-    np.testing.assert_allclose((V @ c).max(), s.max_linear(jnp.asarray(c, jnp.float32))[0],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      (V @ c).max(), s.max_linear(jnp.asarray(c, jnp.float32))[0], atol=1e-6
+    )
 
 
 def test_sets_are_jittable_pytrees():
@@ -106,7 +120,9 @@ def test_sets_are_jittable_pytrees():
   np.testing.assert_allclose(np.exp(out), [0.1, 0.9], atol=1e-6)
 
 
-@pytest.mark.parametrize("make, match", [
+@pytest.mark.parametrize(
+  "make, match",
+  [
     (lambda: uncertainty.simplex(0), "K must be ≥ 1"),
     (lambda: uncertainty.simplex(2.5), "must be an int"),
     (lambda: uncertainty.box([0.6, 0.6], [1.0, 1.0]), "admits no mixture"),
@@ -118,7 +134,8 @@ def test_sets_are_jittable_pytrees():
     (lambda: uncertainty.kl_ball([0.5, 0.6], 0.1), "point of the simplex"),
     (lambda: uncertainty.kl_ball([0.5, 0.5], -1.0), "radius"),
     (lambda: uncertainty.kl_ball([], 0.1), "non-empty"),
-])
+  ],
+)
 def test_empty_or_invalid_sets_are_clear_errors(make, match):
   with pytest.raises(InputError, match=match):
     make()

@@ -14,8 +14,13 @@ from robust_gate import config_files
 def get_config():
   c = config_files.load(os.path.join(os.path.dirname(__file__), "synthetic.py"))
   c.data.max_len = 9  # BOS + 7 tokens + EOS
-  c.data.options = {"num_domains": 3, "num_states": 4, "seq_len": 7,
-                    "examples_per_split": (1500, 600, 600), "similarity": 0.0}
+  c.data.options = {
+    "num_domains": 3,
+    "num_states": 4,
+    "seq_len": 7,
+    "examples_per_split": (1500, 600, 600),
+    "similarity": 0.0,
+  }
   for m in (c.expert, c.monolithic_large):
     m.d_model, m.num_layers, m.num_heads, m.d_ff = 16, 1, 2, 32
   c.monolithic_large.d_model = 32

@@ -5,39 +5,39 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0                # seeds model init, sampling and the game
-  c.data_dir = ""           # TFDS data dir; "" = <workdir>/tfds
-  c.baseline = "expert"     # b_k (MATH.md §3): "expert", "entropy" (markov only), "none"
+  c.seed = 0  # seeds model init, sampling and the game
+  c.data_dir = ""  # TFDS data dir; "" = <workdir>/tfds
+  c.baseline = "expert"  # b_k (docs/math.md §3): "expert", "entropy" (markov only), "none"
   c.uncertainty = "simplex"  # Λ: "simplex", "box" or "kl_ball"
-  c.box_lo = 0.05           # box Λ: every λ_k ≥ box_lo
-  c.box_hi = 0.5            # box Λ: every λ_k ≤ box_hi
-  c.kl_radius = 0.1         # kl_ball Λ: KL(λ ‖ uniform) ≤ kl_radius
-  c.dtype = "float32"       # transformer compute dtype: "float32" or "bfloat16"
-                            # (parameters, optimizer and log-softmax stay float32)
+  c.box_lo = 0.05  # box Λ: every λ_k ≥ box_lo
+  c.box_hi = 0.5  # box Λ: every λ_k ≤ box_hi
+  c.kl_radius = 0.1  # kl_ball Λ: KL(λ ‖ uniform) ≤ kl_radius
+  c.dtype = "float32"  # transformer compute dtype: "float32" or "bfloat16"
+  # (parameters, optimizer and log-softmax stay float32)
   c.checkpoint_every = 200  # steps per compiled lax.scan chunk; a checkpoint, metric
-                            # lines and a progress line after each
+  # lines and a progress line after each
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "wordfreq"  # local dataset: "wordfreq", "digits" or "markov"
-  c.data.max_len = 16       # context T: BOS + up to T−1 tokens, then EOS
+  c.data.max_len = 16  # context T: BOS + up to T−1 tokens, then EOS
   c.data.options = ml_collections.ConfigDict()  # builder options (robust_gate.datasets)
   c.data.options.languages = ("en", "de", "fr", "es", "fi", "pl")  # domains
   c.data.options.examples_per_split = (4000, 2000, 2000)  # per language
   c.data.options.frequency_power = 0.5  # words sampled ∝ frequency ** power
 
   c.expert = ml_collections.ConfigDict()
-  c.expert.d_model = 64     # width of each expert transformer
-  c.expert.num_layers = 2   # transformer blocks
-  c.expert.num_heads = 4    # attention heads
-  c.expert.d_ff = 256       # MLP width
-  c.expert.steps = 1200     # Adam steps (all experts at once)
-  c.expert.lr = 3e-3        # Adam learning rate
+  c.expert.d_model = 64  # width of each expert transformer
+  c.expert.num_layers = 2  # transformer blocks
+  c.expert.num_heads = 4  # attention heads
+  c.expert.d_ff = 256  # MLP width
+  c.expert.steps = 1200  # Adam steps (all experts at once)
+  c.expert.lr = 3e-3  # Adam learning rate
   c.expert.per_domain = 32  # sequences per domain (= per expert) per step
 
   c.monolithic = ml_collections.ConfigDict()
-  c.monolithic.steps = 1200      # steps of the expert-sized monolithic models
-  c.monolithic.lr = 3e-3         # their Adam learning rate
-  c.monolithic.per_domain = 32   # sequences per domain per step (K× an expert's batch)
+  c.monolithic.steps = 1200  # steps of the expert-sized monolithic models
+  c.monolithic.lr = 3e-3  # their Adam learning rate
+  c.monolithic.per_domain = 32  # sequences per domain per step (K× an expert's batch)
   c.monolithic.dro_dual_lr = 0.5  # group-DRO dual step size η
 
   c.monolithic_large = ml_collections.ConfigDict()  # about all experts' parameters
@@ -49,17 +49,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.monolithic_large.lr = 1e-3
 
   c.gate = ml_collections.ConfigDict()
-  c.gate.hidden = 32        # gate MLP width
-  c.gate.token_embed = 0    # gate token-embedding width (0: none; it memorizes words)
-  c.gate.pos_embed = 8      # gate position-embedding width
-  c.gate.steps = 1500       # primal-dual steps
-  c.gate.lr = 3e-3          # Adam learning rate of the gate
-  c.gate.dual_lr = 0.5      # mirror-ascent step size η of the robust gate
-  c.gate.per_domain = 64    # cached sequences per domain per step
-  c.gate.ema_decay = 0.99   # EMA of w: the gate reported (0: the last iterate; BUILD_NOTES)
+  c.gate.hidden = 32  # gate MLP width
+  c.gate.token_embed = 0  # gate token-embedding width (0: none; it memorizes words)
+  c.gate.pos_embed = 8  # gate position-embedding width
+  c.gate.steps = 1500  # primal-dual steps
+  c.gate.lr = 3e-3  # Adam learning rate of the gate
+  c.gate.dual_lr = 0.5  # mirror-ascent step size η of the robust gate
+  c.gate.per_domain = 64  # cached sequences per domain per step
+  c.gate.ema_decay = 0.99  # EMA of w: the gate reported (0: the last iterate; BUILD_NOTES)
 
   c.distill = ml_collections.ConfigDict()
-  c.distill.steps = 600     # student steps (teacher evaluated on the fly each step)
-  c.distill.lr = 1e-3       # Adam learning rate of the student
+  c.distill.steps = 600  # student steps (teacher evaluated on the fly each step)
+  c.distill.lr = 1e-3  # Adam learning rate of the student
   c.distill.per_domain = 16  # train sequences per domain per step
   return c

@@ -52,8 +52,16 @@ def _plain(obj):
 class Checkpointer:
   """One phase directory: spec check, restore with fallback, save, metrics."""
 
-  def __init__(self, directory: str, spec: dict, *, name: str, log=print,
-               max_to_keep: int = 2, create: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    spec: dict,
+    *,
+    name: str,
+    log=print,
+    max_to_keep: int = 2,
+    create: bool = True,
+  ):
     """Opens (with create=False: only if it exists) the phase directory.
 
     Raises InputError when the directory's saved spec differs from `spec`, and
@@ -63,8 +71,10 @@ class Checkpointer:
     path = os.path.join(directory, "spec.json")
     if not os.path.exists(path):
       if not create:
-        raise InputError(f"{name}: nothing trained in {directory}; run its phase "
-                         f"first (or launch/main.py, which runs every phase).")
+        raise InputError(
+          f"{name}: nothing trained in {directory}; run its phase "
+          f"first (or launch/main.py, which runs every phase)."
+        )
       if parallel.is_main():
         os.makedirs(directory, exist_ok=True)
       atomic_write(path, json.dumps(_plain(spec), indent=1, sort_keys=True))
@@ -78,18 +88,20 @@ class Checkpointer:
       stored = json.load(f)
     if stored != spec:
       keys = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
-      diffs = "; ".join(f"{k}: saved {stored.get(k)!r}, now {spec.get(k)!r}"
-                        for k in keys)
+      diffs = "; ".join(f"{k}: saved {stored.get(k)!r}, now {spec.get(k)!r}" for k in keys)
       raise InputError(
-          f"{self.directory} holds a {self.name} run started with a different "
-          f"configuration or inputs ({diffs}). Refusing to mix them: use another "
-          f"--workdir, or delete {self.directory} to start this phase again.")
+        f"{self.directory} holds a {self.name} run started with a different "
+        f"configuration or inputs ({diffs}). Refusing to mix them: use another "
+        f"--workdir, or delete {self.directory} to start this phase again."
+      )
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        os.path.join(self.directory, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=self._max_to_keep, enable_async_checkpointing=False))
+      os.path.join(self.directory, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=self._max_to_keep, enable_async_checkpointing=False
+      ),
+    )
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -105,12 +117,16 @@ class Checkpointer:
         continue
       abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
       try:
-        restored = self._manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+          s,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+          ),
+        )
         digest = experts.params_fingerprint(restored.state)
         if digest != restored.meta["digest"]:
           raise ValueError(f"digest {digest[:12]}… != saved {restored.meta['digest'][:12]}…")
-      except Exception as e:  # noqa: BLE001 (any failure to read = corrupt)
+      except Exception as e:
         self._quarantine(s, e)
         continue
       return restored.state
@@ -124,9 +140,11 @@ class Checkpointer:
       os.makedirs(corrupt, exist_ok=True)
       shutil.move(os.path.join(self.directory, "checkpoints", str(step)), dest)
     parallel.sync(f"quarantined {self.directory} {step}")
-    self.log(f"{self.name}: checkpoint at step {step} is corrupt "
-             f"({type(error).__name__}: {str(error)[:200]}); moved to {dest}, "
-             f"using the previous one.")
+    self.log(
+      f"{self.name}: checkpoint at step {step} is corrupt "
+      f"({type(error).__name__}: {str(error)[:200]}); moved to {dest}, "
+      f"using the previous one."
+    )
     self._manager = self._open()
 
   def save(self, state, metrics: dict) -> None:
@@ -134,18 +152,22 @@ class Checkpointer:
     step = int(state.step)
     first = step - len(metrics["losses"]) + 1
     lines = "".join(
-        json.dumps({"step": first + i, **{k: np.asarray(v[i]).tolist()
-                                          for k, v in metrics.items()}}) + "\n"
-        for i in range(len(metrics["losses"])))
+      json.dumps({"step": first + i, **{k: np.asarray(v[i]).tolist() for k, v in metrics.items()}})
+      + "\n"
+      for i in range(len(metrics["losses"]))
+    )
     if parallel.is_main():
       with open(self.metrics_path, "a") as f:
         f.write(lines)
         f.flush()
         os.fsync(f.fileno())
-    self._manager.save(step, args=ocp.args.Composite(
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"digest": experts.params_fingerprint(state),
-                                "step": step})))
+        meta=ocp.args.JsonSave({"digest": experts.params_fingerprint(state), "step": step}),
+      ),
+    )
     self._manager.wait_until_finished()
 
   @property
@@ -157,8 +179,7 @@ class Checkpointer:
     return read_metrics(self.directory, up_to, truncate=True)
 
 
-def read_metrics(directory: str, up_to: int | None = None, *,
-                 truncate: bool = False) -> list[dict]:
+def read_metrics(directory: str, up_to: int | None = None, *, truncate: bool = False) -> list[dict]:
   """The metric rows of a phase directory (steps ≤ up_to), in step order."""
   path = os.path.join(directory, "metrics.jsonl")
   if not os.path.exists(path):
@@ -175,10 +196,10 @@ def read_metrics(directory: str, up_to: int | None = None, *,
         dropped = True
         continue
       rows[row["step"]] = row
-  rows = [rows[s] for s in sorted(rows)]
+  ordered = [rows[s] for s in sorted(rows)]
   if truncate and dropped:
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-  return rows
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in ordered))
+  return ordered
 
 
 def stack_metrics(rows: list[dict]) -> dict:

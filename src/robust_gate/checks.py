@@ -22,8 +22,7 @@ def as_float_array(x, name: str, ndim: int) -> np.ndarray:
   except (TypeError, ValueError) as e:
     raise InputError(f"{name} must be a numeric array: {e}") from None
   if arr.ndim != ndim:
-    raise InputError(
-        f"{name} must have {ndim} dimensions, got shape {arr.shape}.")
+    raise InputError(f"{name} must have {ndim} dimensions, got shape {arr.shape}.")
   if 0 in arr.shape:
     raise InputError(f"{name} is empty (shape {arr.shape}).")
   return arr
@@ -41,8 +40,9 @@ def check_probabilities(probs_KxN, name: str = "domain_probs_KxN") -> np.ndarray
   bad = np.flatnonzero(np.abs(sums - 1.0) > SUM_ATOL)
   if bad.size:
     raise InputError(
-        f"{name} row {bad[0]} sums to {sums[bad[0]]:.6g}, not 1 "
-        f"(rows must be probability distributions).")
+      f"{name} row {bad[0]} sums to {sums[bad[0]]:.6g}, not 1 "
+      f"(rows must be probability distributions)."
+    )
   return probs
 
 
@@ -57,19 +57,20 @@ def check_logprobs(logp_MxN, name: str = "expert_logprobs_MxN") -> np.ndarray:
     raise InputError(f"{name}[{j}, {n}] is NaN.")
   if np.any(logp == np.inf):
     j, n = np.argwhere(logp == np.inf)[0]
-    raise InputError(f"{name}[{j}, {n}] is +inf: an expert cannot have infinite "
-                     f"log-probability.")
+    raise InputError(f"{name}[{j}, {n}] is +inf: an expert cannot have infinite log-probability.")
   row_max = logp.max(axis=1)
   dead = np.flatnonzero(row_max == -np.inf)
   if dead.size:
-    raise InputError(f"{name} row {dead[0]} is -inf everywhere: expert "
-                     f"{dead[0]} has no mass at all.")
+    raise InputError(
+      f"{name} row {dead[0]} is -inf everywhere: expert {dead[0]} has no mass at all."
+    )
   log_sums = row_max + np.log(np.exp(logp - row_max[:, None]).sum(axis=1))
   bad = np.flatnonzero(np.abs(np.expm1(log_sums)) > SUM_ATOL)
   if bad.size:
     raise InputError(
-        f"{name} row {bad[0]}: expert {bad[0]}'s probabilities sum to "
-        f"{np.exp(log_sums[bad[0]]):.6g}, not 1 (experts must be normalized).")
+      f"{name} row {bad[0]}: expert {bad[0]}'s probabilities sum to "
+      f"{np.exp(log_sums[bad[0]]):.6g}, not 1 (experts must be normalized)."
+    )
   return logp
 
 
@@ -80,18 +81,19 @@ def check_support(probs_KxN: np.ndarray, logp_MxN: np.ndarray) -> None:
   """
   if probs_KxN.shape[1] != logp_MxN.shape[1]:
     raise InputError(
-        f"domain_probs has N={probs_KxN.shape[1]} points but expert_logprobs has "
-        f"N={logp_MxN.shape[1]}: both must index the same finite space.")
+      f"domain_probs has N={probs_KxN.shape[1]} points but expert_logprobs has "
+      f"N={logp_MxN.shape[1]}: both must index the same finite space."
+    )
   uncovered = (probs_KxN > 0) & (logp_MxN.max(axis=0) == -np.inf)[None, :]
   if np.any(uncovered):
     k, n = np.argwhere(uncovered)[0]
     raise InputError(
-        f"point {n} has mass {probs_KxN[k, n]:.3g} under domain {k} but every "
-        f"expert gives it log-probability -inf: the loss would be infinite.")
+      f"point {n} has mass {probs_KxN[k, n]:.3g} under domain {k} but every "
+      f"expert gives it log-probability -inf: the loss would be infinite."
+    )
 
 
-def check_token_logprobs(logp_BxTxM, mask_BxT=None,
-                         name: str = "logp_BxTxM") -> np.ndarray:
+def check_token_logprobs(logp_BxTxM, mask_BxT=None, name: str = "logp_BxTxM") -> np.ndarray:
   """Checks cached per-token expert log-probs `log p_j(x_t | x_<t)`.
 
   NaN, +inf and positive values are errors; `-inf` is legal unless every
@@ -103,16 +105,19 @@ def check_token_logprobs(logp_BxTxM, mask_BxT=None,
     raise InputError(f"{name}{list(idx)} is NaN.")
   if np.any(logp > 1e-5):
     idx = tuple(np.argwhere(logp > 1e-5)[0])
-    raise InputError(f"{name}{list(idx)} = {logp[idx]:.4g} > 0: not the "
-                     f"log-probability of a token.")
-  mask = np.ones(logp.shape[:2], bool) if mask_BxT is None else np.asarray(
-      mask_BxT, bool)
+    raise InputError(
+      f"{name}{list(idx)} = {logp[idx]:.4g} > 0: not the log-probability of a token."
+    )
+  mask = np.ones(logp.shape[:2], bool) if mask_BxT is None else np.asarray(mask_BxT, bool)
   if mask.shape != logp.shape[:2]:
-    raise InputError(f"mask shape {mask.shape} does not match {name} shape "
-                     f"{logp.shape[:2]} (batch, time).")
+    raise InputError(
+      f"mask shape {mask.shape} does not match {name} shape {logp.shape[:2]} (batch, time)."
+    )
   dead = mask & np.all(logp == -np.inf, axis=-1)
   if np.any(dead):
     b, t = np.argwhere(dead)[0]
-    raise InputError(f"token at (example {b}, position {t}) has log-probability "
-                     f"-inf under every expert: the loss would be infinite.")
+    raise InputError(
+      f"token at (example {b}, position {t}) has log-probability "
+      f"-inf under every expert: the loss would be infinite."
+    )
   return logp

@@ -15,6 +15,7 @@ def load(path: str, *args):
   path = os.path.abspath(path)
   name = "robust_gate_config_" + hashlib.sha1(path.encode()).hexdigest()[:12]
   spec = importlib.util.spec_from_file_location(name, path)
+  assert spec is not None and spec.loader is not None, path
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(*args)

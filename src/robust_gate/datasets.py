@@ -21,6 +21,7 @@ prepares one and returns the builder; `robust_gate.data` loads them.
 import abc
 import dataclasses
 import hashlib
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -34,9 +35,9 @@ SPLITS = ("train", "validation", "test")
 class WordfreqConfig(tfds.core.BuilderConfig):
   languages: tuple = ("en", "de", "fr", "es", "fi", "pl")
   examples_per_split: tuple = (4000, 1000, 1000)  # per language: train, val, test
-  max_bytes: int = 15                 # longer words are left out
-  frequency_power: float = 0.5        # words are sampled ∝ frequency ** power
-  wordlist_size: int = 20000          # most frequent word types per language
+  max_bytes: int = 15  # longer words are left out
+  frequency_power: float = 0.5  # words are sampled ∝ frequency ** power
+  wordlist_size: int = 20000  # most frequent word types per language
   seed: int = 0
 
 
@@ -50,17 +51,19 @@ class DigitsConfig(tfds.core.BuilderConfig):
 @dataclasses.dataclass
 class MarkovConfig(tfds.core.BuilderConfig):
   num_domains: int = 4
-  num_states: int = 8        # tokens 1..num_states
+  num_states: int = 8  # tokens 1..num_states
   seq_len: int = 16
   concentration: float = 0.3  # Dirichlet concentration of the transition rows
-  similarity: float = 0.0     # rows pulled toward shared rows: 1 = identical domains
+  similarity: float = 0.0  # rows pulled toward shared rows: 1 = identical domains
   examples_per_split: tuple = (2000, 500, 500)
   seed: int = 0
 
 
 def _features(domains, with_text=False):
-  feats = {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-           "domain": tfds.features.ClassLabel(names=list(domains))}
+  feats = {
+    "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+    "domain": tfds.features.ClassLabel(names=list(domains)),
+  }
   if with_text:
     feats["text"] = tfds.features.Text()
   return tfds.features.FeaturesDict(feats)
@@ -74,6 +77,7 @@ def _word_split(word: str) -> int:
 
 class _DomainBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared by the builders: a `domain` ClassLabel, the three SPLITS."""
+
   VERSION = tfds.core.Version("1.0.0")
   WITH_TEXT = False
 
@@ -83,8 +87,8 @@ class _DomainBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self, features=_features(self._domain_names(), self.WITH_TEXT),
-        description=__doc__)
+      builder=self, features=_features(self._domain_names(), self.WITH_TEXT), description=__doc__
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -93,7 +97,8 @@ class _DomainBuilder(tfds.core.GeneratorBasedBuilder):
 
 class RobustGateWordfreq(_DomainBuilder):
   """Words of several languages sampled by frequency; domain = language."""
-  BUILDER_CONFIGS = [WordfreqConfig(name="default")]
+
+  BUILDER_CONFIGS = [WordfreqConfig(name="default")]  # noqa: RUF012 (the tfds API)
   WITH_TEXT = True
 
   def _domain_names(self):
@@ -101,44 +106,54 @@ class RobustGateWordfreq(_DomainBuilder):
 
   def _generate_examples(self, split_index):
     import wordfreq
+
     c = self.builder_config
     rng = np.random.default_rng([c.seed, split_index])
     for lang_index, lang in enumerate(c.languages):
-      words = [w for w in wordfreq.top_n_list(lang, c.wordlist_size)
-               if len(w.encode("utf-8")) <= c.max_bytes and _word_split(w) == split_index]
+      words = [
+        w
+        for w in wordfreq.top_n_list(lang, c.wordlist_size)
+        if len(w.encode("utf-8")) <= c.max_bytes and _word_split(w) == split_index
+      ]
       if not words:
-        raise ValueError(f"wordfreq language {lang!r} has no words in split "
-                         f"{SPLITS[split_index]}.")
+        raise ValueError(f"wordfreq language {lang!r} has no words in split {SPLITS[split_index]}.")
       freq = np.array([wordfreq.word_frequency(w, lang) for w in words])
-      weight = freq ** c.frequency_power
-      picks = rng.choice(len(words), size=c.examples_per_split[split_index],
-                         p=weight / weight.sum())
+      weight = freq**c.frequency_power
+      picks = rng.choice(
+        len(words), size=c.examples_per_split[split_index], p=weight / weight.sum()
+      )
       for i, w in enumerate(picks):
         text = words[w]
-        yield f"{lang}_{i}", {"text": text, "domain": lang_index,
-                              "tokens": np.frombuffer(text.encode("utf-8"),
-                                                      np.uint8).astype(np.int32)}
+        yield (
+          f"{lang}_{i}",
+          {
+            "text": text,
+            "domain": lang_index,
+            "tokens": np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32),
+          },
+        )
 
 
 class RobustGateDigits(_DomainBuilder):
   """scikit-learn digits, 64 pixel intensities (tokens 1..17) per example."""
-  BUILDER_CONFIGS = [DigitsConfig(name="default")]
+
+  BUILDER_CONFIGS = [DigitsConfig(name="default")]  # noqa: RUF012 (the tfds API)
 
   def _domain_names(self):
     return ["digits_" + "".join(map(str, g)) for g in self.builder_config.groups]
 
   def _generate_examples(self, split_index):
     from sklearn.datasets import load_digits
+
     c = self.builder_config
     digits = load_digits()
     rng = np.random.default_rng(c.seed)
-    bounds = np.cumsum((0,) + tuple(c.split_fractions))
+    bounds = np.cumsum((0, *tuple(c.split_fractions)))
     for g, classes in enumerate(c.groups):
       idx = rng.permutation(np.flatnonzero(np.isin(digits.target, classes)))
-      lo, hi = (np.round(bounds[split_index:split_index + 2] * len(idx))).astype(int)
+      lo, hi = (np.round(bounds[split_index : split_index + 2] * len(idx))).astype(int)
       for i in idx[lo:hi]:
-        yield int(i), {"domain": g,
-                       "tokens": digits.data[i].astype(np.int32) + 1}
+        yield int(i), {"domain": g, "tokens": digits.data[i].astype(np.int32) + 1}
 
 
 def markov_chains(config: MarkovConfig):
@@ -176,7 +191,8 @@ def markov_entropy(config: MarkovConfig) -> np.ndarray:
 
 class RobustGateMarkov(_DomainBuilder):
   """Synthetic Markov-chain domains with known entropy."""
-  BUILDER_CONFIGS = [MarkovConfig(name="default")]
+
+  BUILDER_CONFIGS = [MarkovConfig(name="default")]  # noqa: RUF012 (the tfds API)
 
   def _domain_names(self):
     return [f"chain_{k}" for k in range(self.builder_config.num_domains)]
@@ -195,9 +211,11 @@ class RobustGateMarkov(_DomainBuilder):
         yield f"{k}_{i}", {"domain": k, "tokens": x + 1}
 
 
-BUILDERS = {"wordfreq": (RobustGateWordfreq, WordfreqConfig),
-            "digits": (RobustGateDigits, DigitsConfig),
-            "markov": (RobustGateMarkov, MarkovConfig)}
+BUILDERS = {
+  "wordfreq": (RobustGateWordfreq, WordfreqConfig),
+  "digits": (RobustGateDigits, DigitsConfig),
+  "markov": (RobustGateMarkov, MarkovConfig),
+}
 
 
 def make_config(name: str, **overrides) -> tfds.core.BuilderConfig:
@@ -206,14 +224,15 @@ def make_config(name: str, **overrides) -> tfds.core.BuilderConfig:
     raise InputError(f"unknown local dataset {name!r}; choose one of {sorted(BUILDERS)}.")
   _, config_cls = BUILDERS[name]
   fields = {f.name for f in dataclasses.fields(config_cls)} - {
-      f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+    f.name for f in dataclasses.fields(tfds.core.BuilderConfig)
+  }
   unknown = set(overrides) - fields
   if unknown:
-    raise InputError(f"unknown {name} dataset options {sorted(unknown)}; "
-                     f"known: {sorted(fields)}.")
-  values = {k: tuple(map(tuple, v)) if k == "groups" else
-            (tuple(v) if isinstance(v, (list, tuple)) else v)
-            for k, v in overrides.items()}
+    raise InputError(f"unknown {name} dataset options {sorted(unknown)}; known: {sorted(fields)}.")
+  values: dict[str, Any] = {
+    k: tuple(map(tuple, v)) if k == "groups" else (tuple(v) if isinstance(v, (list, tuple)) else v)
+    for k, v in overrides.items()
+  }
   _check_options(name, values)
   digest = hashlib.sha1(repr(sorted(values.items())).encode()).hexdigest()[:10]
   return config_cls(name=f"c{digest}", **values)
@@ -237,10 +256,14 @@ def _check_options(name: str, values: dict) -> None:
         raise InputError(f"{name} dataset option {key}={value!r} must be positive.")
   if name == "digits" and "groups" in values:
     classes = [c for g in values["groups"] for c in g]
-    if not all(g for g in values["groups"]) or len(set(classes)) != len(classes) or \
-        not set(classes) <= set(range(10)):
-      raise InputError(f"digits groups {values['groups']} must be non-empty, disjoint "
-                       f"sets of the classes 0..9.")
+    if (
+      not all(g for g in values["groups"])
+      or len(set(classes)) != len(classes)
+      or not set(classes) <= set(range(10))
+    ):
+      raise InputError(
+        f"digits groups {values['groups']} must be non-empty, disjoint sets of the classes 0..9."
+      )
 
 
 def build(name: str, data_dir: str, **overrides) -> tfds.core.DatasetBuilder:

@@ -1,4 +1,4 @@
-"""Structural distillation: one expert-sized student from the robust ensemble (MATH.md §5).
+"""Structural distillation: one expert-sized student from the robust ensemble (docs/math.md §5).
 
 The teacher is the causal gated model p_w(· | x_<t) = Σ_j π_w(x_<t)_j p_j(· | x_<t)
 over the frozen experts; its full next-token distributions are computed on the fly
@@ -19,19 +19,25 @@ from robust_gate import data as data_lib
 from robust_gate import gating, models, parallel, train
 
 
-def teacher_next_token_logprobs(lm_cfg: models.LMConfig, expert_params_M,
-                                gate_cfg: models.GateConfig, gate_params,
-                                inputs_BxT, targets_BxT, mask_BxT) -> jax.Array:
+def teacher_next_token_logprobs(
+  lm_cfg: models.LMConfig,
+  expert_params_M,
+  gate_cfg: models.GateConfig,
+  gate_params,
+  inputs_BxT,
+  targets_BxT,
+  mask_BxT,
+) -> jax.Array:
   """The gated model's full next-token log-distributions, [B, T, V].
 
   One forward pass per expert gives both the full distributions and the
   observed-token log-probs that drive the gate's prefix likelihoods.
   """
   logp_MxBxTxV = jax.vmap(models.next_token_logprobs, in_axes=(None, 0, None))(
-      lm_cfg, expert_params_M, inputs_BxT)
+    lm_cfg, expert_params_M, inputs_BxT
+  )
   logp_BxTxMxV = jnp.moveaxis(logp_MxBxTxV, 0, 2)
-  observed_BxTxM = jnp.take_along_axis(
-      logp_BxTxMxV, targets_BxT[:, :, None, None], axis=-1)[..., 0]
+  observed_BxTxM = jnp.take_along_axis(logp_BxTxMxV, targets_BxT[:, :, None, None], axis=-1)[..., 0]
   prefix = models.prefix_loglik(observed_BxTxM, mask_BxT)
   log_gate = models.gate_log_weights(gate_cfg, gate_params, inputs_BxT, prefix)
   return gating.causal_mixture_next_token(log_gate, logp_BxTxMxV)
@@ -44,9 +50,14 @@ def token_kl(teacher_logp_BxTxV, student_logp_BxTxV) -> jax.Array:
   return jnp.sum(p * diff, axis=-1)
 
 
-def distill_loss_fn(lm_cfg: models.LMConfig, expert_params_M,
-                    gate_cfg: models.GateConfig, gate_params,
-                    d: data_lib.DomainData, per_domain: int):
+def distill_loss_fn(
+  lm_cfg: models.LMConfig,
+  expert_params_M,
+  gate_cfg: models.GateConfig,
+  gate_params,
+  d: data_lib.DomainData,
+  per_domain: int,
+):
   """Per-domain mean token KL(teacher ‖ student) on a stratified batch: losses [K]."""
   arrays, index = train.device_arrays(d), data_lib.domain_index(d)
   parallel.check_divisible(per_domain, "per_domain (distill)")
@@ -57,8 +68,9 @@ def distill_loss_fn(lm_cfg: models.LMConfig, expert_params_M,
     K, B = idx_KxB.shape
     flat = parallel.shard_batch(idx_KxB.reshape(-1))
     x, y, m = arrays["inputs"][flat], arrays["targets"][flat], arrays["mask"][flat]
-    teacher = jax.lax.stop_gradient(teacher_next_token_logprobs(
-        lm_cfg, expert_params_M, gate_cfg, gate_params, x, y, m))
+    teacher = jax.lax.stop_gradient(
+      teacher_next_token_logprobs(lm_cfg, expert_params_M, gate_cfg, gate_params, x, y, m)
+    )
     student = models.next_token_logprobs(lm_cfg, student_params, x)
     kl_KxBxT = token_kl(teacher, student).reshape(K, B, -1)
     return train.per_domain_token_loss(kl_KxBxT, m.reshape(K, B, -1), 0.0)
@@ -76,9 +88,10 @@ def student_init(expert_params_M, lam_bar_K):
   return jax.tree_util.tree_map(lambda a: a[j], expert_params_M), j
 
 
-def sequence_gate_to_causal(target_logp_N, seqs_NxL, expert_cond_NxLxMxV, *,
-                            steps: int = 2000, lr: float = 0.1):
-  """Distills a sequence-level gated model into a causal gate (MATH.md §5), exactly.
+def sequence_gate_to_causal(
+  target_logp_N, seqs_NxL, expert_cond_NxLxMxV, *, steps: int = 2000, lr: float = 0.1
+):
+  """Distills a sequence-level gated model into a causal gate (docs/math.md §5), exactly.
 
   On a finite space of all N = V^L sequences of length L, the sequence-level model
   p_g(x) (any normalized log-probabilities `target_logp_N`, e.g. from
@@ -107,8 +120,9 @@ def sequence_gate_to_causal(target_logp_N, seqs_NxL, expert_cond_NxLxMxV, *,
     offsets.append(offsets[-1] + V ** (t - 1))
   prefix_NxL = jnp.stack(codes, axis=1) + jnp.asarray(offsets)[None, :]
   num_prefixes = offsets[-1] + V ** (L - 1)
-  observed_NxLxM = jnp.take_along_axis(
-      expert_cond_NxLxMxV, seqs_NxL[:, :, None, None], axis=-1)[..., 0]
+  observed_NxLxM = jnp.take_along_axis(expert_cond_NxLxMxV, seqs_NxL[:, :, None, None], axis=-1)[
+    ..., 0
+  ]
   p_N = jnp.exp(target_logp_N)
 
   def log_gate(scores_PxM):

@@ -1,4 +1,4 @@
-"""Evaluation: per-domain held-out losses of every method, tables, plots (MATH.md §6).
+"""Evaluation: per-domain held-out losses of every method, tables, plots (docs/math.md §6).
 
 Losses are reported in bits per token. `domain_loss` is L_k = CE(D_k, model) − b_k
 with the same baseline the game used (default: b_k = the domain's own expert's
@@ -25,25 +25,30 @@ def domain_ce(logp_NxT: np.ndarray, data: DomainData) -> np.ndarray:
   nll = -np.where(data.mask_NxT, logp_NxT, 0.0).sum(axis=1)
   tokens = data.mask_NxT.sum(axis=1)
   K = data.num_domains
-  return (np.bincount(data.domain_N, nll, K) /
-          np.bincount(data.domain_N, tokens, K))
+  return np.bincount(data.domain_N, nll, K) / np.bincount(data.domain_N, tokens, K)
 
 
 def lm_logprobs(config: models.LMConfig, params, data: DomainData) -> np.ndarray:
   """One transformer's log-probs of the observed tokens, [N, T] (validated)."""
-  model = experts.Expert(names=("model",), vocab_size=config.vocab_size,
-                         logprob_fn=lambda x, y: models.token_logprobs(config, params, x, y))
+  model = experts.Expert(
+    names=("model",),
+    vocab_size=config.vocab_size,
+    logprob_fn=lambda x, y: models.token_logprobs(config, params, x, y),
+  )
   return experts.build_cache([model], data)[..., 0]
 
 
-def gate_logprobs_and_usage(config: models.GateConfig, params, data: DomainData,
-                            cache_NxTxM) -> tuple[np.ndarray, np.ndarray]:
+def gate_logprobs_and_usage(
+  config: models.GateConfig, params, data: DomainData, cache_NxTxM
+) -> tuple[np.ndarray, np.ndarray]:
   """The gated model's log-probs [N, T] and mean gate weights per domain [K, M]."""
+
   @jax.jit
   def fn(p, x, c, m):
     prefix = models.prefix_loglik(c, m)
     log_gate = models.gate_log_weights(config, p, x, prefix)
     return gating.causal_mixture_logp(log_gate, c), jnp.exp(log_gate)
+
   rows, n = parallel.put_rows(data.inputs_NxT, cache_NxTxM, data.mask_NxT)
   logp, gate = fn(params, *rows)
   return parallel.fetch(logp)[:n], usage(parallel.fetch(gate)[:n], data)
@@ -64,31 +69,44 @@ def usage(gate_NxTxM: np.ndarray, data: DomainData) -> np.ndarray:
 def method_entry(ce_nats_K, baseline_nats_K, uncertainty, domains) -> dict:
   loss_K = (np.asarray(ce_nats_K) - np.asarray(baseline_nats_K)) / LN2
   worst, _ = uncertainty.max_linear(jnp.asarray(loss_K, jnp.float32))
-  return {"domain_loss": dict(zip(domains, map(float, loss_K))),
-          "domain_ce": dict(zip(domains, map(float, np.asarray(ce_nats_K) / LN2))),
-          "mean": float(loss_K.mean()), "worst_case": float(worst)}
+  return {
+    "domain_loss": dict(zip(domains, map(float, loss_K))),
+    "domain_ce": dict(zip(domains, map(float, np.asarray(ce_nats_K) / LN2))),
+    "mean": float(loss_K.mean()),
+    "worst_case": float(worst),
+  }
 
 
 def gradient_conflict(loss_fn, params, key) -> np.ndarray:
   """Cosine matrix of the per-domain gradients ∇L_k at `params` on one batch, [K, K]."""
   jac = jax.jacrev(lambda p: loss_fn(p, None, key))(params)
-  flat = np.concatenate([np.asarray(l).reshape(np.asarray(l).shape[0], -1)
-                         for l in jax.tree_util.tree_leaves(jac)], axis=1)
+  flat = np.concatenate(
+    [np.asarray(g).reshape(np.asarray(g).shape[0], -1) for g in jax.tree_util.tree_leaves(jac)],
+    axis=1,
+  )
   flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-30)
   return flat @ flat.T
 
 
 def format_table(results: dict) -> str:
   domains = results["domains"]
-  head = f"{'method':22s}" + "".join(f"{d[:9]:>10s}" for d in domains) + \
-      f"{'mean':>10s}{'worst':>10s}"
-  lines = [f"per-domain loss L_k, {results['units']} (baseline: {results['baseline']})",
-           head, "-" * len(head)]
+  head = (
+    f"{'method':22s}" + "".join(f"{d[:9]:>10s}" for d in domains) + f"{'mean':>10s}{'worst':>10s}"
+  )
+  lines = [
+    f"per-domain loss L_k, {results['units']} (baseline: {results['baseline']})",
+    head,
+    "-" * len(head),
+  ]
   for name, m in results["methods"].items():
-    lines.append(f"{name:22s}" + "".join(f"{m['domain_loss'][d]:10.4f}" for d in domains)
-                 + f"{m['mean']:10.4f}{m['worst_case']:10.4f}")
-  lines.append("λ̄ (robust gate): " + ", ".join(
-      f"{d}={w:.3f}" for d, w in results["lambda_bar"].items()))
+    lines.append(
+      f"{name:22s}"
+      + "".join(f"{m['domain_loss'][d]:10.4f}" for d in domains)
+      + f"{m['mean']:10.4f}{m['worst_case']:10.4f}"
+    )
+  lines.append(
+    "λ̄ (robust gate): " + ", ".join(f"{d}={w:.3f}" for d, w in results["lambda_bar"].items())
+  )
   return "\n".join(lines)
 
 
@@ -104,12 +122,13 @@ def write_json(path: str, obj) -> None:
 def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:
   """PNG plots: λ over training, per-domain loss by method, gate usage."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   domains, paths = results["domains"], []
 
-  fig, axes = plt.subplots(1, len(lam_history), figsize=(6 * len(lam_history), 3.5),
-                           squeeze=False)
+  fig, axes = plt.subplots(1, len(lam_history), figsize=(6 * len(lam_history), 3.5), squeeze=False)
   for ax, (name, lam_SxK) in zip(axes[0], lam_history.items()):
     for k, d in enumerate(domains):
       ax.plot(lam_SxK[:, k], label=d)
@@ -122,7 +141,7 @@ def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:
 
   # Experts alone are off the scale on other domains: they are in the table only.
   methods = [m for m in results["methods"] if not m.startswith("expert:")]
-  groups = list(domains) + ["worst case"]
+  groups = [*list(domains), "worst case"]
   fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(groups) + 4), 4))
   width = 0.8 / len(methods)
   for i, name in enumerate(methods):
@@ -131,8 +150,10 @@ def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:
     ax.bar(np.arange(len(groups)) + i * width, vals, width, label=name)
   ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
   ax.axhline(0.0, color="k", lw=0.5)
-  ax.set(ylabel=f"L_k ({results['units']}, baseline {results['baseline']})",
-         title="held-out loss per domain by method")
+  ax.set(
+    ylabel=f"L_k ({results['units']}, baseline {results['baseline']})",
+    title="held-out loss per domain by method",
+  )
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   paths.append(os.path.join(workdir, "domain_losses.png"))

@@ -1,4 +1,4 @@
-"""Experts as pure functions, and the cache of their log-probabilities (MATH.md §1, §2.1).
+"""Experts as pure functions, and the cache of their log-probabilities (docs/math.md §1, §2.1).
 
 An `Expert` is any jittable pure function of (inputs_BxT, targets_BxT) returning
 log p(target_t | x_≤t): shape [B, T] for one model, or [B, T, m] for a group of
@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,19 +27,21 @@ from robust_gate.data import DomainData
 
 @dataclasses.dataclass(frozen=True)
 class Expert:
-  names: tuple            # one name per model in this expert (group)
+  names: tuple  # one name per model in this expert (group)
   vocab_size: int
-  logprob_fn: Callable    # (inputs_BxT, targets_BxT) -> [B, T] or [B, T, m]
-  fingerprint: str = ""   # identifies the parameters (for cache checks)
+  logprob_fn: Callable  # (inputs_BxT, targets_BxT) -> [B, T] or [B, T, m]
+  fingerprint: str = ""  # identifies the parameters (for cache checks)
 
 
 def transformer_experts(config: models.LMConfig, params_M, names: Sequence[str]) -> Expert:
   """Stacked TransformerLM experts as one Expert group."""
   models.check_params(config, params_M, num_models=len(names))
   return Expert(
-      names=tuple(names), vocab_size=config.vocab_size,
-      logprob_fn=lambda x, y: models.stacked_token_logprobs(config, params_M, x, y),
-      fingerprint=params_fingerprint(params_M))
+    names=tuple(names),
+    vocab_size=config.vocab_size,
+    logprob_fn=lambda x, y: models.stacked_token_logprobs(config, params_M, x, y),
+    fingerprint=params_fingerprint(params_M),
+  )
 
 
 def params_fingerprint(params) -> str:
@@ -52,30 +54,36 @@ def params_fingerprint(params) -> str:
 def check_vocabularies(experts: Sequence[Expert], data: DomainData) -> None:
   vocabs = [(e.names, e.vocab_size) for e in experts]
   if len({v for _, v in vocabs}) > 1:
-    raise InputError(f"experts' vocabularies differ: {vocabs}; a gate mixes "
-                     f"next-token distributions over one vocabulary.")
+    raise InputError(
+      f"experts' vocabularies differ: {vocabs}; a gate mixes "
+      f"next-token distributions over one vocabulary."
+    )
   vocab = vocabs[0][1]
   if vocab != data.vocab_size:
-    raise InputError(f"experts have vocabulary size {vocab} but the data has "
-                     f"{data.vocab_size}.")
+    raise InputError(f"experts have vocabulary size {vocab} but the data has {data.vocab_size}.")
 
 
 @functools.lru_cache(maxsize=8)
 def _scorer(experts: tuple):
   """One jitted program scoring every expert over [C, B, T] batches (compiled once
   per group of experts, not once per build_cache call)."""
+
   @jax.jit
   def score(x_CxBxT, y_CxBxT):
     def one(xy):
       outs = [e.logprob_fn(*xy) for e in experts]
-      return jnp.concatenate([o[..., None] if o.ndim == 2 else o for o in outs],
-                             axis=-1).astype(jnp.float32)
+      return jnp.concatenate([o[..., None] if o.ndim == 2 else o for o in outs], axis=-1).astype(
+        jnp.float32
+      )
+
     return jax.lax.map(one, (x_CxBxT, y_CxBxT))
+
   return score
 
 
-def build_cache(experts: Sequence[Expert], data: DomainData, batch_size: int = 512,
-                batches_per_call: int = 16) -> np.ndarray:
+def build_cache(
+  experts: Sequence[Expert], data: DomainData, batch_size: int = 512, batches_per_call: int = 16
+) -> np.ndarray:
   """log p_j(target_t | x_≤t) of every expert on every example, [N, T, M].
 
   Every expert scores `batches_per_call` batches in one compiled program
@@ -96,22 +104,26 @@ def build_cache(experts: Sequence[Expert], data: DomainData, batch_size: int = 5
   shape = (calls, per_call, batch_size, T)
   inputs = np.pad(data.inputs_NxT, ((0, pad), (0, 0))).reshape(shape)
   targets = np.pad(data.targets_NxT, ((0, pad), (0, 0))).reshape(shape)
-  outs = [score(parallel.put(inputs[c], axis=1), parallel.put(targets[c], axis=1))
-          for c in range(calls)]
-  cache = np.concatenate([parallel.fetch(o).reshape(per_call * batch_size, T, -1)
-                          for o in outs])[:N]
+  outs = [
+    score(parallel.put(inputs[c], axis=1), parallel.put(targets[c], axis=1)) for c in range(calls)
+  ]
+  cache = np.concatenate([parallel.fetch(o).reshape(per_call * batch_size, T, -1) for o in outs])[
+    :N
+  ]
   names = sum((e.names for e in experts), ())
   if cache.shape[-1] != len(names):
-    raise InputError(f"experts returned {cache.shape[-1]} log-prob columns for "
-                     f"{len(names)} names {names}.")
+    raise InputError(
+      f"experts returned {cache.shape[-1]} log-prob columns for {len(names)} names {names}."
+    )
   cache = np.where(data.mask_NxT[..., None], cache, 0.0).astype(np.float32)
   checks.check_token_logprobs(cache, data.mask_NxT, name="expert cache")
   return cache
 
 
 def cache_fingerprint(data: DomainData, experts: Sequence[Expert]) -> str:
-  return hashlib.sha1((data.fingerprint() + "|".join(
-      e.fingerprint + repr(e.names) for e in experts)).encode()).hexdigest()
+  return hashlib.sha1(
+    (data.fingerprint() + "|".join(e.fingerprint + repr(e.names) for e in experts)).encode()
+  ).hexdigest()
 
 
 def save_cache(path: str, cache: np.ndarray, fingerprint: str) -> None:
@@ -128,9 +140,10 @@ def load_cache(path: str, fingerprint: str, data: DomainData) -> np.ndarray:
     cache, stored = f["cache"], str(f["fingerprint"])
   if stored != fingerprint or cache.shape[:2] != data.inputs_NxT.shape:
     raise InputError(
-        f"cache {path} was built for other data or other experts (fingerprint "
-        f"{stored[:12]}…, expected {fingerprint[:12]}…, shape {cache.shape}); "
-        f"delete it or use another workdir.")
+      f"cache {path} was built for other data or other experts (fingerprint "
+      f"{stored[:12]}…, expected {fingerprint[:12]}…, shape {cache.shape}); "
+      f"delete it or use another workdir."
+    )
   return cache
 
 

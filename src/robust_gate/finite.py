@@ -1,6 +1,6 @@
 """The robust gating game on a finite space, where every quantity is exact.
 
-`solve` runs the primal-dual algorithm of MATH.md §4 with a sequence-level
+`solve` runs the primal-dual algorithm of docs/math.md §4 with a sequence-level
 gate (§2.2) over N points: either a free table of scores s(x) ("tabular") or a
 small network over the experts' log-probabilities at x ("mlp", which contains
 the Bayes-posterior gate). `robust_gate.reference.solve_exact` solves the same
@@ -10,7 +10,7 @@ Reported numbers are computed in float64 from the final gate, and the model is
 normalized exactly (Z_w is a finite sum), so every loss is that of a real model.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -24,46 +24,55 @@ from robust_gate import uncertainty as uncertainty_lib
 GATES = ("tabular", "mlp")
 # Adam step sizes that converge on the test instances (BUILD_NOTES.md); the
 # network diverges at the table's 0.1.
-_DEFAULT_PRIMAL_LR = {"tabular": 0.1, "mlp": 0.01}
+_DEFAULT_PRIMAL_LR: dict[str, float] = {"tabular": 0.1, "mlp": 0.01}
 # Expert log-probabilities are floored here when used as gate-network features.
 _FEATURE_FLOOR = -30.0
 
 
 class FiniteSolution(NamedTuple):
   """What `solve` returns; arrays are float64 numpy."""
-  model_probs: np.ndarray     # [N] p_g, sums to 1.
-  gate: np.ndarray            # [N, M] g(x, j) = softmax(s(x))_j / Z (in G_1).
-  lam_avg: np.ndarray         # [K] λ̄, the average λ played.
-  lam_last: np.ndarray        # [K] the last λ.
-  domain_kl: np.ndarray       # [K] KL(D_k ‖ p_g).
-  domain_loss: np.ndarray     # [K] L_k = CE(D_k, p_g) − b_k (the game's losses).
-  worst_case: float           # max_{λ∈Λ} Σ_k λ_k L_k (linearized objective).
-  lam_worst: np.ndarray       # [K] a maximizer of the above.
-  mixture_worst_case: float   # max_{λ∈Λ} KL(D_λ ‖ p_g) (exact mixture objective).
-  history: dict               # per-step metrics: "lam" [S, K], "losses" [S, K], ...
+
+  model_probs: np.ndarray  # [N] p_g, sums to 1.
+  gate: np.ndarray  # [N, M] g(x, j) = softmax(s(x))_j / Z (in G_1).
+  lam_avg: np.ndarray  # [K] λ̄, the average λ played.
+  lam_last: np.ndarray  # [K] the last λ.
+  domain_kl: np.ndarray  # [K] KL(D_k ‖ p_g).
+  domain_loss: np.ndarray  # [K] L_k = CE(D_k, p_g) − b_k (the game's losses).
+  worst_case: float  # max_{λ∈Λ} Σ_k λ_k L_k (linearized objective).
+  lam_worst: np.ndarray  # [K] a maximizer of the above.
+  mixture_worst_case: float  # max_{λ∈Λ} KL(D_λ ‖ p_g) (exact mixture objective).
+  history: dict  # per-step metrics: "lam" [S, K], "losses" [S, K], ...
 
 
 class _GateMLP(nn.Module):
   """Sequence-level gate scores s_w(x) from the experts' log-probs at x."""
+
   num_experts: int
   hidden: int
 
   @nn.compact
   def __call__(self, features_NxF):
     h = nn.gelu(nn.Dense(self.hidden)(features_NxF))
-    linear = nn.Dense(self.num_experts, kernel_init=nn.initializers.zeros)(
-        features_NxF)
-    return linear + nn.Dense(self.num_experts,
-                             kernel_init=nn.initializers.zeros)(h)
+    linear = nn.Dense(self.num_experts, kernel_init=nn.initializers.zeros)(features_NxF)
+    return linear + nn.Dense(self.num_experts, kernel_init=nn.initializers.zeros)(h)
 
 
-def solve(domain_probs_KxN, expert_logprobs_MxN, *,
-          uncertainty: uncertainty_lib.UncertaintySet | None = None,
-          gate: str = "tabular", steps: int = 3000, seed: int = 0,
-          primal_lr: float | None = None, dual_lr: float = 0.1,
-          dual_smoothing: float = 0.0, ema_decay: float = 0.0,
-          baseline: str = "entropy", hidden: int = 32,
-          batch_size: int | None = None) -> FiniteSolution:
+def solve(
+  domain_probs_KxN,
+  expert_logprobs_MxN,
+  *,
+  uncertainty: uncertainty_lib.UncertaintySet | None = None,
+  gate: str = "tabular",
+  steps: int = 3000,
+  seed: int = 0,
+  primal_lr: float | None = None,
+  dual_lr: float = 0.1,
+  dual_smoothing: float = 0.0,
+  ema_decay: float = 0.0,
+  baseline: str = "entropy",
+  hidden: int = 32,
+  batch_size: int | None = None,
+) -> FiniteSolution:
   """Runs the robust gating game on a finite space of N points.
 
   Args:
@@ -89,26 +98,26 @@ def solve(domain_probs_KxN, expert_logprobs_MxN, *,
   probs = checks.check_probabilities(domain_probs_KxN)
   logp = checks.check_logprobs(expert_logprobs_MxN)
   checks.check_support(probs, logp)
-  K, N = probs.shape
-  M = logp.shape[0]
+  K, _N = probs.shape
+  logp.shape[0]
   if uncertainty is None:
     uncertainty = uncertainty_lib.simplex(K)
   if uncertainty.num_domains != K:
-    raise checks.InputError(f"uncertainty set is over {uncertainty.num_domains} "
-                            f"domains but domain_probs has K={K}.")
+    raise checks.InputError(
+      f"uncertainty set is over {uncertainty.num_domains} domains but domain_probs has K={K}."
+    )
   if gate not in GATES:
     raise checks.InputError(f"unknown gate {gate!r}; choose one of {GATES}.")
   for name, value in (("steps", steps), ("hidden", hidden)):
     if not isinstance(value, int) or value < 1:
       raise checks.InputError(f"{name} must be a positive int, got {value!r}.")
   if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-    raise checks.InputError(f"batch_size must be None or a positive int, got "
-                            f"{batch_size!r}.")
+    raise checks.InputError(f"batch_size must be None or a positive int, got {batch_size!r}.")
   if primal_lr is None:
     primal_lr = _DEFAULT_PRIMAL_LR[gate]
-  for name, value in (("primal_lr", primal_lr), ("dual_lr", dual_lr)):
-    if not np.isfinite(value) or value < 0:
-      raise checks.InputError(f"{name} must be finite and ≥ 0, got {value}.")
+  for name, rate in (("primal_lr", primal_lr), ("dual_lr", dual_lr)):
+    if not np.isfinite(rate) or rate < 0:
+      raise checks.InputError(f"{name} must be finite and ≥ 0, got {rate}.")
 
   # Points no expert covers carry no domain mass (check_support) and get p = 0
   # under every gate; dropping them keeps every gradient finite.
@@ -116,7 +125,8 @@ def solve(domain_probs_KxN, expert_logprobs_MxN, *,
   probs_c = jnp.asarray(probs[:, covered], jnp.float32)
   logp_c = jnp.asarray(logp[:, covered], jnp.float32)
   baseline_K = objectives.finite_baselines(
-      baseline, jnp.asarray(probs, jnp.float32), jnp.asarray(logp, jnp.float32))
+    baseline, jnp.asarray(probs, jnp.float32), jnp.asarray(logp, jnp.float32)
+  )
 
   key_init, key_game = jax.random.split(jax.random.PRNGKey(seed))
   log_gate_fn, params = _make_gate(gate, logp_c, hidden, key_init)
@@ -126,30 +136,43 @@ def solve(domain_probs_KxN, expert_logprobs_MxN, *,
     logp_N = gating.finite_sequence_logp(log_gate_fn(params), logp_c)
     if batch_size is None:
       return objectives.cross_entropy(probs_c, logp_N) - baseline_K
-    idx_KxB = jax.random.categorical(key, jnp.log(probs_c),
-                                     shape=(batch_size, K)).T
+    idx_KxB = jax.random.categorical(key, jnp.log(probs_c), shape=(batch_size, K)).T
     return -jnp.mean(logp_N[idx_KxB], axis=1) - baseline_K
 
   primal_opt = optax.adam(primal_lr)
   dual_opt = dual.mirror_ascent(
-      lambda t: dual_lr / jnp.sqrt(1.0 + t / 100.0), uncertainty,
-      smoothing=dual_smoothing)
-  step_fn = primal_dual.make_step(loss_fn, primal_opt, dual_opt,
-                                  ema_decay=ema_decay)
+    lambda t: dual_lr / jnp.sqrt(1.0 + t / 100.0), uncertainty, smoothing=dual_smoothing
+  )
+  step_fn = primal_dual.make_step(loss_fn, primal_opt, dual_opt, ema_decay=ema_decay)
   state = primal_dual.init_state(params, primal_opt, dual_opt, key_game)
   state, history = primal_dual.run(step_fn, state, steps)
 
   final_params = state.ema_params  # the last iterate when ema_decay = 0
   log_gate_NxM = np.asarray(log_gate_fn(final_params), np.float64)
-  return _report(probs, logp, covered, log_gate_NxM, baseline_K, uncertainty,
-                 np.asarray(state.lam_avg_K, np.float64),
-                 np.asarray(state.lam_K, np.float64),
-                 jax.tree_util.tree_map(np.asarray, history))
+  # The game runs in float32; the report recomputes b_k in float64, so that
+  # quantities compared against float64 references (the exact mixture KL, the
+  # exact minimax value) differ by the solution, not by float32 rounding of H(D_k).
+  return _report(
+    probs,
+    logp,
+    covered,
+    log_gate_NxM,
+    _baselines_np(baseline, probs, logp),
+    uncertainty,
+    np.asarray(state.lam_avg_K, np.float64),
+    np.asarray(state.lam_K, np.float64),
+    jax.tree_util.tree_map(np.asarray, history),
+  )
 
 
-def random_instance(seed: int, num_domains: int, num_points: int,
-                    num_experts: int | None = None, perturbed: bool = False,
-                    expert_noise: float = 0.3):
+def random_instance(
+  seed: int,
+  num_domains: int,
+  num_points: int,
+  num_experts: int | None = None,
+  perturbed: bool = False,
+  expert_noise: float = 0.3,
+):
   """A random finite game: (domain_probs_KxN, expert_logprobs_MxN), float64.
 
   Domains are sparse Dirichlet(0.3) draws (masses below 1e-3 set to zero).
@@ -164,7 +187,8 @@ def random_instance(seed: int, num_domains: int, num_points: int,
   experts = probs[np.arange(M) % num_domains]
   if perturbed:
     experts = (1 - expert_noise) * experts + expert_noise * rng.dirichlet(
-        np.ones(num_points), size=M)
+      np.ones(num_points), size=M
+    )
   with np.errstate(divide="ignore"):
     return probs, np.log(experts)
 
@@ -173,17 +197,19 @@ def _make_gate(gate, logp_MxN, hidden, key):
   """Returns (log_gate_fn(params) -> [N, M] log-softmax, initial params)."""
   M, N = logp_MxN.shape
   if gate == "tabular":
-    return (lambda scores_NxM: jax.nn.log_softmax(scores_NxM, axis=-1),
-            jnp.zeros((N, M)))
+    return (lambda scores_NxM: jax.nn.log_softmax(scores_NxM, axis=-1), jnp.zeros((N, M)))
   features_NxM = jnp.maximum(logp_MxN.T, _FEATURE_FLOOR) / -_FEATURE_FLOOR
   model = _GateMLP(num_experts=M, hidden=hidden)
   params = model.init(key, features_NxM)
-  return (lambda p: jax.nn.log_softmax(model.apply(p, features_NxM), axis=-1),
-          params)
+  return (
+    lambda p: jax.nn.log_softmax(cast(jax.Array, model.apply(p, features_NxM)), axis=-1),
+    params,
+  )
 
 
-def _report(probs, logp, covered, log_gate_NcxM, baseline_K, uncertainty,
-            lam_avg, lam_last, history) -> FiniteSolution:
+def _report(
+  probs, logp, covered, log_gate_NcxM, baseline_K, uncertainty, lam_avg, lam_last, history
+) -> FiniteSolution:
   """Evaluates the final gate exactly, in float64."""
   N = probs.shape[1]
   log_c = _logsumexp(log_gate_NcxM + logp[:, covered].T, axis=1)
@@ -194,15 +220,30 @@ def _report(probs, logp, covered, log_gate_NcxM, baseline_K, uncertainty,
   gate_NxM[covered] = np.exp(log_gate_NcxM - log_z)
   domain_kl = kl_np(probs, model_probs)
   domain_loss = domain_kl + entropy_np(probs) - np.asarray(baseline_K, np.float64)
-  worst_case, lam_worst = uncertainty.max_linear(jnp.asarray(domain_loss,
-                                                             jnp.float32))
+  _worst_case, lam_worst = uncertainty.max_linear(jnp.asarray(domain_loss, jnp.float32))
   return FiniteSolution(
-      model_probs=model_probs, gate=gate_NxM, lam_avg=lam_avg, lam_last=lam_last,
-      domain_kl=domain_kl, domain_loss=domain_loss,
-      worst_case=float(np.dot(np.asarray(lam_worst, np.float64), domain_loss)),
-      lam_worst=np.asarray(lam_worst, np.float64),
-      mixture_worst_case=max_mixture_kl(probs, model_probs, uncertainty),
-      history=history)
+    model_probs=model_probs,
+    gate=gate_NxM,
+    lam_avg=lam_avg,
+    lam_last=lam_last,
+    domain_kl=domain_kl,
+    domain_loss=domain_loss,
+    worst_case=float(np.dot(np.asarray(lam_worst, np.float64), domain_loss)),
+    lam_worst=np.asarray(lam_worst, np.float64),
+    mixture_worst_case=max_mixture_kl(probs, model_probs, uncertainty),
+    history=history,
+  )
+
+
+def _baselines_np(kind: str, probs_KxN: np.ndarray, logp_MxN: np.ndarray) -> np.ndarray:
+  """`objectives.finite_baselines` in float64 numpy (kind already checked there)."""
+  K = probs_KxN.shape[0]
+  if kind == "entropy":
+    return entropy_np(probs_KxN)
+  if kind == "expert":
+    pos = probs_KxN > 0
+    return -np.sum(np.where(pos, probs_KxN * np.where(pos, logp_MxN[:K], 0.0), 0.0), axis=1)
+  return np.zeros(K)
 
 
 def _logsumexp(a, axis):
@@ -214,8 +255,7 @@ def _logsumexp(a, axis):
 def entropy_np(probs_KxN: np.ndarray) -> np.ndarray:
   """H(D_k) in float64 numpy."""
   pos = probs_KxN > 0
-  return -np.sum(np.where(pos, probs_KxN * np.log(np.where(pos, probs_KxN, 1)), 0),
-                 axis=-1)
+  return -np.sum(np.where(pos, probs_KxN * np.log(np.where(pos, probs_KxN, 1)), 0), axis=-1)
 
 
 def kl_np(probs_KxN: np.ndarray, q_N: np.ndarray) -> np.ndarray:
@@ -223,13 +263,15 @@ def kl_np(probs_KxN: np.ndarray, q_N: np.ndarray) -> np.ndarray:
   pos = probs_KxN > 0
   q_KxN = np.broadcast_to(q_N, probs_KxN.shape)
   with np.errstate(divide="ignore"):
-    log_ratio = np.where(pos, np.log(np.where(pos, probs_KxN, 1.0)) -
-                         np.log(np.where(pos, q_KxN, 1.0)), 0.0)
+    log_ratio = np.where(
+      pos, np.log(np.where(pos, probs_KxN, 1.0)) - np.log(np.where(pos, q_KxN, 1.0)), 0.0
+    )
   return np.sum(probs_KxN * log_ratio, axis=-1)
 
 
-def max_mixture_kl(probs_KxN: np.ndarray, q_N: np.ndarray,
-                   uncertainty: uncertainty_lib.UncertaintySet) -> float:
+def max_mixture_kl(
+  probs_KxN: np.ndarray, q_N: np.ndarray, uncertainty: uncertainty_lib.UncertaintySet
+) -> float:
   """max_{λ∈Λ} KL(D_λ ‖ q), the exact mixture objective's worst case (§3).
 
   KL(D_λ ‖ q) is convex in λ, so on a polytope (simplex, box) the maximum is at
@@ -244,12 +286,13 @@ def max_mixture_kl(probs_KxN: np.ndarray, q_N: np.ndarray,
 
   def ascend(log_lam0_K):
     def body(_, log_lam_K):
-      g_K = jax.grad(lambda lam: objectives.mixture_kl(lam, probs, logq))(
-          jnp.exp(log_lam_K))
+      g_K = jax.grad(lambda lam: objectives.mixture_kl(lam, probs, logq))(jnp.exp(log_lam_K))
       return uncertainty.project_log(log_lam_K + 0.5 * g_K)
+
     log_lam_K = jax.lax.fori_loop(0, 500, body, log_lam0_K)
     return objectives.mixture_kl(jnp.exp(log_lam_K), probs, logq)
 
-  starts_SxK = jnp.log(jnp.concatenate(
-      [uncertainty.prior_K[None], 0.5 * uncertainty.prior_K + 0.5 * jnp.eye(K)]))
+  starts_SxK = jnp.log(
+    jnp.concatenate([uncertainty.prior_K[None], 0.5 * uncertainty.prior_K + 0.5 * jnp.eye(K)])
+  )
   return float(jnp.max(jax.jit(jax.vmap(ascend))(starts_SxK)))

@@ -1,4 +1,4 @@
-"""Gates and normalization: the space G_1 (MATH.md §2).
+"""Gates and normalization: the space G_1 (docs/math.md §2).
 
 Two families of normalized gated models, all in log space:
 
@@ -12,15 +12,15 @@ Two families of normalized gated models, all in log space:
 contribute nothing and have zero gradient.
 """
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
 
-def causal_mixture_logp(log_gate_BxTxM: jax.Array,
-                        logp_BxTxM: jax.Array) -> jax.Array:
+def causal_mixture_logp(log_gate_BxTxM: jax.Array, logp_BxTxM: jax.Array) -> jax.Array:
   """Log-probability of the observed tokens under a causal mixture (§2.1).
 
   Args:
@@ -36,8 +36,7 @@ def causal_mixture_logp(log_gate_BxTxM: jax.Array,
   return jax.nn.logsumexp(log_gate_BxTxM + logp_BxTxM, axis=-1)
 
 
-def causal_mixture_next_token(log_gate_BxTxM: jax.Array,
-                              logp_BxTxMxV: jax.Array) -> jax.Array:
+def causal_mixture_next_token(log_gate_BxTxM: jax.Array, logp_BxTxMxV: jax.Array) -> jax.Array:
   """Full next-token log-distribution of a causal mixture (§2.1), [B, T, V]."""
   chex.assert_rank(logp_BxTxMxV, 4)
   chex.assert_equal_shape_prefix([log_gate_BxTxM, logp_BxTxMxV], 3)
@@ -59,8 +58,7 @@ def posterior_log_gate(log_prior_M: jax.Array, logp_NxM: jax.Array) -> jax.Array
   return jax.nn.log_softmax(log_prior_M + logp_NxM, axis=-1)
 
 
-def exact_log_normalizer(log_gate_NxM: jax.Array,
-                         expert_logprobs_MxN: jax.Array) -> jax.Array:
+def exact_log_normalizer(log_gate_NxM: jax.Array, expert_logprobs_MxN: jax.Array) -> jax.Array:
   """log Z_w = log Σ_x Σ_j p_j(x) softmax(s_w(x))_j on a finite space (§2.2)."""
   chex.assert_rank(log_gate_NxM, 2)
   chex.assert_shape(expert_logprobs_MxN, log_gate_NxM.shape[::-1])
@@ -68,8 +66,9 @@ def exact_log_normalizer(log_gate_NxM: jax.Array,
   return jax.nn.logsumexp(log_gate_NxM + expert_logprobs_MxN.T)
 
 
-def sequence_mixture_logp(log_gate_BxM: jax.Array, logp_BxM: jax.Array,
-                          log_z: jax.Array) -> jax.Array:
+def sequence_mixture_logp(
+  log_gate_BxM: jax.Array, logp_BxM: jax.Array, log_z: jax.Array
+) -> jax.Array:
   """log p_w(x) = log Σ_j softmax(s_w(x))_j p_j(x) − log Z_w (§2.2), shape [B]."""
   chex.assert_rank(logp_BxM, 2)
   chex.assert_equal_shape([log_gate_BxM, logp_BxM])
@@ -78,8 +77,7 @@ def sequence_mixture_logp(log_gate_BxM: jax.Array, logp_BxM: jax.Array,
   return jax.nn.logsumexp(log_gate_BxM + logp_BxM, axis=-1) - log_z
 
 
-def finite_sequence_logp(log_gate_NxM: jax.Array,
-                         expert_logprobs_MxN: jax.Array) -> jax.Array:
+def finite_sequence_logp(log_gate_NxM: jax.Array, expert_logprobs_MxN: jax.Array) -> jax.Array:
   """log p_w over a whole finite space, exactly normalized; shape [N]."""
   chex.assert_rank(log_gate_NxM, 2)
   chex.assert_shape(expert_logprobs_MxN, log_gate_NxM.shape[::-1])
@@ -90,6 +88,7 @@ def finite_sequence_logp(log_gate_NxM: jax.Array,
 
 class NormalizerEstimate(NamedTuple):
   """Monte Carlo estimate of Z_w and its standard error (§2.2)."""
+
   z: jax.Array
   stderr: jax.Array
 
@@ -98,8 +97,9 @@ class NormalizerEstimate(NamedTuple):
     return jnp.log(self.z)
 
 
-def mc_normalizer(log_gate_fn: Callable[[Any, Any], jax.Array], params: Any,
-                  samples_by_expert: Any) -> NormalizerEstimate:
+def mc_normalizer(
+  log_gate_fn: Callable[[Any, Any], jax.Array], params: Any, samples_by_expert: Any
+) -> NormalizerEstimate:
   """Z_w ≈ Σ_j (1/S) Σ_i softmax(s_w(x_ji))_j with x_ji ~ p_j (§2.2).
 
   Differentiable in `params`: the samples do not depend on w, so the gradient
@@ -125,6 +125,7 @@ def mc_normalizer(log_gate_fn: Callable[[Any, Any], jax.Array], params: Any,
 
   weights_MxS = jax.vmap(own_weight)(jnp.arange(num_experts), samples_by_expert)
   z = jnp.sum(jnp.mean(weights_MxS, axis=1))
-  var_M = jnp.var(weights_MxS, axis=1, ddof=1) if num_samples > 1 else jnp.full(
-      (num_experts,), jnp.inf)
+  var_M = (
+    jnp.var(weights_MxS, axis=1, ddof=1) if num_samples > 1 else jnp.full((num_experts,), jnp.inf)
+  )
   return NormalizerEstimate(z=z, stderr=jnp.sqrt(jnp.sum(var_M) / num_samples))

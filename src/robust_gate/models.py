@@ -3,7 +3,7 @@
 * `TransformerLM`: a small causal transformer over tokens (bytes, characters,
   pixel intensities). Experts, the monolithic baselines and the distilled student
   share it; K experts are one stacked parameter pytree evaluated with `vmap`.
-* `CausalGate`: the gate of MATH.md §2.1. Its input at position t is the prefix
+* `CausalGate`: the gate of docs/math.md §2.1. Its input at position t is the prefix
   x_≤t and the experts' log-likelihoods of the prefix, log p_j(x_<t) (from the
   cache); its logits start as those log-likelihoods, i.e. at the Bayes-posterior
   gate with a uniform prior, and a small MLP learns corrections.
@@ -13,6 +13,7 @@ Token layout (robust_gate.data): inputs [BOS, x_1..x_n, pad], targets
 """
 
 import dataclasses
+from typing import cast
 
 import chex
 import flax.linen as nn
@@ -20,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from robust_gate.checks import InputError
-
 
 DTYPES = ("float32", "bfloat16")
 
@@ -45,8 +45,9 @@ class LMConfig:
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise InputError(f"LMConfig.{f.name} must be a positive int, got {v!r}.")
     if self.d_model % self.num_heads:
-      raise InputError(f"LMConfig.d_model={self.d_model} is not divisible by "
-                       f"num_heads={self.num_heads}.")
+      raise InputError(
+        f"LMConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}."
+      )
 
 
 def _attention_implementation(c: LMConfig):
@@ -55,8 +56,12 @@ def _attention_implementation(c: LMConfig):
   On the H100 it lifts expert training from 203 to 280–301 TFLOP/s (BUILD_NOTES.md).
   """
   head_dim = c.d_model // c.num_heads
-  if (jax.default_backend() == "gpu" and c.dtype == "bfloat16" and head_dim % 8 == 0
-      and head_dim <= 128):
+  if (
+    jax.default_backend() == "gpu"
+    and c.dtype == "bfloat16"
+    and head_dim % 8 == 0
+    and head_dim <= 128
+  ):
     return "cudnn"
   return None
 
@@ -69,12 +74,13 @@ class _QKV(nn.Module):
   attention reads, where slicing one [B, T, 3D] product copies all three
   (2.3 ms of a 54 ms expert step on the H100; net gain 1.2 ms, BUILD_NOTES.md).
   """
+
   num_heads: int
   dtype: jnp.dtype
 
   @nn.compact
   def __call__(self, h_BxTxD):
-    B, T, D = h_BxTxD.shape
+    _B, _T, D = h_BxTxD.shape
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (D, 3 * D))
     kernel_Dx3xHxK = kernel.astype(self.dtype).reshape(D, 3, self.num_heads, -1)
     h_BxTxD = h_BxTxD.astype(self.dtype)
@@ -93,7 +99,7 @@ class _Block(nn.Module):
     # Explicit names: the layout of every checkpoint written before _QKV existed.
     q, k, v = _QKV(c.num_heads, dt, name="Dense_0")(h)
     out = jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=_attention_implementation(c)
+      q, k, v, is_causal=True, implementation=_attention_implementation(c)
     ).reshape(B, T, D)
     x_BxTxD = x_BxTxD + nn.Dense(D, use_bias=False, dtype=dt, name="Dense_1")(out)
     h = nn.LayerNorm(dtype=dt)(x_BxTxD)
@@ -106,6 +112,7 @@ class _Block(nn.Module):
 
 class TransformerLM(nn.Module):
   """Causal transformer; returns next-token logits [B, T, V]."""
+
   config: LMConfig
 
   @nn.compact
@@ -119,10 +126,14 @@ class TransformerLM(nn.Module):
     # atomics collide on the few table rows (2.2 ms of a 54 ms expert step on the
     # H100, BUILD_NOTES.md).
     table = nn.Embed(c.vocab_size, c.d_model, dtype=dt).embedding
-    x = jnp.dot(jax.nn.one_hot(inputs_BxT, c.vocab_size, dtype=dt), table.astype(dt),
-                precision=jax.lax.Precision.HIGHEST)
-    x = x + self.param("pos_embedding", nn.initializers.normal(0.02),
-                       (c.max_len, c.d_model))[:T].astype(dt)
+    x = jnp.dot(
+      jax.nn.one_hot(inputs_BxT, c.vocab_size, dtype=dt),
+      table.astype(dt),
+      precision=jax.lax.Precision.HIGHEST,
+    )
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (c.max_len, c.d_model))[
+      :T
+    ].astype(dt)
     for _ in range(c.num_layers):
       x = _Block(c)(x)
     return nn.Dense(c.vocab_size, dtype=dt)(nn.LayerNorm(dtype=dt)(x))
@@ -142,15 +153,20 @@ def check_params(config: LMConfig, params, num_models: int | None = None) -> Non
   """InputError unless `params` has exactly the structure and shapes `config` implies
   (with a leading axis of `num_models` for stacked models)."""
   expected = jax.eval_shape(lambda: init_lm(config, jax.random.PRNGKey(0)))
-  want = {jax.tree_util.keystr(p): (num_models,) * (num_models is not None) + l.shape
-          for p, l in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  got = {jax.tree_util.keystr(p): jnp.shape(l)
-         for p, l in jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = {
+    jax.tree_util.keystr(p): (num_models,) * (num_models is not None) + leaf.shape
+    for p, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
+  }
+  got = {
+    jax.tree_util.keystr(p): jnp.shape(leaf)
+    for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   for path in sorted(set(want) | set(got)):
     if want.get(path) != got.get(path):
       raise InputError(
-          f"parameters do not match the architecture {config}: {path} has shape "
-          f"{got.get(path, 'missing')}, the config implies {want.get(path, 'none')}.")
+        f"parameters do not match the architecture {config}: {path} has shape "
+        f"{got.get(path, 'missing')}, the config implies {want.get(path, 'none')}."
+      )
 
 
 def next_token_logprobs(config: LMConfig, params, inputs_BxT) -> jax.Array:
@@ -159,7 +175,7 @@ def next_token_logprobs(config: LMConfig, params, inputs_BxT) -> jax.Array:
   The log-softmax (a log-sum-exp over the vocabulary) is float32 whatever the
   compute dtype: every loss, cache and gate downstream works in float32.
   """
-  logits = TransformerLM(config).apply(params, inputs_BxT)
+  logits = cast(jax.Array, TransformerLM(config).apply(params, inputs_BxT))
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -169,11 +185,11 @@ def token_logprobs(config: LMConfig, params, inputs_BxT, targets_BxT) -> jax.Arr
   return jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
 
 
-def stacked_token_logprobs(config: LMConfig, params_M, inputs_BxT,
-                           targets_BxT) -> jax.Array:
+def stacked_token_logprobs(config: LMConfig, params_M, inputs_BxT, targets_BxT) -> jax.Array:
   """Every stacked model's log-probs of the same targets, [B, T, M]."""
   logp_MxBxT = jax.vmap(token_logprobs, in_axes=(None, 0, None, None))(
-      config, params_M, inputs_BxT, targets_BxT)
+    config, params_M, inputs_BxT, targets_BxT
+  )
   return jnp.moveaxis(logp_MxBxT, 0, -1)
 
 
@@ -191,12 +207,13 @@ class GateConfig:
   vocab_size: int
   max_len: int
   hidden: int = 32
-  token_embed: int = 0   # width of a token embedding feature; 0 = none
-  pos_embed: int = 8     # width of the position embedding feature
+  token_embed: int = 0  # width of a token embedding feature; 0 = none
+  pos_embed: int = 8  # width of the position embedding feature
 
 
 class CausalGate(nn.Module):
   """log π_w(x_≤t) ∈ log Δ_M from the prefix and the experts' prefix likelihoods."""
+
   config: GateConfig
 
   @nn.compact
@@ -208,13 +225,15 @@ class CausalGate(nn.Module):
     rel_BxTxM = prefix_loglik_BxTxM - jnp.max(prefix_loglik_BxTxM, -1, keepdims=True)
     alive_BxTxM = jnp.isfinite(rel_BxTxM)
     rel_BxTxM = jnp.where(alive_BxTxM, rel_BxTxM, -1e4)  # no inf in any gradient
-    feats = [jnp.maximum(rel_BxTxM, -30.0) / 10.0,
-             jnp.broadcast_to(nn.Embed(c.max_len, c.pos_embed).embedding[:T],
-                              inputs_BxT.shape + (c.pos_embed,))]
+    feats = [
+      jnp.maximum(rel_BxTxM, -30.0) / 10.0,
+      jnp.broadcast_to(
+        nn.Embed(c.max_len, c.pos_embed).embedding[:T], (*inputs_BxT.shape, c.pos_embed)
+      ),
+    ]
     if c.token_embed:
       feats.append(nn.Embed(c.vocab_size, c.token_embed)(inputs_BxT))
-    feats = jnp.concatenate(feats, axis=-1)
-    h = nn.gelu(nn.Dense(c.hidden)(feats))
+    h = nn.gelu(nn.Dense(c.hidden)(jnp.concatenate(feats, axis=-1)))
     correction = nn.Dense(c.num_experts, kernel_init=nn.initializers.zeros)(h)
     temperature = self.param("posterior_scale", nn.initializers.ones, ())
     logits = jnp.where(alive_BxTxM, temperature * rel_BxTxM, -jnp.inf)
@@ -223,11 +242,11 @@ class CausalGate(nn.Module):
 
 def init_gate(config: GateConfig, key: jax.Array):
   T = config.max_len
-  return CausalGate(config).init(key, jnp.zeros((1, T), jnp.int32),
-                                 jnp.zeros((1, T, config.num_experts)))
+  return CausalGate(config).init(
+    key, jnp.zeros((1, T), jnp.int32), jnp.zeros((1, T, config.num_experts))
+  )
 
 
-def gate_log_weights(config: GateConfig, params, inputs_BxT,
-                     prefix_loglik_BxTxM) -> jax.Array:
+def gate_log_weights(config: GateConfig, params, inputs_BxT, prefix_loglik_BxTxM) -> jax.Array:
   """log π_w, [B, T, M]."""
-  return CausalGate(config).apply(params, inputs_BxT, prefix_loglik_BxTxM)
+  return cast(jax.Array, CausalGate(config).apply(params, inputs_BxT, prefix_loglik_BxTxM))

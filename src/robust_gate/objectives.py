@@ -1,4 +1,4 @@
-"""Objectives: per-domain losses, baselines, the linearized and mixture KL (MATH.md §3).
+"""Objectives: per-domain losses, baselines, the linearized and mixture KL (docs/math.md §3).
 
 Losses are in nats per token (or per point on a finite space); `nats_to_bits`
 converts for reports. Zero-probability terms follow 0·log 0 = 0 and have zero
@@ -44,8 +44,7 @@ def kl(probs_KxN: jax.Array, logq_N: jax.Array) -> jax.Array:
   return cross_entropy(probs_KxN, logq_N) - entropy(probs_KxN)
 
 
-def mixture_kl(lam_K: jax.Array, probs_KxN: jax.Array,
-               logq_N: jax.Array) -> jax.Array:
+def mixture_kl(lam_K: jax.Array, probs_KxN: jax.Array, logq_N: jax.Array) -> jax.Array:
   """KL(D_λ ‖ q) with D_λ = Σ_k λ_k D_k: the exact mixture objective (§3)."""
   chex.assert_shape(lam_K, (probs_KxN.shape[0],))
   return kl((lam_K @ probs_KxN)[None, :], logq_N)[0]
@@ -63,8 +62,7 @@ def linearized_objective(lam_K: jax.Array, losses_K: jax.Array) -> jax.Array:
   return jnp.dot(lam_K, losses_K)
 
 
-def finite_baselines(kind: str, probs_KxN: jax.Array,
-                     expert_logprobs_MxN: jax.Array) -> jax.Array:
+def finite_baselines(kind: str, probs_KxN: jax.Array, expert_logprobs_MxN: jax.Array) -> jax.Array:
   """The baselines b_k of §3 on a finite space.
 
   Args:
@@ -83,17 +81,24 @@ def finite_baselines(kind: str, probs_KxN: jax.Array,
   if kind == "expert":
     if expert_logprobs_MxN.shape[0] < K:
       raise ValueError(
-          f"baseline 'expert' pairs domain k with expert k, but there are "
-          f"{expert_logprobs_MxN.shape[0]} experts for {K} domains.")
-    return jnp.stack([cross_entropy(probs_KxN[k:k + 1], expert_logprobs_MxN[k])[0]
-                      for k in range(K)])
+        f"baseline 'expert' pairs domain k with expert k, but there are "
+        f"{expert_logprobs_MxN.shape[0]} experts for {K} domains."
+      )
+    return jnp.stack(
+      [cross_entropy(probs_KxN[k : k + 1], expert_logprobs_MxN[k])[0] for k in range(K)]
+    )
   if kind == "none":
     return jnp.zeros(K)
   raise ValueError(f"unknown baseline {kind!r}; choose one of {BASELINES}.")
 
 
-def domain_losses(nll_B: jax.Array, domain_B: jax.Array, num_domains: int,
-                  baseline_K: jax.Array, weight_B: jax.Array | None = None):
+def domain_losses(
+  nll_B: jax.Array,
+  domain_B: jax.Array,
+  num_domains: int,
+  baseline_K: jax.Array,
+  weight_B: jax.Array | None = None,
+):
   """Per-domain mean loss L̂_k = mean_{i in k} nll_i − b_k, with explicit counts.
 
   Args:

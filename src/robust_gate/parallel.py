@@ -42,8 +42,10 @@ def check_divisible(n: int, what: str) -> None:
   """A global batch must split evenly over the devices: a clear error otherwise."""
   d = jax.device_count()
   if n % d:
-    raise InputError(f"{what}={n} does not divide across the {d} devices; use a "
-                     f"multiple of {d} (batch sizes are global, split over devices).")
+    raise InputError(
+      f"{what}={n} does not divide across the {d} devices; use a "
+      f"multiple of {d} (batch sizes are global, split over devices)."
+    )
 
 
 def _spec(ndim: int, axis: int) -> PartitionSpec:
@@ -73,8 +75,7 @@ def put_rows(*arrays):
   """
   n = len(arrays[0])
   pad = -n % jax.device_count()
-  return [put(np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)))
-          for a in arrays], n
+  return [put(np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1))) for a in arrays], n
 
 
 def fetch(x) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The stochastic primal-dual game and its certificate (MATH.md §4).
+"""The stochastic primal-dual game and its certificate (docs/math.md §4).
 
     state = init_state(params, primal_opt, dual, key)
     step  = make_step(loss_fn, primal_opt, dual)      # pure: (state, batch) -> (state, metrics)
@@ -17,7 +17,8 @@ objective Σ_k λ_k L̂_k is their dot product).
 """
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -33,13 +34,13 @@ LossFn = Callable[[Any, Any, jax.Array], jax.Array]
 
 @struct.dataclass
 class GameState:
-  step: jax.Array          # number of completed steps (int32).
-  params: Any              # gate parameters w.
-  opt_state: Any           # primal optimizer state.
-  dual_state: DualState    # log λ and the dual step count.
-  lam_avg_K: jax.Array     # λ̄, the running mean of the λ played (Λ's prior at step 0).
-  ema_params: Any          # debiased EMA of w_1..w_t (w itself when ema_decay = 0).
-  key: jax.Array           # base PRNG key; step t uses fold_in(key, t).
+  step: jax.Array  # number of completed steps (int32).
+  params: Any  # gate parameters w.
+  opt_state: Any  # primal optimizer state.
+  dual_state: DualState  # log λ and the dual step count.
+  lam_avg_K: jax.Array  # λ̄, the running mean of the λ played (Λ's prior at step 0).
+  ema_params: Any  # debiased EMA of w_1..w_t (w itself when ema_decay = 0).
+  key: jax.Array  # base PRNG key; step t uses fold_in(key, t).
 
   @property
   def lam_K(self) -> jax.Array:
@@ -47,19 +48,33 @@ class GameState:
     return jnp.exp(self.dual_state.log_lam_K)
 
 
-def init_state(params: Any, primal_opt: optax.GradientTransformation,
-               dual: DualTransform, key: jax.Array, lam_K=None) -> GameState:
+def init_state(
+  params: Any,
+  primal_opt: optax.GradientTransformation,
+  dual: DualTransform,
+  key: jax.Array,
+  lam_K=None,
+) -> GameState:
   """The game's initial state; λ starts at `lam_K` or at Λ's prior."""
   dual_state = dual.init(lam_K)
   return GameState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      opt_state=primal_opt.init(params), dual_state=dual_state,
-      lam_avg_K=jnp.exp(dual_state.log_lam_K),
-      ema_params=jax.tree_util.tree_map(jnp.copy, params), key=key)
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=primal_opt.init(params),
+    dual_state=dual_state,
+    lam_avg_K=jnp.exp(dual_state.log_lam_K),
+    ema_params=jax.tree_util.tree_map(jnp.copy, params),
+    key=key,
+  )
 
 
-def make_step(loss_fn: LossFn, primal_opt: optax.GradientTransformation,
-              dual: DualTransform, *, ema_decay: float = 0.0):
+def make_step(
+  loss_fn: LossFn,
+  primal_opt: optax.GradientTransformation,
+  dual: DualTransform,
+  *,
+  ema_decay: float = 0.0,
+):
   """Builds the pure step `(state, batch) -> (state, metrics)` of §4."""
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
@@ -76,20 +91,22 @@ def make_step(loss_fn: LossFn, primal_opt: optax.GradientTransformation,
     grads, losses_K = jax.grad(objective, has_aux=True)(state.params)
     updates, opt_state = primal_opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    _, dual_state = dual.update(jax.lax.stop_gradient(losses_K),
-                                        state.dual_state)
+    _, dual_state = dual.update(jax.lax.stop_gradient(losses_K), state.dual_state)
     # Debiased: the average of w_1..w_t with weights ∝ decay^(t−s), so w_0 (the init)
     # carries no weight however short the run; α_1 = 1, and decay 0 gives w exactly.
     decay, t = jnp.float32(ema_decay), (state.step + 1).astype(jnp.float32)
-    alpha = (1.0 - decay) / (1.0 - decay ** t)
+    alpha = (1.0 - decay) / (1.0 - decay**t)
     ema_params = optax.incremental_update(params, state.ema_params, alpha)
     # Renormalized each step: float32 running means otherwise drift off Σ = 1.
     lam_avg_K = state.lam_avg_K + (lam_K - state.lam_avg_K) / (state.step + 1)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        dual_state=dual_state,
-        lam_avg_K=lam_avg_K / jnp.sum(lam_avg_K),
-        ema_params=ema_params)
+    new_state = state.replace(  # type: ignore[attr-defined]  # flax.struct adds it
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      dual_state=dual_state,
+      lam_avg_K=lam_avg_K / jnp.sum(lam_avg_K),
+      ema_params=ema_params,
+    )
     return new_state, {"losses": losses_K, "lam": lam_K}
 
   return step
@@ -105,10 +122,13 @@ def make_step(loss_fn: LossFn, primal_opt: optax.GradientTransformation,
 COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "num_steps", "unroll"),
-                   donate_argnames=("state",), compiler_options=COMPILER_OPTIONS)
-def run(step_fn, state: GameState, num_steps: int, batches: Any = None,
-        unroll: int = 1):
+@functools.partial(
+  jax.jit,
+  static_argnames=("step_fn", "num_steps", "unroll"),
+  donate_argnames=("state",),
+  compiler_options=COMPILER_OPTIONS,
+)
+def run(step_fn, state: GameState, num_steps: int, batches: Any = None, unroll: int = 1):
   """Runs `num_steps` steps inside one `lax.scan` under jit.
 
   Args:
@@ -127,9 +147,10 @@ def run(step_fn, state: GameState, num_steps: int, batches: Any = None,
 
 class Certificate(NamedTuple):
   """The §4 certificate on held-out losses."""
-  upper: jax.Array          # U = max_{λ∈Λ} Σ_k λ_k L_k.
-  lam_worst_K: jax.Array    # a maximizing λ.
-  losses_K: jax.Array       # the per-domain L_k.
+
+  upper: jax.Array  # U = max_{λ∈Λ} Σ_k λ_k L_k.
+  lam_worst_K: jax.Array  # a maximizing λ.
+  losses_K: jax.Array  # the per-domain L_k.
 
 
 def certificate(losses_K: jax.Array, uncertainty: UncertaintySet) -> Certificate:

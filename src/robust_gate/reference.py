@@ -3,7 +3,7 @@
 It shares no code with the primal-dual algorithm (only input checks) and is what
 the tests compare `robust_gate.finite.solve` against.
 
-The tabular sequence-level gate (MATH.md §2.2) reaches exactly the models
+The tabular sequence-level gate (docs/math.md §2.2) reaches exactly the models
 p(x) = c(x) / Σ_x' c(x') with c(x) = Σ_j π_j(x) p_j(x), π(x) ∈ Δ_M, i.e.
 min_j p_j(x) ≤ c(x) ≤ max_j p_j(x). Writing t = 1/Σc, the closure of that
 family is the polyhedron {p ∈ Δ_N : ∃ t ≥ 0, t·min_j p_j ≤ p ≤ t·max_j p_j},
@@ -22,13 +22,14 @@ from robust_gate.uncertainty import UncertaintySet
 
 
 class ExactSolution(NamedTuple):
-  value: float             # min_p max_{λ∈Λ} Σ_k λ_k L_k(p).
+  value: float  # min_p max_{λ∈Λ} Σ_k λ_k L_k(p).
   model_probs: np.ndarray  # [N] a minimizing p.
   domain_loss: np.ndarray  # [K] L_k at that p.
 
 
-def solve_exact(domain_probs_KxN, expert_logprobs_MxN, baseline_K,
-                uncertainty: UncertaintySet) -> ExactSolution:
+def solve_exact(
+  domain_probs_KxN, expert_logprobs_MxN, baseline_K, uncertainty: UncertaintySet
+) -> ExactSolution:
   """The exact minimax value of the finite game with a tabular gate.
 
   Args:
@@ -59,11 +60,10 @@ def solve_exact(domain_probs_KxN, expert_logprobs_MxN, baseline_K,
 
   if uncertainty.kind == "simplex":
     value = cp.Variable()
-    cons.append(L <= value)
+    cons.append(value >= L)
     objective = value
   elif uncertainty.kind == "box":
-    lo, hi = np.asarray(uncertainty.lo_K, np.float64), np.asarray(
-        uncertainty.hi_K, np.float64)
+    lo, hi = np.asarray(uncertainty.lo_K, np.float64), np.asarray(uncertainty.hi_K, np.float64)
     nu = cp.Variable()
     objective = lo @ L + nu * (1 - lo.sum()) + (hi - lo) @ cp.pos(L - nu)
   else:
@@ -73,9 +73,8 @@ def solve_exact(domain_probs_KxN, expert_logprobs_MxN, baseline_K,
     support = np.flatnonzero(prior > 0)
     tau, shift = cp.Variable(nonneg=True), cp.Variable()
     ell, u = cp.Variable(len(support)), cp.Variable(len(support))
-    for i, k in enumerate(support):
-      cons += [ell[i] >= L[k],
-               cp.constraints.ExpCone(ell[i] - shift, tau, u[i])]
+    for i, s in enumerate(support):
+      cons += [ell[i] >= L[s], cp.constraints.ExpCone(ell[i] - shift, tau, u[i])]
     cons.append(prior[support] @ u <= tau)
     objective = tau * r + shift
   problem = cp.Problem(cp.Minimize(objective), cons)
@@ -84,7 +83,10 @@ def solve_exact(domain_probs_KxN, expert_logprobs_MxN, baseline_K,
     raise RuntimeError(f"exact solver failed: status {problem.status}.")
   model_probs = np.clip(np.asarray(p.value, np.float64), 0, None)
   model_probs /= model_probs.sum()
-  domain_loss = np.array([-np.sum(probs[k][probs[k] > 0] *
-                                  np.log(model_probs[probs[k] > 0]))
-                          for k in range(K)]) - b
+  domain_loss = (
+    np.array(
+      [-np.sum(probs[k][probs[k] > 0] * np.log(model_probs[probs[k] > 0])) for k in range(K)]
+    )
+    - b
+  )
   return ExactSolution(float(problem.value), model_probs, domain_loss)

@@ -1,14 +1,15 @@
-"""Token-by-token sampling from experts, the gated model, and the student (MATH.md §2.1, §5).
+"""Token-by-token sampling from experts, the gated model, and the student (docs/math.md §2.1, §5).
 
 One mechanism: `sample(next_fn, key, ...)` takes any pure function
 `next_fn(inputs_BxT) -> [B, T, V]` of next-token log-distributions (causal:
 position t depends on inputs ≤ t only) and fills a sequence after BOS, one token
-per step (a loop unrolled over the static length; wrap it in `jax.jit`). `lm_next_fn` and `gated_next_fn` build
+per step (a loop unrolled over the static length; wrap it in `jax.jit`). `lm_next_fn`
+and `gated_next_fn` build
 `next_fn` for a transformer and for the causal gated mixture of experts.
 Sampling stops at EOS (token 0); what follows is padding with mask False.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,19 @@ def adjust(logp_BxV: jax.Array, temperature: float = 1.0, top_k: int = 0) -> jax
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def sample(next_fn: Callable, key: jax.Array, batch_size: int, max_len: int,
-           temperature: float = 1.0, top_k: int = 0):
+def sample(
+  next_fn: Callable,
+  key: jax.Array,
+  batch_size: int,
+  max_len: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+):
   """Samples `batch_size` sequences; returns (tokens_BxT, mask_BxT).
 
   tokens_BxT are the targets (x_1 .. x_n, EOS, 0 ...), mask_BxT marks them.
   """
+
   def body(t, carry):
     inputs, targets, done = carry
     logp = adjust(next_fn(inputs)[:, t], temperature, top_k)
@@ -62,12 +70,15 @@ def lm_next_fn(config: models.LMConfig, params) -> Callable:
   return lambda inputs: models.next_token_logprobs(config, params, inputs)
 
 
-def gated_next_fn(lm_cfg: models.LMConfig, expert_params_M,
-                  gate_cfg: models.GateConfig, gate_params) -> Callable:
+def gated_next_fn(
+  lm_cfg: models.LMConfig, expert_params_M, gate_cfg: models.GateConfig, gate_params
+) -> Callable:
   """The causal gated mixture: experts' distributions, gate from prefix likelihoods."""
+
   def next_fn(inputs_BxT):
     logp_MxBxTxV = jax.vmap(models.next_token_logprobs, in_axes=(None, 0, None))(
-        lm_cfg, expert_params_M, inputs_BxT)
+      lm_cfg, expert_params_M, inputs_BxT
+    )
     logp_BxTxMxV = jnp.moveaxis(logp_MxBxTxV, 0, 2)
     # The token after position t is inputs[t + 1]; the last position has none yet.
     nxt = jnp.concatenate([inputs_BxT[:, 1:], jnp.zeros_like(inputs_BxT[:, :1])], 1)
@@ -75,4 +86,5 @@ def gated_next_fn(lm_cfg: models.LMConfig, expert_params_M,
     prefix = models.prefix_loglik(observed, jnp.ones(inputs_BxT.shape, bool))
     log_gate = models.gate_log_weights(gate_cfg, gate_params, inputs_BxT, prefix)
     return gating.causal_mixture_next_token(log_gate, logp_BxTxMxV)
+
   return next_fn

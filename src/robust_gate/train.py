@@ -1,4 +1,4 @@
-"""Training phases as primal-dual games over per-domain losses (MATH.md §4, §6).
+"""Training phases as primal-dual games over per-domain losses (docs/math.md §4, §6).
 
 One mechanism trains everything: `primal_dual.make_step` with a loss function
 that returns per-domain losses from a stratified minibatch drawn inside jit.
@@ -13,23 +13,27 @@ that returns per-domain losses from a stratified minibatch drawn inside jit.
 """
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from robust_gate import checkpoints, gating, models, parallel, primal_dual
 from robust_gate import data as data_lib
 from robust_gate import dual as dual_lib
-from robust_gate import checkpoints, gating, models, parallel, primal_dual
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
 
 
 def device_arrays(d: data_lib.DomainData) -> dict:
-  return {"inputs": jnp.asarray(d.inputs_NxT), "targets": jnp.asarray(d.targets_NxT),
-          "mask": jnp.asarray(d.mask_NxT)}
+  return {
+    "inputs": jnp.asarray(d.inputs_NxT),
+    "targets": jnp.asarray(d.targets_NxT),
+    "mask": jnp.asarray(d.mask_NxT),
+  }
 
 
 def per_domain_token_loss(nll_KxBxT, mask_KxBxT, baseline_K):
@@ -47,14 +51,16 @@ def expert_loss_fn(config: models.LMConfig, d: data_lib.DomainData, per_domain: 
     del batch
     idx_KxB = parallel.shard_batch(data_lib.stratified_batch(key, index, per_domain), 1)
     nll_KxBxT = -jax.vmap(models.token_logprobs, in_axes=(None, 0, 0, 0))(
-        config, params_K, arrays["inputs"][idx_KxB], arrays["targets"][idx_KxB])
+      config, params_K, arrays["inputs"][idx_KxB], arrays["targets"][idx_KxB]
+    )
     return per_domain_token_loss(nll_KxBxT, arrays["mask"][idx_KxB], 0.0)
 
   return loss_fn
 
 
-def monolithic_loss_fn(config: models.LMConfig, d: data_lib.DomainData,
-                       per_domain: int, baseline_K):
+def monolithic_loss_fn(
+  config: models.LMConfig, d: data_lib.DomainData, per_domain: int, baseline_K
+):
   """One model scored on every domain: losses [K]."""
   arrays, index = device_arrays(d), data_lib.domain_index(d)
   parallel.check_divisible(per_domain, "per_domain (monolithic)")
@@ -64,16 +70,15 @@ def monolithic_loss_fn(config: models.LMConfig, d: data_lib.DomainData,
     idx_KxB = data_lib.stratified_batch(key, index, per_domain)
     K, B = idx_KxB.shape
     flat = parallel.shard_batch(idx_KxB.reshape(-1))
-    logp = models.token_logprobs(config, params, arrays["inputs"][flat],
-                                 arrays["targets"][flat])
-    return per_domain_token_loss(-logp.reshape(K, B, -1), arrays["mask"][idx_KxB],
-                                 baseline_K)
+    logp = models.token_logprobs(config, params, arrays["inputs"][flat], arrays["targets"][flat])
+    return per_domain_token_loss(-logp.reshape(K, B, -1), arrays["mask"][idx_KxB], baseline_K)
 
   return loss_fn
 
 
-def gate_loss_fn(config: models.GateConfig, d: data_lib.DomainData, cache_NxTxM,
-                 per_domain: int, baseline_K):
+def gate_loss_fn(
+  config: models.GateConfig, d: data_lib.DomainData, cache_NxTxM, per_domain: int, baseline_K
+):
   """The causal gated mixture over cached expert log-probs: losses [K]."""
   arrays, index = device_arrays(d), data_lib.domain_index(d)
   cache = jnp.asarray(cache_NxTxM)
@@ -81,29 +86,40 @@ def gate_loss_fn(config: models.GateConfig, d: data_lib.DomainData, cache_NxTxM,
 
   def loss_fn(params, batch, key):
     del batch
-    flat = parallel.shard_batch(
-        data_lib.stratified_batch(key, index, per_domain).reshape(-1))
-    logp_mix = gated_logprobs(config, params, arrays["inputs"][flat], cache[flat],
-                              arrays["mask"][flat])
+    flat = parallel.shard_batch(data_lib.stratified_batch(key, index, per_domain).reshape(-1))
+    logp_mix = gated_logprobs(
+      config, params, arrays["inputs"][flat], cache[flat], arrays["mask"][flat]
+    )
     K = baseline_K.shape[0]
-    return per_domain_token_loss(-logp_mix.reshape(K, per_domain, -1),
-                                 arrays["mask"][flat].reshape(K, per_domain, -1),
-                                 baseline_K)
+    return per_domain_token_loss(
+      -logp_mix.reshape(K, per_domain, -1),
+      arrays["mask"][flat].reshape(K, per_domain, -1),
+      baseline_K,
+    )
 
   return loss_fn
 
 
-def gated_logprobs(config: models.GateConfig, params, inputs_BxT, logp_BxTxM,
-                   mask_BxT):
-  """log p_w(x_t | x_<t) of the causal gated model (MATH.md §2.1), [B, T]."""
+def gated_logprobs(config: models.GateConfig, params, inputs_BxT, logp_BxTxM, mask_BxT):
+  """log p_w(x_t | x_<t) of the causal gated model (docs/math.md §2.1), [B, T]."""
   prefix = models.prefix_loglik(logp_BxTxM, mask_BxT)
   log_gate = models.gate_log_weights(config, params, inputs_BxT, prefix)
   return gating.causal_mixture_logp(log_gate, logp_BxTxM)
 
 
-def make_game(loss_fn, params, *, num_domains: int, lr: float, dual_lr: float,
-              seed: int, uncertainty=None, weight_decay: float = 0.0, lam_K=None,
-              ema_decay: float = 0.0):
+def make_game(
+  loss_fn,
+  params,
+  *,
+  num_domains: int,
+  lr: float,
+  dual_lr: float,
+  seed: int,
+  uncertainty=None,
+  weight_decay: float = 0.0,
+  lam_K=None,
+  ema_decay: float = 0.0,
+):
   """(step_fn, initial GameState): Adam(W) primal, mirror-ascent dual from `lam_K`,
   an EMA of the parameters with `ema_decay` (0: the EMA is the last iterate)."""
   uncertainty = uncertainty or uncertainty_lib.simplex(num_domains)
@@ -114,8 +130,16 @@ def make_game(loss_fn, params, *, num_domains: int, lr: float, dual_lr: float,
   return step, parallel.replicate(state)
 
 
-def fit(step_fn, state, num_steps: int, *, name: str, log: Callable = print,
-        chunk: int = 100, checkpointer=None) -> tuple[Any, dict]:
+def fit(
+  step_fn,
+  state,
+  num_steps: int,
+  *,
+  name: str,
+  log: Callable = print,
+  chunk: int = 100,
+  checkpointer=None,
+) -> tuple[Any, dict]:
   """Runs `num_steps` in lax.scan chunks, logging rate and ETA after each.
 
   With a `checkpoints.Checkpointer`, the run resumes from its newest good
@@ -135,9 +159,11 @@ def fit(step_fn, state, num_steps: int, *, name: str, log: Callable = print,
     rows = checkpointer.metrics(up_to=int(state.step))
   done = int(state.step)
   if done > num_steps:
-    raise InputError(f"{name}: the checkpoint is at step {done}, past the {num_steps} "
-                     f"steps asked for; ask for at least {done} steps or use another "
-                     f"workdir.")
+    raise InputError(
+      f"{name}: the checkpoint is at step {done}, past the {num_steps} "
+      f"steps asked for; ask for at least {done} steps or use another "
+      f"workdir."
+    )
   history = [checkpoints.stack_metrics(rows)] if rows else []
   start, first = time.perf_counter(), done
   while done < num_steps:
@@ -147,19 +173,26 @@ def fit(step_fn, state, num_steps: int, *, name: str, log: Callable = print,
     done += n
     losses, lam = metrics["losses"][-1], metrics["lam"][-1]
     if not (np.all(np.isfinite(metrics["losses"])) and np.all(np.isfinite(metrics["lam"]))):
-      bad = int(np.argmin(np.all(np.isfinite(metrics["losses"]), axis=1) &
-                          np.all(np.isfinite(metrics["lam"]), axis=1)))
+      bad = int(
+        np.argmin(
+          np.all(np.isfinite(metrics["losses"]), axis=1)
+          & np.all(np.isfinite(metrics["lam"]), axis=1)
+        )
+      )
       raise FloatingPointError(
-          f"{name}: non-finite per-domain loss or λ at step {done - n + bad + 1}: "
-          f"losses {metrics['losses'][bad]}, λ {metrics['lam'][bad]}. Nothing was "
-          f"saved for this chunk; the last good checkpoint is step {done - n}.")
+        f"{name}: non-finite per-domain loss or λ at step {done - n + bad + 1}: "
+        f"losses {metrics['losses'][bad]}, λ {metrics['lam'][bad]}. Nothing was "
+        f"saved for this chunk; the last good checkpoint is step {done - n}."
+      )
     if checkpointer is not None:
       checkpointer.save(state, metrics)
     history.append(metrics)
     rate = (done - first) / (time.perf_counter() - start)
-    log(f"{name}: step {done}/{num_steps}  {rate:.1f} steps/s  "
-        f"ETA {(num_steps - done) / rate:.0f}s  loss max {losses.max():.4f} "
-        f"mean {losses.mean():.4f}  λ [{' '.join(f'{x:.3f}' for x in lam)}]")
+    log(
+      f"{name}: step {done}/{num_steps}  {rate:.1f} steps/s  "
+      f"ETA {(num_steps - done) / rate:.0f}s  loss max {losses.max():.4f} "
+      f"mean {losses.mean():.4f}  λ [{' '.join(f'{x:.3f}' for x in lam)}]"
+    )
   if not history:
     return state, {}
   # The newest chunk's metric names (rows resumed from an older version may hold more).

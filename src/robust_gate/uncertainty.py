@@ -1,4 +1,4 @@
-"""Uncertainty sets Λ ⊆ Δ_K over domain mixtures (MATH.md §1, §3, §4).
+"""Uncertainty sets Λ ⊆ Δ_K over domain mixtures (docs/math.md §1, §3, §4).
 
 Three sets, one pytree type:
 
@@ -41,6 +41,7 @@ class UncertaintySet:
       uniform mixture for a box, the ball's centre. Smoothing pulls toward it.
     radius: the KL ball's radius (inf for the other kinds).
   """
+
   lo_K: jax.Array
   hi_K: jax.Array
   prior_K: jax.Array
@@ -79,11 +80,11 @@ class UncertaintySet:
       return False
     ok = bool(np.all(lam >= -atol) and abs(lam.sum() - 1.0) <= atol)
     if self.kind == "box":
-      ok &= bool(np.all(lam >= np.asarray(self.lo_K) - atol) and
-                 np.all(lam <= np.asarray(self.hi_K) + atol))
+      ok &= bool(
+        np.all(lam >= np.asarray(self.lo_K) - atol) and np.all(lam <= np.asarray(self.hi_K) + atol)
+      )
     if self.kind == "kl_ball":
-      ok &= _kl_np(np.clip(lam, 0, None), np.asarray(self.prior_K)) <= (
-          float(self.radius) + atol)
+      ok &= _kl_np(np.clip(lam, 0, None), np.asarray(self.prior_K)) <= (float(self.radius) + atol)
     return ok
 
   def vertices(self) -> np.ndarray:
@@ -116,8 +117,12 @@ def simplex(num_domains: int) -> UncertaintySet:
   """The whole simplex Δ_K (the default Λ)."""
   K = _check_num_domains(num_domains)
   return UncertaintySet(
-      lo_K=jnp.zeros(K), hi_K=jnp.ones(K), prior_K=jnp.full(K, 1.0 / K),
-      radius=jnp.asarray(jnp.inf), kind="simplex")
+    lo_K=jnp.zeros(K),
+    hi_K=jnp.ones(K),
+    prior_K=jnp.full(K, 1.0 / K),
+    radius=jnp.asarray(jnp.inf),
+    kind="simplex",
+  )
 
 
 def box(lo, hi) -> UncertaintySet:
@@ -127,36 +132,42 @@ def box(lo, hi) -> UncertaintySet:
   if lo.shape != hi.shape:
     raise InputError(f"box lo has shape {lo.shape} but hi has {hi.shape}.")
   if np.any(lo < 0) or np.any(hi > 1):
-    raise InputError(f"box bounds must lie in [0, 1] (inside the simplex); got "
-                     f"lo={lo.tolist()}, hi={hi.tolist()}.")
+    raise InputError(
+      f"box bounds must lie in [0, 1] (inside the simplex); got lo={lo.tolist()}, hi={hi.tolist()}."
+    )
   if np.any(lo > hi):
     k = int(np.argmax(lo > hi))
     raise InputError(f"box is empty: lo[{k}]={lo[k]} > hi[{k}]={hi[k]}.")
   if lo.sum() > 1 + _FEASIBILITY_ATOL or hi.sum() < 1 - _FEASIBILITY_ATOL:
     raise InputError(
-        f"box admits no mixture: need sum(lo) ≤ 1 ≤ sum(hi), got "
-        f"sum(lo)={lo.sum():.6g}, sum(hi)={hi.sum():.6g}.")
+      f"box admits no mixture: need sum(lo) ≤ 1 ≤ sum(hi), got "
+      f"sum(lo)={lo.sum():.6g}, sum(hi)={hi.sum():.6g}."
+    )
   lo_K, hi_K = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
-  centre = jnp.exp(_project_box_log(jnp.full(lo.shape, -np.log(lo.size)), lo_K,
-                                    hi_K))
-  return UncertaintySet(lo_K=lo_K, hi_K=hi_K, prior_K=centre,
-                        radius=jnp.asarray(jnp.inf), kind="box")
+  centre = jnp.exp(_project_box_log(jnp.full(lo.shape, -np.log(lo.size)), lo_K, hi_K))
+  return UncertaintySet(
+    lo_K=lo_K, hi_K=hi_K, prior_K=centre, radius=jnp.asarray(jnp.inf), kind="box"
+  )
 
 
 def kl_ball(prior, radius: float) -> UncertaintySet:
   """Λ = {λ ∈ Δ_K : KL(λ ‖ prior) ≤ radius}; `prior` must be a mixture."""
   prior = _check_vector(prior, "kl_ball prior")
   if np.any(prior < 0) or abs(prior.sum() - 1) > 1e-4:
-    raise InputError(f"kl_ball prior must be a point of the simplex, got "
-                     f"{prior.tolist()} (sum {prior.sum():.6g}).")
+    raise InputError(
+      f"kl_ball prior must be a point of the simplex, got {prior.tolist()} (sum {prior.sum():.6g})."
+    )
   radius = float(radius)
   if not np.isfinite(radius) or radius < 0:
     raise InputError(f"kl_ball radius must be finite and ≥ 0, got {radius}.")
   prior = prior / prior.sum()
   return UncertaintySet(
-      lo_K=jnp.zeros(prior.size), hi_K=jnp.ones(prior.size),
-      prior_K=jnp.asarray(prior, jnp.float32),
-      radius=jnp.asarray(radius, jnp.float32), kind="kl_ball")
+    lo_K=jnp.zeros(prior.size),
+    hi_K=jnp.ones(prior.size),
+    prior_K=jnp.asarray(prior, jnp.float32),
+    radius=jnp.asarray(radius, jnp.float32),
+    kind="kl_ball",
+  )
 
 
 def from_config(config, num_domains: int) -> UncertaintySet:
@@ -241,10 +252,8 @@ def _project_kl_ball_log(log_q_K, prior_K, radius):
     return jnp.where(inside, a, mid), jnp.where(inside, mid, b)
 
   already_inside = _log_kl(log_q_K, log_prior_K) <= radius
-  _, t = jax.lax.fori_loop(0, _BISECTION_STEPS, body,
-                           (jnp.zeros(()), jnp.ones(())))
-  projected_K = jnp.where(t >= 1.0, jnp.where(prior_K > 0, log_prior_K, -jnp.inf),
-                          geodesic(t))
+  _, t = jax.lax.fori_loop(0, _BISECTION_STEPS, body, (jnp.zeros(()), jnp.ones(())))
+  projected_K = jnp.where(t >= 1.0, jnp.where(prior_K > 0, log_prior_K, -jnp.inf), geodesic(t))
   return jnp.where(already_inside, log_q_K, projected_K)
 
 
@@ -273,6 +282,5 @@ def _max_linear_kl_ball(c_K, prior_K, radius):
     inside = _log_kl(tilt(mid), log_prior_K) <= radius
     return jnp.where(inside, mid, a), jnp.where(inside, b, mid)
 
-  a, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, body,
-                           (jnp.asarray(-30.0), jnp.asarray(30.0)))
+  a, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, body, (jnp.asarray(-30.0), jnp.asarray(30.0)))
   return jnp.exp(tilt(a))
