@@ -1,4 +1,4 @@
-"""Every notebook runs top to bottom (on CPU, in minutes)."""
+"""Every notebook runs top to bottom (on CPU, in minutes) and is committed stripped."""
 
 import glob
 import os
@@ -8,9 +8,10 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb"))))
+@pytest.mark.parametrize("path", NOTEBOOKS)
 def test_notebook_executes(path, monkeypatch):
   # As a user runs them: from notebooks/, with no finished workdir given (02 then
   # runs its smaller job in a temporary directory).
@@ -27,3 +28,24 @@ def test_notebook_executes(path, monkeypatch):
     if o.get("output_type") == "error"
   ]
   assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS)
+def test_notebook_is_committed_stripped(path):
+  # Committed without outputs or execution counts, so diffs show code changes only
+  # (strip with nbformat: outputs = [], execution_count = None, per-run metadata gone).
+  nb = nbformat.read(path, as_version=4)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert code, f"{path} has no code cells"
+  for i, cell in enumerate(code):
+    assert cell.outputs == [], f"{path}: code cell {i} has outputs"
+    assert cell.execution_count is None, f"{path}: code cell {i} has an execution count"
+    assert "execution" not in cell.metadata, f"{path}: code cell {i} has execution timings"
+  assert "language_info" not in nb.metadata, f"{path}: notebook metadata has language_info"
+
+
+def test_there_are_notebooks():
+  assert [os.path.basename(p) for p in NOTEBOOKS] == [
+    "01_finite_minimax.ipynb",
+    "02_languages.ipynb",
+  ]
