@@ -13,7 +13,7 @@ Token layout (robust_gate.data): inputs [BOS, x_1..x_n, pad], targets
 """
 
 import dataclasses
-from typing import cast
+from typing import Literal, cast
 
 import chex
 import flax.linen as nn
@@ -23,6 +23,10 @@ import jax.numpy as jnp
 from robust_gate.checks import InputError
 
 DTYPES = ("float32", "bfloat16")
+# "auto": cuDNN flash attention where it applies (GPU, bfloat16), XLA's otherwise.
+ATTENTION = ("auto", "xla", "cudnn")
+# Fields that choose how, not what, is computed: left out of LMConfig.spec().
+_IMPLEMENTATION_FIELDS = ("attention",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +38,15 @@ class LMConfig:
   num_heads: int = 4
   d_ff: int = 256
   dtype: str = "float32"  # compute dtype; parameters stay float32 (master weights)
+  attention: str = "auto"  # one of ATTENTION: the attention kernel, same math
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
       raise InputError(f"LMConfig.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+    if self.attention not in ATTENTION:
+      raise InputError(f"LMConfig.attention must be one of {ATTENTION}, got {self.attention!r}.")
     for f in dataclasses.fields(self):
-      if f.name == "dtype":
+      if f.name in ("dtype", "attention"):
         continue
       v = getattr(self, f.name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -49,12 +56,29 @@ class LMConfig:
         f"LMConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}."
       )
 
+  def spec(self) -> dict:
+    """The fields that fix the model's function, as a workdir's spec.json records them.
 
-def _attention_implementation(c: LMConfig):
-  """cuDNN flash attention on GPU in bfloat16 (what it supports); XLA's otherwise.
+    Without `attention`: the kernel choice changes the rounding, not the function
+    computed, and spec.json files written before the field existed must still match
+    (a differing spec refuses the workdir).
+    """
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in _IMPLEMENTATION_FIELDS}
 
-  On the H100 it lifts expert training from 203 to 280–301 TFLOP/s (BUILD_NOTES.md).
+
+def _attention_implementation(c: LMConfig) -> Literal["xla", "cudnn"]:
+  """The kernel `jax.nn.dot_product_attention` runs: c.attention, "auto" resolved.
+
+  "auto" picks cuDNN's flash attention where it supports the shapes and dtype (GPU,
+  bfloat16, head width a multiple of 8 up to 128): it is faster there than XLA's
+  attention, which materializes the [T, T] scores (BUILD_NOTES.md has the numbers).
   """
+  if c.attention == "cudnn" and jax.default_backend() != "gpu":
+    raise InputError(
+      f"LMConfig.attention='cudnn' needs a GPU; the backend is {jax.default_backend()}."
+    )
+  if c.attention != "auto":
+    return "cudnn" if c.attention == "cudnn" else "xla"
   head_dim = c.d_model // c.num_heads
   if (
     jax.default_backend() == "gpu"
@@ -63,7 +87,7 @@ def _attention_implementation(c: LMConfig):
     and head_dim <= 128
   ):
     return "cudnn"
-  return None
+  return "xla"
 
 
 class _QKV(nn.Module):
@@ -71,8 +95,8 @@ class _QKV(nn.Module):
 
   The parameter of a bias-free `nn.Dense(3D)` (same shape, initializer, name in
   the block), applied as three matmuls: each output is written in the layout
-  attention reads, where slicing one [B, T, 3D] product copies all three
-  (2.3 ms of a 54 ms expert step on the H100; net gain 1.2 ms, BUILD_NOTES.md).
+  attention reads, where slicing one [B, T, 3D] product copies all three (a net
+  gain on the H100, BUILD_NOTES.md).
   """
 
   num_heads: int
@@ -105,7 +129,8 @@ class _Block(nn.Module):
     h = nn.LayerNorm(dtype=dt)(x_BxTxD)
     h = nn.Dense(c.d_ff, dtype=dt, name="Dense_3")(h)
     # Rematerialized: the backward pass recomputes GELU from its input instead of
-    # keeping its tanh (H100, 128 seq/expert: peak memory 36 → 30 GB, time the same).
+    # keeping its tanh: less peak memory, for an elementwise recomputation that is
+    # cheap next to the matmuls.
     h = nn.Dense(D, dtype=dt, name="Dense_2")(jax.checkpoint(nn.gelu)(h))
     return x_BxTxD + h
 
@@ -123,8 +148,7 @@ class TransformerLM(nn.Module):
     dt = jnp.dtype(c.dtype)
     # A one-hot matmul, not a gather: the same numbers forward (one nonzero term),
     # and backward a dense matmul where a gather's gradient is a scatter-add whose
-    # atomics collide on the few table rows (2.2 ms of a 54 ms expert step on the
-    # H100, BUILD_NOTES.md).
+    # atomics collide on the few table rows (BUILD_NOTES.md).
     table = nn.Embed(c.vocab_size, c.d_model, dtype=dt).embedding
     x = jnp.dot(
       jax.nn.one_hot(inputs_BxT, c.vocab_size, dtype=dt),

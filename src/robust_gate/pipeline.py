@@ -14,7 +14,6 @@ command it resumes, and it refuses a workdir whose saved spec (config sections a
 digests of its inputs) differs from the current one, so runs never mix.
 """
 
-import dataclasses
 import json
 import os
 import time
@@ -280,7 +279,7 @@ def _monolithic(config, workdir, log, c, *, train=False):
       **_common_spec(config),
       "experts": c["digest"],
       "baseline": config.baseline,
-      "model": dataclasses.asdict(cfg),
+      "model": cfg.spec(),  # without LMConfig.attention: old workdirs stay valid
       "lr": sc.lr,
       "dual_lr": dual_lr,
       "per_domain": mc.per_domain,

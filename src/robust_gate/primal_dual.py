@@ -113,12 +113,12 @@ def make_step(
 
 
 # XLA:GPU runs the scanned step as one CUDA graph whose kernels, by default, run one
-# after another. A small gate's step is ~40 kernels of ~1.6 µs, many of them
+# after another. A small gate's step is dozens of tiny kernels, many of them
 # independent (each parameter's gradient and Adam update, the dual step, the
-# metrics); CONCURRENT lets the graph run those side by side: 61–65 → 41–45 µs per
-# step of the main job's gate on an H100 (`benchmark.py` scan phase, which also checks
-# the results are bitwise the same), 95.6 → 93.5–94.2 ms per large expert step
-# (BUILD_NOTES.md, "Issue 6"). The CPU backend ignores it.
+# metrics), so its time is their sum; CONCURRENT lets the graph run the independent
+# ones side by side, with bitwise the same results (the scan phase of
+# `robust_gate.benchmark` times both and checks the equality; BUILD_NOTES.md,
+# "Issue 6", has the numbers). The CPU backend ignores it.
 COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 
