@@ -98,8 +98,7 @@ def solve(
   probs = checks.check_probabilities(domain_probs_KxN)
   logp = checks.check_logprobs(expert_logprobs_MxN)
   checks.check_support(probs, logp)
-  K, _N = probs.shape
-  logp.shape[0]
+  K = probs.shape[0]
   if uncertainty is None:
     uncertainty = uncertainty_lib.simplex(K)
   if uncertainty.num_domains != K:
