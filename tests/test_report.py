@@ -1,0 +1,266 @@
+"""The generated results pages: staleness against git history, and an end-to-end render."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from robust_gate import report
+from robust_gate.checks import InputError
+from robust_gate.report import pages, tables
+
+# A valid 1×1 PNG: the report copies figures byte for byte and never decodes them.
+_PNG = bytes.fromhex(
+  "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
+  "0000000d4944415478da63f8cfc0f01f0005000201e5273ea80000000049454e44ae426082"
+)
+
+
+def _git(repo, *args) -> str:
+  env = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+  }
+  out = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
+  return out.stdout.decode().strip()
+
+
+def _commit(repo, path, text, subject) -> str:
+  full = repo / path
+  full.parent.mkdir(parents=True, exist_ok=True)
+  full.write_text(text)
+  _git(repo, "add", path)
+  _git(repo, "commit", "-q", "-m", subject)
+  return _git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def repo(tmp_path):
+  """A git repo with two commits to src/robust_gate/: (path, first commit, second commit)."""
+  r = tmp_path / "repo"
+  r.mkdir()
+  _git(r, "init", "-q")
+  first = _commit(r, "src/robust_gate/a.py", "x = 1\n", "first")
+  second = _commit(r, "src/robust_gate/a.py", "x = 2\n", "change the code")
+  return r, first, second
+
+
+def _prov(commit, dirty=False, device="1 × H100") -> dict:
+  return {
+    "commit": commit,
+    "dirty": dirty,
+    "date": "2025-01-02T03:04:05+00:00",
+    "device": device,
+    "platform": "gpu",
+    "process_count": 1,
+    "host": "test host, 2 cores",
+    "jax_version": "0.0.0",
+    "command": "main.py --workdir=/w --config=launch/configs/digits.py",
+    "config": {"seed": 0},
+  }
+
+
+def test_stale_reason(repo):
+  r, first, second = repo
+  assert report.stale_reason(_prov(second), str(r)) is None
+  reason = report.stale_reason(_prov(first), str(r))
+  assert reason is not None and second[:7] in reason and "change the code" in reason
+  assert report.stale_reason(_prov(second, dirty=True), str(r)) is not None
+  assert report.stale_reason(None, str(r)) == "no provenance"
+  assert report.stale_reason(_prov("unknown"), str(r)) is not None
+  assert "not in this repository" in report.stale_reason(_prov("0" * 40), str(r))
+  # A later commit outside provenance.CODE_PATHS leaves the result current.
+  _commit(r, "docs/notes.md", "notes\n", "docs only")
+  assert report.stale_reason(_prov(second), str(r)) is None
+
+
+def test_stale_reason_lists_at_most_five(repo):
+  r, first, _ = repo
+  for i in range(6):
+    _commit(r, "launch/main.py", f"# {i}\n", f"launch change {i}")
+  reason = report.stale_reason(_prov(first), str(r))
+  assert "7 commits" in reason and "and 2 more" in reason
+  assert "launch change 5" in reason and "change the code" not in reason
+
+
+def _method(loss, worst) -> dict:
+  return {
+    "domain_loss": dict(zip(("a", "b"), loss)),
+    "domain_ce": dict(zip(("a", "b"), loss)),
+    "mean": sum(loss) / 2,
+    "worst_case": worst,
+  }
+
+
+def _write(path, obj) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj))
+
+
+def _workdirs(tmp_path, first, second):
+  """A current main job with an experiment, a stale one without provenance, a benchmark."""
+  results = {
+    "units": "bits/token",
+    "baseline": "expert",
+    "uncertainty": "simplex",
+    "dataset": "markov",
+    "domains": ["a", "b"],
+    "lambda_bar": {"a": 0.25, "b": 0.75},
+    "lambda_last": {"a": 0.3, "b": 0.7},
+    "methods": {
+      "robust_gate": {**_method([0.01, 0.0234567], 0.0234567), "worst_case_interval": [0.02, 0.03]},
+      "monolithic": _method([0.5, 0.125], 0.5123456),
+    },
+    "num_params": {"expert": 100, "gate": 7},
+  }
+  cur = tmp_path / "rg_cur"
+  _write(cur / "results.json", {**results, "provenance": _prov(second)})
+  (cur / "lambda.png").write_bytes(_PNG)
+  mix = {
+    "experiment": "mixtures",
+    "provenance": _prov(first, device="8 × cpu"),
+    "grid_points": 5,
+    "methods": {"robust_gate": {"grid_worst": 0.0711, "late": [1.5, 0.25]}},
+    "runs": [{"hidden": 4, "curve": [[0, 1.0]]}],
+  }
+  _write(cur / "experiments" / "mixtures.json", mix)
+  (cur / "experiments" / "mixtures.png").write_bytes(_PNG)
+  old = tmp_path / "rg_old"
+  _write(old / "results.json", results)
+  bench = tmp_path / "bench"
+  _write(
+    bench / "benchmark.json",
+    {
+      "provenance": _prov(second, device="1 × NVIDIA H200"),
+      "config": {"d_model": 64},
+      "xla_flags": "",
+      "measurements": {"gate": {"robust_step_seconds": 4.3e-5, "ratio": 1.01}},
+      "profiles": {
+        "gate": {"device_seconds": 2e-5, "num_ops": 3, "by_kind": {"matmul": 1.5e-5}, "ops": []}
+      },
+    },
+  )
+  return cur, old, bench
+
+
+def test_generate(tmp_path, repo):
+  r, first, second = repo
+  cur, old, bench = _workdirs(tmp_path, first, second)
+  out = tmp_path / "docs"
+  cmd = "python launch/report.py --workdirs=x --out=docs"
+  args = ([str(cur), str(old)], [str(bench)], str(out), cmd, str(r))
+  written = report.generate(*args)
+  assert written == [str(out / "results.md"), str(out / "performance.md")]
+  page = (out / "results.md").read_text()
+  perf = (out / "performance.md").read_text()
+  banner = f"Generated by `{cmd}` at `{second[:7]}`; do not edit by hand."
+  assert page.startswith(banner) and perf.startswith(banner)
+  # Every method's worst case, to 4 decimals, with the interval the JSON gives.
+  assert "| 0.0235 [0.0200, 0.0300] |" in page and "| 0.5123 |" in page
+  assert f"## rg_cur: markov, config digits.py — commit `{second[:7]}`, 1 × H100" in page
+  assert "## rg_old: markov, config unknown — commit `unknown`, unknown" in page
+  assert "| λ̄ (average) | 0.2500 | 0.7500 |" in page
+  # STALE exactly twice: the experiment made before the code changed, and rg_old.
+  assert page.count("STALE") == 2
+  assert f"### Experiment `mixtures` (rg_cur) — commit `{first[:7]}`, 8 × cpu" in page
+  stale_exp = page.split("### Experiment `mixtures`")[1]
+  assert "STALE**: 1 commit changed" in stale_exp and "change the code" in stale_exp
+  assert "**STALE**: no provenance" in page.split("## rg_old")[1]
+  assert "STALE" not in page.split("## rg_cur")[1].split("### Experiment")[0]
+  # Figures copied and linked; the experiment's body as tables.
+  for rel in ("figures/rg_cur/lambda.png", "figures/rg_cur/experiments/mixtures.png"):
+    assert f"]({rel})" in page and (out / rel).read_bytes() == _PNG
+  assert "| robust_gate | 0.0711 | 1.5000, 0.2500 |" in page
+  assert "| grid_points | 5 |" in page and "`runs[].curve`" in page
+  # The benchmark's measurements with units.
+  assert "| robust_step_seconds | 43 | µs |" in perf and "| ratio | 1.01 | × |" in perf
+  assert "| kind: matmul | 15 | µs |  |" in perf
+  assert "STALE" not in perf and "1 × NVIDIA H200" in perf
+  # Deterministic: the same inputs write the same bytes.
+  report.generate(*args)
+  assert (out / "results.md").read_text() == page
+  assert (out / "performance.md").read_text() == perf
+
+
+def test_generate_replaces_old_figures(tmp_path, repo):
+  r, first, second = repo
+  cur, _, _ = _workdirs(tmp_path, first, second)
+  out = tmp_path / "docs"
+  (out / "figures" / "gone").mkdir(parents=True)
+  (out / "figures" / "gone" / "old.png").write_bytes(_PNG)
+  report.generate([str(cur)], [], str(out), "cmd", str(r))
+  assert not (out / "figures" / "gone").exists()
+  assert not (out / "performance.md").exists()
+
+
+def test_experiments_in_old_location(tmp_path, repo):
+  r, _, second = repo
+  w = tmp_path / "w"
+  _write(w / "paper" / "prune.json", {"threshold": 0.02, "path": [{"test_worst": 0.5}]})
+  _write(w / "paper" / "ema.json", {"steps": 3})
+  _write(w / "experiments" / "ema.json", {"steps": 4, "provenance": _prov(second)})
+  page = pages.results_page(report.inputs.read_results([str(w)], str(r)), str(tmp_path), "h")
+  assert "experiments only" in page and "| steps | 4 |" in page and "| steps | 3 |" not in page
+  assert page.index("`prune`") < page.index("`ema`")  # robust_gate.paper's order
+
+
+def test_input_errors(tmp_path, repo):
+  r = str(repo[0])
+  with pytest.raises(InputError, match="not a directory"):
+    report.generate([str(tmp_path / "missing")], [], str(tmp_path / "o"), "c", r)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(InputError, match=r"results\.json: no such file"):
+    report.generate([str(tmp_path / "empty")], [], str(tmp_path / "o"), "c", r)
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "results.json").write_text("{not json")
+  with pytest.raises(InputError, match=r"results\.json: not valid JSON"):
+    report.generate([str(tmp_path / "bad")], [], str(tmp_path / "o"), "c", r)
+  with pytest.raises(InputError, match=r"benchmark\.json: no such file"):
+    report.generate([], [str(tmp_path / "empty")], str(tmp_path / "o"), "c", r)
+  assert not (tmp_path / "o").exists()  # nothing written when an input is bad
+
+
+@pytest.mark.parametrize(
+  "key,value,expected",
+  [
+    ("step_seconds", 0.0123, ("12.3", "ms")),
+    ("tokens_per_s", 3.4e6, ("3.4", "Mtokens/s")),
+    ("model_flops_per_s", 3.43e14, ("343", "TFLOP/s")),
+    ("model_flops_per_step", 2e9, ("2", "GFLOP")),
+    ("peak_bytes", 3 * 2**30, ("3", "GiB")),
+    ("mfu", 0.42, ("42", "%")),
+    ("speedup_unroll4", 7.9, ("7.9", "×")),
+    ("params_per_expert", 25, ("25", "")),
+    ("serial_bitwise_equal", True, ("yes", "")),
+    ("student_tokens_per_second", 3.4e6, ("3.4", "Mtokens/s")),
+    ("model_tflops", 343.2, ("343.2", "TFLOP/s")),
+    ("robust_over_erm", 1.01, ("1.01", "×")),
+    ("peak_memory_bytes", None, ("—", "")),
+  ],
+)
+def test_measurement_units(key, value, expected):
+  assert tables.measurement(key, value) == expected
+
+
+def test_launcher(tmp_path, repo):
+  _, first, second = repo
+  cur, _, bench = _workdirs(tmp_path, first, second)
+  out = tmp_path / "docs"
+  argv = [sys.executable, "launch/report.py", f"--workdirs={cur}", f"--bench_workdirs={bench}"]
+  run = subprocess.run([*argv, f"--out={out}"], capture_output=True, text=True, cwd=report.REPO)
+  assert run.returncode == 0, run.stderr
+  cmd = f"python launch/report.py --workdirs={cur} --bench_workdirs={bench} --out={out}"
+  assert (out / "results.md").read_text().startswith(f"Generated by `{cmd}` at `")
+  bad = subprocess.run(
+    [*argv[:2], f"--workdirs={tmp_path}/nope", f"--out={out}"],
+    capture_output=True,
+    text=True,
+    cwd=report.REPO,
+  )
+  assert bad.returncode == 1 and bad.stderr.strip().endswith("is not a directory.")
+  assert "Traceback" not in bad.stderr
