@@ -264,3 +264,13 @@ def test_launcher(tmp_path, repo):
   )
   assert bad.returncode == 1 and bad.stderr.strip().endswith("is not a directory.")
   assert "Traceback" not in bad.stderr
+
+
+def test_body_tables_nested_and_wide():
+  """jsd's shape: records holding per-model dicts; a wide table is transposed."""
+  models = {m: {f"f{i}": 0.5 * i for i in range(6)} for m in ("monolithic", "robust_gate")}
+  body = {"similarities": [0.0, 1.0], "runs": [{"similarity": 0.0, "models": models}]}
+  text = "\n".join(tables.body_tables(body))
+  assert "| similarities | 0.0000, 1.0000 |" in text
+  assert "| field | 1 |" in text and "| models.robust_gate.f5 | 2.5000 |" in text
+  assert "Not shown" not in text

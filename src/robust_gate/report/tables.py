@@ -7,8 +7,9 @@ from typing import Any
 SHORT_LIST = 8
 # A top-level list of scalars up to this length is shown in the summary (grids, seeds).
 SUMMARY_LIST = 24
-# Nested dicts are flattened into columns up to this depth ("models.gate.exact_worst").
-MAX_DEPTH = 2
+# Nested dicts are flattened into columns up to this depth (jsd's
+# "runs[].models.robust_gate.exact_worst" is at depth 3).
+MAX_DEPTH = 3
 # A table wider than this and taller than wide is transposed (fields as rows).
 MAX_COLUMNS = 10
 
@@ -23,18 +24,18 @@ def _short_list(v: Any, n: int = SHORT_LIST) -> bool:
 
 def fmt(v: Any) -> str:
   """A JSON value as text: floats to 4 decimals (bits/token), tiny or huge ones in e-notation."""
-  if v is None:
+  if v is None or v == "":
     return "—"
   if isinstance(v, bool):
     return "yes" if v else "no"
   if isinstance(v, int):
     return str(v)
   if isinstance(v, float):
-    if not math.isfinite(v) or v == 0:
+    if not math.isfinite(v):
       return str(v)
-    return f"{v:.4f}" if 1e-3 <= abs(v) < 1e5 else f"{v:.3e}"
+    return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.3e}"
   if isinstance(v, list):
-    return ", ".join(fmt(x) for x in v)
+    return ", ".join(fmt(x) for x in v) if v else "—"
   return str(v)
 
 
