@@ -1,8 +1,19 @@
-"""Shared helpers for the tests."""
+"""Shared helpers for the tests, and the JAX settings every test runs under."""
 
+import os
+
+# Implicit rank promotion (adding a [K] array to a [N, K] one without saying so)
+# is an error in every test: the library broadcasts explicitly. Exported before
+# jax is imported, so the processes tests launch (launchers, notebook kernels)
+# inherit it; set again below for the case where jax was imported first.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+
+import jax
 import numpy as np
 
 from robust_gate import finite
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def random_instance(

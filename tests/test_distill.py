@@ -71,7 +71,7 @@ def test_sequence_gate_distills_exactly_when_a_causal_gate_exists():
   """Constant sequence gate λ gives D_λ, which the causal posterior gate reproduces."""
   seqs, cond, logp_NxM = _finite_sequence_space()
   lam = np.array([0.3, 0.7])
-  target = jax.nn.logsumexp(jnp.log(lam) + logp_NxM, axis=-1)
+  target = jax.nn.logsumexp(jnp.log(lam)[None] + logp_NxM, axis=-1)
   np.testing.assert_allclose(jnp.exp(target).sum(), 1.0, atol=1e-5)
   log_gate, kl = distill.sequence_gate_to_causal(target, seqs, cond, steps=3000)
   assert float(kl) < 1e-4

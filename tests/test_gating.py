@@ -92,7 +92,7 @@ PARAMS = {"a": jnp.array([-1.0, 0.3, 0.8]), "b": jnp.array([0.2, -0.1, 0.0])}
 
 
 def _log_gate(params, x_S):
-  return jax.nn.log_softmax(x_S[:, None] * params["a"] + params["b"], axis=-1)
+  return jax.nn.log_softmax(x_S[:, None] * params["a"][None] + params["b"][None], axis=-1)
 
 
 def _samples(num, seed):

@@ -34,24 +34,24 @@ def _reference_lm(params, x_BxT):
 
   def layer_norm(q, h):
     mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
-    return (h - mu) / jnp.sqrt(var + 1e-6) * q["scale"] + q["bias"]
+    return (h - mu) / jnp.sqrt(var + 1e-6) * q["scale"][None, None] + q["bias"][None, None]
 
   B, T = x_BxT.shape
   H = CFG.num_heads
-  h = p["Embed_0"]["embedding"][x_BxT] + p["pos_embedding"][:T]
+  h = p["Embed_0"]["embedding"][x_BxT] + p["pos_embedding"][None, :T]
   for i in range(CFG.num_layers):
     q = p[f"_Block_{i}"]
     a = layer_norm(q["LayerNorm_0"], h)
     qkv = (a @ q["Dense_0"]["kernel"]).reshape(B, T, 3, H, -1)
     s = jnp.einsum("bqhk,bthk->bhqt", qkv[:, :, 0], qkv[:, :, 1]) / np.sqrt(qkv.shape[-1])
-    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool))[None, None], s, -jnp.inf)
     o = jnp.einsum("bhqt,bthk->bqhk", jax.nn.softmax(s, -1), qkv[:, :, 2])
     h = h + o.reshape(B, T, -1) @ q["Dense_1"]["kernel"]
     a = layer_norm(q["LayerNorm_1"], h)
-    a = jax.nn.gelu(a @ q["Dense_3"]["kernel"] + q["Dense_3"]["bias"])
-    h = h + a @ q["Dense_2"]["kernel"] + q["Dense_2"]["bias"]
+    a = jax.nn.gelu(a @ q["Dense_3"]["kernel"] + q["Dense_3"]["bias"][None, None])
+    h = h + a @ q["Dense_2"]["kernel"] + q["Dense_2"]["bias"][None, None]
   h = layer_norm(p["LayerNorm_0"], h)
-  return h @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  return h @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"][None, None]
 
 
 def test_transformer_equals_a_plain_reference_in_value_and_gradient():

@@ -17,5 +17,7 @@ def test_readme_python_examples_run():
 
 def test_ci_runs_exactly_the_readme_test_command():
   text = pathlib.Path(ROOT, "README.md").read_text()
-  command = re.search(r"# Install and run the test suite.*\n(.*)\n", text).group(1)
+  # The command is the first line after the comment lines that introduce it.
+  command = re.search(r"# Install and run the test suite.*\n(?:#.*\n)*(.*)\n", text).group(1)
+  assert command.startswith("python3 -m venv"), command
   assert command.strip() in pathlib.Path(ROOT, ".ci", "run").read_text().splitlines()

@@ -292,6 +292,6 @@ def max_mixture_kl(
     return objectives.mixture_kl(jnp.exp(log_lam_K), probs, logq)
 
   starts_SxK = jnp.log(
-    jnp.concatenate([uncertainty.prior_K[None], 0.5 * uncertainty.prior_K + 0.5 * jnp.eye(K)])
+    jnp.concatenate([uncertainty.prior_K[None], 0.5 * uncertainty.prior_K[None] + 0.5 * jnp.eye(K)])
   )
   return float(jnp.max(jax.jit(jax.vmap(ascend))(starts_SxK)))

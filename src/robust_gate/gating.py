@@ -55,7 +55,7 @@ def posterior_log_gate(log_prior_M: jax.Array, logp_NxM: jax.Array) -> jax.Array
   chex.assert_rank(logp_NxM, 2)
   chex.assert_shape(log_prior_M, (logp_NxM.shape[1],))
   chex.assert_type([log_prior_M, logp_NxM], float)
-  return jax.nn.log_softmax(log_prior_M + logp_NxM, axis=-1)
+  return jax.nn.log_softmax(log_prior_M[None] + logp_NxM, axis=-1)
 
 
 def exact_log_normalizer(log_gate_NxM: jax.Array, expert_logprobs_MxN: jax.Array) -> jax.Array:

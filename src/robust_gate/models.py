@@ -155,9 +155,8 @@ class TransformerLM(nn.Module):
       table.astype(dt),
       precision=jax.lax.Precision.HIGHEST,
     )
-    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (c.max_len, c.d_model))[
-      :T
-    ].astype(dt)
+    pos_TxD = self.param("pos_embedding", nn.initializers.normal(0.02), (c.max_len, c.d_model))
+    x = x + pos_TxD[None, :T].astype(dt)
     for _ in range(c.num_layers):
       x = _Block(c)(x)
     return nn.Dense(c.vocab_size, dtype=dt)(nn.LayerNorm(dtype=dt)(x))
