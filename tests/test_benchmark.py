@@ -110,7 +110,7 @@ def test_run_in_process(tmp_path):
 
 def test_attention_field():
   """On CPU "auto" is XLA's attention: the same logits as "xla"; a bad value is an
-  InputError, and so is "cudnn" without a GPU."""
+  InputError, and so is "cudnn" where cuDNN's kernel cannot run."""
   cfg = models.LMConfig(vocab_size=11, max_len=8, d_model=16, num_heads=2, d_ff=32)
   params = jax.jit(models.init_lm, static_argnums=0)(cfg, jax.random.PRNGKey(0))
   x_BxT = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 11)
@@ -120,8 +120,10 @@ def test_attention_field():
   np.testing.assert_array_equal(np.asarray(auto), np.asarray(xla))
   with pytest.raises(InputError, match="attention"):
     dataclasses.replace(cfg, attention="flash")
+  with pytest.raises(InputError, match="bfloat16"):  # what cuDNN's kernel takes
+    dataclasses.replace(cfg, attention="cudnn")
   with pytest.raises(InputError, match="needs a GPU"):
-    logprobs(dataclasses.replace(cfg, attention="cudnn"), params, x_BxT)
+    logprobs(dataclasses.replace(cfg, dtype="bfloat16", attention="cudnn"), params, x_BxT)
   with pytest.raises(InputError, match="attention"):
     benchmark.BenchmarkConfig(attention="flash")
   # The saved specs of existing workdirs record the fields that existed before it.

@@ -55,6 +55,12 @@ class LMConfig:
       raise InputError(
         f"LMConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}."
       )
+    if self.attention == "cudnn" and not _cudnn_supports(self):
+      raise InputError(
+        "LMConfig.attention='cudnn' needs dtype='bfloat16' and a head width "
+        f"(d_model / num_heads) that is a multiple of 8 up to 128, got {self.dtype} and "
+        f"{self.d_model // self.num_heads}; use 'auto' or 'xla'."
+      )
 
   def spec(self) -> dict:
     """The fields that fix the model's function, as a workdir's spec.json records them.
@@ -79,15 +85,13 @@ def _attention_implementation(c: LMConfig) -> Literal["xla", "cudnn"]:
     )
   if c.attention != "auto":
     return "cudnn" if c.attention == "cudnn" else "xla"
+  return "cudnn" if jax.default_backend() == "gpu" and _cudnn_supports(c) else "xla"
+
+
+def _cudnn_supports(c: LMConfig) -> bool:
+  """The shapes and dtype cuDNN's flash attention takes (of those LMConfig allows)."""
   head_dim = c.d_model // c.num_heads
-  if (
-    jax.default_backend() == "gpu"
-    and c.dtype == "bfloat16"
-    and head_dim % 8 == 0
-    and head_dim <= 128
-  ):
-    return "cudnn"
-  return "xla"
+  return c.dtype == "bfloat16" and head_dim % 8 == 0 and head_dim <= 128
 
 
 class _QKV(nn.Module):
