@@ -101,10 +101,10 @@ def check_token_logprobs(logp_BxTxM, mask_BxT=None, name: str = "logp_BxTxM") ->
   """
   logp = as_float_array(logp_BxTxM, name, 3)
   if np.any(np.isnan(logp)):
-    idx = tuple(np.argwhere(np.isnan(logp))[0])
+    idx = tuple(int(i) for i in np.argwhere(np.isnan(logp))[0])
     raise InputError(f"{name}{list(idx)} is NaN.")
   if np.any(logp > 1e-5):
-    idx = tuple(np.argwhere(logp > 1e-5)[0])
+    idx = tuple(int(i) for i in np.argwhere(logp > 1e-5)[0])
     raise InputError(
       f"{name}{list(idx)} = {logp[idx]:.4g} > 0: not the log-probability of a token."
     )
