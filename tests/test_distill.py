@@ -15,11 +15,19 @@ def _data():
   return data.encode(seqs, np.arange(40) % 2, ["a", "b"], vocab_size=6, max_len=6)
 
 
-def test_token_kl_is_zero_for_identical_and_positive_otherwise():
+def test_token_kl_is_the_kl_of_teacher_to_student_at_every_position():
   logp = jax.nn.log_softmax(jax.random.normal(jax.random.PRNGKey(0), (2, 3, 6)))
   np.testing.assert_allclose(distill.token_kl(logp, logp), 0.0, atol=1e-6)
   other = jax.nn.log_softmax(jax.random.normal(jax.random.PRNGKey(1), (2, 3, 6)))
-  assert np.all(np.asarray(distill.token_kl(logp, other)) > 0)
+  p, q = np.asarray(logp, np.float64), np.asarray(other, np.float64)
+  want = np.sum(np.exp(p) * (p - q), axis=-1)  # KL(teacher ‖ student), [B, T]
+  assert want.shape == (2, 3)
+  np.testing.assert_allclose(distill.token_kl(logp, other), want, rtol=F32_RTOL)
+  # By hand: KL([1/2, 1/2, 0] ‖ [1/4, 1/2, 1/4]) = ½ ln 2; the teacher's zero-mass
+  # token (log-probability -inf) contributes 0, not NaN.
+  teacher = jnp.log(jnp.array([[[0.5, 0.5, 0.0]]]))
+  student = jnp.log(jnp.array([[[0.25, 0.5, 0.25]]]))
+  np.testing.assert_allclose(distill.token_kl(teacher, student), [[0.5 * np.log(2)]], rtol=F32_RTOL)
 
 
 def test_student_init_takes_the_largest_lambda_expert():
