@@ -34,8 +34,9 @@ def test_minus_inf_expert_logprobs_are_stable():
     return gating.causal_mixture_logp(jax.nn.log_softmax(scores), logp_BxTxM).sum()
 
   value, grad = jax.value_and_grad(f)(jnp.zeros((1, 2, 2)))
-  assert np.isfinite(value) and np.all(np.isfinite(grad))
   np.testing.assert_allclose(value, np.log(0.5) * 2 - 3.0, rtol=F32_RTOL)
+  # d/ds log Σ_j π_j p_j = posterior − π: the live expert's posterior is 1 at each step.
+  np.testing.assert_allclose(grad, [[[-0.5, 0.5], [0.5, -0.5]]], rtol=F32_RTOL)
 
 
 def test_causal_posterior_gate_reproduces_the_mixture():
@@ -81,7 +82,12 @@ def test_exact_normalizer_makes_a_distribution():
   logp_N = gating.sequence_mixture_logp(log_gate_NxM, logp_MxN.T, log_z)
   np.testing.assert_allclose(jnp.exp(logp_N).sum(), 1.0, atol=1e-6)
   np.testing.assert_allclose(logp_N, gating.finite_sequence_logp(log_gate_NxM, logp_MxN), atol=1e-6)
+  # Z = Σ_x Σ_j p_j(x) π_j(x), by hand in float64.
+  p64, pi64 = np.exp(np.asarray(logp_MxN, np.float64)), np.exp(np.asarray(log_gate_NxM, np.float64))
+  np.testing.assert_allclose(np.exp(log_z), np.sum(p64.T * pi64), rtol=F32_RTOL)
   # The gate g = π / Z is in G_1: Σ_j E_{p_j}[g(x, j)] = 1.
+  g_NxM = np.exp(np.asarray(log_gate_NxM, np.float64) - float(log_z))
+  np.testing.assert_allclose(np.sum(p64.T * g_NxM), 1.0, rtol=F32_RTOL)
   g_NxM = jnp.exp(log_gate_NxM - log_z)
   np.testing.assert_allclose(jnp.sum(jnp.exp(logp_MxN).T * g_NxM), 1.0, atol=1e-6)
 
@@ -115,8 +121,17 @@ def test_mc_normalizer_agrees_with_quadrature_within_its_standard_error():
   z_true = _z_quadrature(PARAMS)
   assert abs(z_true - 1.0) > 0.05  # a gate far from G_1 before normalization
   for seed in range(3):
-    est = jax.jit(lambda p, s: gating.mc_normalizer(_log_gate, p, s))(PARAMS, _samples(4000, seed))
-    assert 0 < float(est.stderr) < 0.02
+    samples = _samples(4000, seed)
+    est = jax.jit(lambda p, s: gating.mc_normalizer(_log_gate, p, s))(PARAMS, samples)
+    # By hand: w_js = softmax(a x_js + b)_j; Z = Σ_j mean_s w_js, stderr² = Σ_j Var_j / S.
+    x = np.asarray(samples, np.float64)[:, :, None]
+    s = x * np.asarray(PARAMS["a"], np.float64) + np.asarray(PARAMS["b"], np.float64)
+    pi = np.exp(s - s.max(-1, keepdims=True))
+    w_MxS = (pi / pi.sum(-1, keepdims=True))[np.arange(3), :, np.arange(3)]
+    np.testing.assert_allclose(est.z, w_MxS.mean(1).sum(), rtol=F32_RTOL)
+    np.testing.assert_allclose(
+      est.stderr, np.sqrt(w_MxS.var(1, ddof=1).sum() / 4000), rtol=F32_RTOL
+    )
     assert abs(float(est.z) - z_true) < 4 * float(est.stderr), (est, z_true)
 
   # With Z_w, the sequence-level model integrates to 1 (by quadrature).
