@@ -37,18 +37,16 @@ def test_the_reported_gate_is_an_average_and_normalized(tiny):
   and a causal gated model whose every next-token conditional sums to 1 (G_1)."""
   config, workdir = tiny
   m = pipeline.load_models(config, workdir, log=lambda s: None)
-  robust = m["gates"]["robust_gate"]
+  robust = m.gates.robust_gate
   assert config.gate.ema_decay > 0
   assert not all(
     np.array_equal(a, b)
     for a, b in zip(
-      jax.tree_util.tree_leaves(robust.ema_params), jax.tree_util.tree_leaves(robust.params)
+      jax.tree_util.tree_leaves(robust.params), jax.tree_util.tree_leaves(robust.state.params)
     )
   )
-  next_fn = sampling.gated_next_fn(
-    m["lm_cfg"], m["expert_params"], m["gate_cfg"], robust.ema_params
-  )
-  logp_BxTxV = np.asarray(next_fn(m["splits"]["test"].inputs_NxT[:16]), np.float64)
+  next_fn = sampling.gated_next_fn(m.experts.lm_cfg, m.experts.params, robust.cfg, robust.params)
+  logp_BxTxV = np.asarray(next_fn(m.splits.test.inputs_NxT[:16]), np.float64)
   np.testing.assert_allclose(np.exp(logp_BxTxV).sum(-1), 1.0, atol=1e-5)
 
 

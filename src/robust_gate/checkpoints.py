@@ -9,7 +9,7 @@ A training phase owns one directory:
     <dir>/metrics.jsonl    one JSON line per step: losses, λ, objective, grad norm
 
 Writes are atomic: orbax commits a checkpoint by renaming a finished temporary
-directory; spec.json is replaced with os.replace; metric lines are appended one
+directory; spec.json is replaced whole (`files.atomic_write`); metric lines are appended one
 chunk per write and a torn last line is dropped on resume. Every checkpoint
 carries a digest of its arrays: a checkpoint that fails to restore or whose
 digest differs is reported, moved to <dir>/corrupt/, and the previous one used.
@@ -30,18 +30,7 @@ import orbax.checkpoint as ocp
 
 from robust_gate import experts, parallel
 from robust_gate.checks import InputError
-
-
-def atomic_write(path: str, text: str) -> None:
-  """Replaces `path` whole (on process 0 only: one writer across hosts)."""
-  if not parallel.is_main():
-    return
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+from robust_gate.files import atomic_write
 
 
 def _plain(obj):

@@ -6,7 +6,6 @@ held-out cross-entropy, so L_k is the excess over that expert); `domain_ce` is
 the raw cross-entropy. The worst case is `max_{λ∈Λ} Σ_k λ_k L_k`.
 """
 
-import json
 import math
 import os
 
@@ -14,18 +13,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import experts, gating, models, parallel
+from robust_gate import experts, gating, models, parallel, records
 from robust_gate.data import DomainData
 
 LN2 = math.log(2.0)
 
 
+def domain_mean(values_NxT, data: DomainData) -> np.ndarray:
+  """Per-token values ([N, T] or [N, T, M]) averaged over each domain's tokens
+  (Σ over the domain's tokens / their number): [K] or [K, M]."""
+  values = np.asarray(values_NxT)
+  mask = data.mask_NxT.reshape(data.mask_NxT.shape + (1,) * (values.ndim - 2))
+  per_seq = np.where(mask, values, 0.0).sum(axis=1)  # [N] or [N, M]
+  K = data.num_domains
+  if per_seq.ndim == 1:
+    totals = np.bincount(data.domain_N, per_seq, K)
+  else:
+    cols = [np.bincount(data.domain_N, per_seq[:, j], K) for j in range(per_seq.shape[1])]
+    totals = np.stack(cols, 1)
+  tokens = np.bincount(data.domain_N, data.mask_NxT.sum(axis=1), K)
+  return totals / tokens.reshape(tokens.shape + (1,) * (totals.ndim - 1))
+
+
 def domain_ce(logp_NxT: np.ndarray, data: DomainData) -> np.ndarray:
   """Cross-entropy per domain, nats per token (Σ NLL / Σ tokens), [K]."""
-  nll = -np.where(data.mask_NxT, logp_NxT, 0.0).sum(axis=1)
-  tokens = data.mask_NxT.sum(axis=1)
-  K = data.num_domains
-  return np.bincount(data.domain_N, nll, K) / np.bincount(data.domain_N, tokens, K)
+  return domain_mean(-np.asarray(logp_NxT), data)
+
+
+def excess_bits(ce_nats_K, baseline_nats_K) -> np.ndarray:
+  """L_k = CE_k − b_k in bits per token, [K]."""
+  return (np.asarray(ce_nats_K) - np.asarray(baseline_nats_K)) / LN2
 
 
 def lm_logprobs(config: models.LMConfig, params, data: DomainData) -> np.ndarray:
@@ -60,14 +77,11 @@ def fixed_gate_logprobs(log_gate_NxTxM, cache_NxTxM) -> np.ndarray:
 
 def usage(gate_NxTxM: np.ndarray, data: DomainData) -> np.ndarray:
   """Mean gate weight of each expert over each domain's tokens, [K, M]."""
-  w = np.where(data.mask_NxT[..., None], gate_NxTxM, 0.0).sum(axis=1)
-  K = data.num_domains
-  tot = np.stack([np.bincount(data.domain_N, w[:, j], K) for j in range(w.shape[1])], 1)
-  return tot / np.bincount(data.domain_N, data.mask_NxT.sum(1), K)[:, None]
+  return domain_mean(gate_NxTxM, data)
 
 
 def method_entry(ce_nats_K, baseline_nats_K, uncertainty, domains) -> dict:
-  loss_K = (np.asarray(ce_nats_K) - np.asarray(baseline_nats_K)) / LN2
+  loss_K = excess_bits(ce_nats_K, baseline_nats_K)
   worst, _ = uncertainty.max_linear(jnp.asarray(loss_K, jnp.float32))
   return {
     "domain_loss": dict(zip(domains, map(float, loss_K))),
@@ -75,6 +89,36 @@ def method_entry(ce_nats_K, baseline_nats_K, uncertainty, domains) -> dict:
     "mean": float(loss_K.mean()),
     "worst_case": float(worst),
   }
+
+
+def methods_on_test(m: records.TrainedModels, uncertainty) -> tuple[dict, dict]:
+  """Every method of docs/math.md §6 on the test split.
+
+  Returns ({method: `method_entry`}, {gate: `usage`, [K, M]}) for the two trained
+  gates, the uniform mixture, the posterior gate, the monolithic models, the
+  student and each expert alone.
+  """
+  te, cache, baseline_K = m.caches.test.data, m.caches.test.cache_NxTxM, m.caches.test.baseline_K
+  K, domains = te.num_domains, te.domains
+  entry = lambda logp: method_entry(domain_ce(logp, te), baseline_K, uncertainty, domains)
+  methods, use = {}, {}
+  for name, gate in m.gates.items():
+    logp, use[name] = gate_logprobs_and_usage(gate.cfg, gate.params, te, cache)
+    methods[name] = entry(logp)
+  uniform = np.full(cache.shape, -np.log(K), np.float32)
+  methods["uniform_mixture"] = entry(fixed_gate_logprobs(uniform, cache))
+  prefix_NxTxM = models.prefix_loglik(jnp.asarray(cache), jnp.asarray(te.mask_NxT))
+  posterior = np.asarray(gating.posterior_log_gate(jnp.zeros(K), prefix_NxTxM.reshape(-1, K)))
+  posterior = posterior.reshape(cache.shape)
+  methods["posterior_gate"] = entry(fixed_gate_logprobs(posterior, cache))
+  use["posterior_gate"] = usage(np.exp(posterior), te)
+  for name in ("monolithic", "monolithic_large", "monolithic_dro"):
+    mono = getattr(m.monoliths, name)
+    methods[name] = entry(lm_logprobs(mono.lm_cfg, mono.params, te))
+  methods["student"] = entry(lm_logprobs(m.student.lm_cfg, m.student.params, te))
+  for j, d in enumerate(domains):
+    methods[f"expert:{d}"] = entry(cache[..., j])
+  return methods, use
 
 
 def gradient_conflict(loss_fn, params, key) -> np.ndarray:
@@ -108,15 +152,6 @@ def format_table(results: dict) -> str:
     "λ̄ (robust gate): " + ", ".join(f"{d}={w:.3f}" for d, w in results["lambda_bar"].items())
   )
   return "\n".join(lines)
-
-
-def write_json(path: str, obj) -> None:
-  if not parallel.is_main():
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
 
 
 def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:

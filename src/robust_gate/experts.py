@@ -13,6 +13,7 @@ and the experts so a cache cannot be used with other data.
 import dataclasses
 import functools
 import hashlib
+import io
 import os
 from collections.abc import Callable, Sequence
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import checks, models, parallel
+from robust_gate import checks, files, models, parallel
 from robust_gate.checks import InputError
 from robust_gate.data import DomainData
 
@@ -49,6 +50,11 @@ def params_fingerprint(params) -> str:
   for leaf in jax.tree_util.tree_leaves(params):
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   return h.hexdigest()
+
+
+def num_params(params) -> int:
+  """The number of parameters (scalars) in a pytree of arrays."""
+  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
 def check_vocabularies(experts: Sequence[Expert], data: DomainData) -> None:
@@ -128,11 +134,9 @@ def cache_fingerprint(data: DomainData, experts: Sequence[Expert]) -> str:
 
 def save_cache(path: str, cache: np.ndarray, fingerprint: str) -> None:
   """Writes atomically: a crash leaves the old file or none, never half of one."""
-  if not parallel.is_main():
-    return
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, cache=cache, fingerprint=np.array(fingerprint))
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, cache=cache, fingerprint=np.array(fingerprint))
+  files.atomic_write(path, buffer.getvalue())
 
 
 def load_cache(path: str, fingerprint: str, data: DomainData) -> np.ndarray:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_gate import data as data_lib
-from robust_gate import datasets, evaluate, experts, models, parallel, pipeline
+from robust_gate import datasets, evaluate, experts, files, models, parallel, pipeline
 from robust_gate import train as train_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
@@ -44,7 +44,7 @@ def _out(workdir, name, result, fig=None):
   out = os.path.join(workdir, "paper")
   if parallel.is_main():
     os.makedirs(out, exist_ok=True)
-    evaluate.write_json(os.path.join(out, f"{name}.json"), result)
+    files.write_json(os.path.join(out, f"{name}.json"), result)
     if fig is not None:
       fig.tight_layout()
       fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
@@ -260,12 +260,12 @@ def _mean_off_diagonal(c_KxK):
 def conflict(config, workdir, log=print, points: int = 6):
   """Item 2: per-domain gradient cosine matrices over training, monolithic vs gate."""
   _, m = _load(config, workdir, log)
-  tr = m["splits"]["train"]
+  tr = m.splits.train
   K = tr.num_domains
   key = jax.random.PRNGKey(config.seed + 17)
-  mono_cfg = m["monolithic"]["monolithic"][0]
-  mono_loss = m["monolithic"]["monolithic"][2]
-  gate_cfg = m["gate_cfg"]
+  mono_cfg = m.monoliths.monolithic.lm_cfg
+  mono_loss = m.monoliths.monolithic.loss_fn
+  gate_cfg = m.gates.robust_gate.cfg
   runs = {
     "monolithic": (
       mono_loss,
@@ -275,7 +275,7 @@ def conflict(config, workdir, log=print, points: int = 6):
       config.monolithic.steps,
     ),
     "gate": (
-      m["gate_loss"],
+      m.gates.robust_gate.loss_fn,
       models.init_gate(gate_cfg, jax.random.PRNGKey(config.seed)),
       config.gate.lr,
       config.gate.dual_lr,
@@ -372,17 +372,17 @@ def jsd_point(config, workdir, log=print) -> dict:
   lam = lam / lam.sum()
   logmix = _logsumexp(np.log(lam)[:, None] + logd_KxN, 0)
   jsd_lam = markov_jsd(logd_KxN, lam)
-  tr = m["splits"]["train"]
+  tr = m.splits.train
   data = data_lib.encode(
     list(seqs), np.zeros(N, np.int32), ["all"], tr.vocab_size, config.data.max_len
   )
-  group = experts.transformer_experts(m["lm_cfg"], m["expert_params"], tr.domains)
+  group = m.experts.group
   cache = experts.build_cache([group], data)
-  mono_cfg, mono_params, _ = m["monolithic"]["monolithic"]
+  mono_cfg, mono_params = m.monoliths.monolithic.lm_cfg, m.monoliths.monolithic.params
   logq = {
     "monolithic": evaluate.lm_logprobs(mono_cfg, mono_params, data).sum(1),
     "robust_gate": evaluate.gate_logprobs_and_usage(
-      m["gate_cfg"], m["gates"]["robust_gate"].ema_params, data, cache
+      m.gates.robust_gate.cfg, m.gates.robust_gate.params, data, cache
     )[0].sum(1),
   }
   row = {
@@ -478,9 +478,9 @@ def jsd(config, workdir, log=print, similarities=(0.0, 0.5, 0.8, 0.95, 1.0)):
 def gate_size(config, workdir, log=print, hiddens=(4, 32, 256), fractions=(0.1, 0.3, 1.0)):
   """Item 4: robust gates of increasing width on increasing data."""
   _, m = _load(config, workdir, log)
-  va, te = m["splits"]["validation"], m["splits"]["test"]
-  cache_va, cache_te = m["cache"]["validation"], m["cache"]["test"]
-  b_va, b_te = m["baseline"]["validation"], m["baseline"]["test"]
+  va, te = m.splits.validation, m.splits.test
+  cache_va, cache_te = m.caches.validation.cache_NxTxM, m.caches.test.cache_NxTxM
+  b_va, b_te = m.caches.validation.baseline_K, m.caches.test.baseline_K
   rng = np.random.default_rng(config.seed)
   out = {"hiddens": list(hiddens), "fractions": list(fractions), "runs": []}
   for frac in fractions:
@@ -574,7 +574,7 @@ def prior(config, workdir, log=print, box_scale=(0.6, 1.5), kl_radius=0.02):
   Λ is part of the finished robust gate's spec.)
   """
   _, m = _load(config, workdir, log)
-  va, te = m["splits"]["validation"], m["splits"]["test"]
+  va, te = m.splits.validation, m.splits.test
   K = va.num_domains
   lo, hi = box_scale[0] / K, box_scale[1] / K
   sets = {
@@ -583,13 +583,13 @@ def prior(config, workdir, log=print, box_scale=(0.6, 1.5), kl_radius=0.02):
     "kl_ball": uncertainty_lib.kl_ball(np.full(K, 1.0 / K), kl_radius),
   }
   out = {"box": [lo, hi], "kl_radius": kl_radius, "trained_on": {}}
-  evals = {"test": (te, m["cache"]["test"], m["baseline"]["test"])}
+  evals = {"test": (te, m.caches.test.cache_NxTxM, m.caches.test.baseline_K)}
   for name, lam_set in sets.items():
     _, _, curve = fit_gate(
       config,
       va,
-      m["cache"]["validation"],
-      m["baseline"]["validation"],
+      m.caches.validation.cache_NxTxM,
+      m.caches.validation.baseline_K,
       log=log,
       name=f"gate Λ={name}",
       lam_set=lam_set,
@@ -639,9 +639,9 @@ def expand_gate(old_params, new_params):
 def extend(config, workdir, log=print, new_domain: int = -1):
   """Item 6: a gate fitted on K−1 domains; the K-th domain and its expert are added."""
   _, m = _load(config, workdir, log)
-  va, te = m["splits"]["validation"], m["splits"]["test"]
-  cache_va, cache_te = m["cache"]["validation"], m["cache"]["test"]
-  b_va, b_te = m["baseline"]["validation"], m["baseline"]["test"]
+  va, te = m.splits.validation, m.splits.test
+  cache_va, cache_te = m.caches.validation.cache_NxTxM, m.caches.test.cache_NxTxM
+  b_va, b_te = m.caches.validation.baseline_K, m.caches.test.baseline_K
   K = va.num_domains
   new = new_domain % K
   old = [k for k in range(K) if k != new]
@@ -746,15 +746,15 @@ def prune(config, workdir, log=print, threshold: float = 0.02):
   threshold. Worst cases are means over the second half of each refit (`late`).
   """
   results, m = _load(config, workdir, log)
-  va, te = m["splits"]["validation"], m["splits"]["test"]
+  va, te = m.splits.validation, m.splits.test
   domains = results["domains"]
   lam = np.array([results["lambda_bar"][d] for d in domains])
   usage = np.asarray(results["gate_usage"]["robust_gate"])  # [K domains, M experts]
   mass = lam @ usage
   M = len(mass)
-  cache_va, cache_te = m["cache"]["validation"], m["cache"]["test"]
-  b_va, b_te = m["baseline"]["validation"], m["baseline"]["test"]
-  expert_flops = 2 * sum(x.size for x in jax.tree_util.tree_leaves(m["expert_params"])) / M
+  cache_va, cache_te = m.caches.validation.cache_NxTxM, m.caches.test.cache_NxTxM
+  b_va, b_te = m.caches.validation.baseline_K, m.caches.test.baseline_K
+  expert_flops = 2 * sum(x.size for x in jax.tree_util.tree_leaves(m.experts.params)) / M
   path, keep = [], list(range(M))
   while keep:
     _, _, curve = fit_gate(
@@ -829,10 +829,10 @@ def ema(
   draw a single run reports.
   """
   _, m = _load(config, workdir, log)
-  va, te = m["splits"]["validation"], m["splits"]["test"]
+  va, te = m.splits.validation, m.splits.test
   evals = {
-    "validation": (va, m["cache"]["validation"], m["baseline"]["validation"]),
-    "test": (te, m["cache"]["test"], m["baseline"]["test"]),
+    "validation": (va, m.caches.validation.cache_NxTxM, m.caches.validation.baseline_K),
+    "test": (te, m.caches.test.cache_NxTxM, m.caches.test.baseline_K),
   }
   out = {
     "decays": list(decays),
@@ -848,8 +848,8 @@ def ema(
       _, _, curve = fit_gate(
         cfg,
         va,
-        m["cache"]["validation"],
-        m["baseline"]["validation"],
+        m.caches.validation.cache_NxTxM,
+        m.caches.validation.baseline_K,
         log=log,
         name=f"gate seed+{s} ema_decay={decay}",
         evals=evals,

@@ -1,0 +1,317 @@
+"""The main job's models, each a `Game` that one function trains or restores.
+
+Every trained model of the job (the experts, the two gates, the student, the three
+monolithic baselines) is built the same way: a `Game` (its step function, initial
+state, step count and spec) from the config and the records of the models it
+depends on, then `run_or_restore`, which trains it (resuming from its checkpoints)
+or restores its finished state, then a record (robust_gate.records) of the result.
+A phase trains its own models and restores the ones it reads through that same
+path, so training, restoring and `pipeline.load_models` cannot drift apart.
+
+The functions here turn the config into typed values at the top (`Training`,
+`models.LMConfig`, `models.GateConfig`); the builders they call (`gate_game`, ...)
+take only those.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robust_gate import checkpoints, datasets, distill, evaluate, experts, models, primal_dual
+from robust_gate import train as train_lib
+from robust_gate import uncertainty as uncertainty_lib
+from robust_gate.checks import InputError
+from robust_gate.data import DomainData
+from robust_gate.records import (
+  Caches,
+  Experts,
+  Gate,
+  Gates,
+  Monolithic,
+  Monoliths,
+  Scored,
+  Splits,
+  Student,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """How one model trains: a config section, typed."""
+
+  steps: int
+  lr: float
+  per_domain: int  # sequences per domain per step
+  seed: int  # the game's PRNG key (batches) and the parameters' initialization
+  dual_lr: float = 0.0  # η of the dual player; 0: λ stays where it starts
+  ema_decay: float = 0.0  # EMA of the parameters; 0: the EMA is the last iterate
+
+
+@dataclasses.dataclass(frozen=True)
+class Game:
+  """One model's training: `steps` of `step` from `state`, kept in the workdir's
+  directory `name`, whose saved `spec` (config sections and input digests) must
+  equal this one."""
+
+  name: str
+  step: Callable
+  state: primal_dual.GameState
+  steps: int
+  spec: dict
+
+
+# Trains or restores a Game; returns its final state (see `run_or_restore`).
+Runner = Callable[[Game], primal_dual.GameState]
+
+
+def run_or_restore(
+  game: Game, workdir: str, *, train: bool, chunk: int, log
+) -> primal_dual.GameState:
+  """With train=True, trains `game` (resuming from its newest good checkpoint, one
+  checkpoint every `chunk` steps); otherwise restores its finished state, and raises
+  InputError when the workdir holds none."""
+  ckpt = checkpoints.Checkpointer(
+    os.path.join(workdir, game.name), game.spec, name=game.name, log=log, create=train
+  )
+  if train:
+    state, _ = train_lib.fit(
+      game.step, game.state, game.steps, name=game.name, log=log, chunk=chunk, checkpointer=ckpt
+    )
+    return state
+  restored = ckpt.restore(game.state, step=game.steps)
+  if restored is None:
+    raise InputError(
+      f"{game.name}: no finished run in {workdir} (no checkpoint at step "
+      f"{game.steps}, the config's last): run its phase first, or "
+      f"launch/main.py, which runs every phase."
+    )
+  return restored
+
+
+# ------------------------------------------------------------ typed builders
+
+
+def gate_game(
+  cfg: models.GateConfig,
+  train: Scored,
+  t: Training,
+  uncertainty: uncertainty_lib.UncertaintySet | None,
+  params=None,
+):
+  """(step, initial state, loss_fn) of a causal gate over `train`'s cached experts.
+
+  `params` defaults to a fresh gate from `t.seed`; `uncertainty` None is the
+  simplex (with dual_lr 0: λ fixed at the uniform mixture, the ERM gate).
+  """
+  loss_fn = train_lib.gate_loss_fn(
+    cfg, train.data, train.cache_NxTxM, t.per_domain, jnp.asarray(train.baseline_K, jnp.float32)
+  )
+  if params is None:
+    params = models.init_gate(cfg, _init_key(t.seed, 2))
+  step, state = train_lib.make_game(
+    loss_fn,
+    params,
+    num_domains=train.data.num_domains,
+    lr=t.lr,
+    dual_lr=t.dual_lr,
+    seed=t.seed,
+    uncertainty=uncertainty,
+    ema_decay=t.ema_decay,
+  )
+  return step, state, loss_fn
+
+
+def _init_key(seed: int, phase: int) -> jax.Array:
+  """The parameter-initialization key of phase 1 (experts), 2 (gates), 3 (monolithic)."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), phase)
+
+
+# ------------------------------------------------------- config → typed values
+
+
+def lm_config(section, vocab_size: int, max_len: int, dtype: str) -> models.LMConfig:
+  """A transformer's architecture from a config section (d_model, num_layers, ...)."""
+  return models.LMConfig(
+    vocab_size=vocab_size,
+    max_len=max_len,
+    d_model=section.d_model,
+    num_layers=section.num_layers,
+    num_heads=section.num_heads,
+    d_ff=section.d_ff,
+    dtype=dtype,
+  )
+
+
+def gate_config(config, num_experts: int, vocab_size: int, hidden=None) -> models.GateConfig:
+  """The gate network of `config.gate` (its width `hidden` unless given)."""
+  gc = config.gate
+  return models.GateConfig(
+    num_experts=num_experts,
+    vocab_size=vocab_size,
+    max_len=config.data.max_len,
+    hidden=hidden or gc.hidden,
+    token_embed=gc.token_embed,
+    pos_embed=gc.pos_embed,
+  )
+
+
+def gate_training(config, dual_lr: float) -> Training:
+  gc = config.gate
+  return Training(gc.steps, gc.lr, gc.per_domain, config.seed, dual_lr, gc.ema_decay)
+
+
+def _section(config, name):
+  """A config section as a dict, without `steps` (more steps extend a run)."""
+  return {k: v for k, v in config[name].to_dict().items() if k != "steps"}
+
+
+def _common_spec(config):
+  return {"seed": config.seed, "data": config.data.to_dict()}
+
+
+def _uncertainty_spec(config):
+  return {k: config[k] for k in ("uncertainty", "box_lo", "box_hi", "kl_radius")}
+
+
+# ------------------------------------------------------------------- the models
+
+
+def train_experts(config, splits: Splits, run: Runner) -> Experts:
+  """The K experts, stacked; expert k trained on domain k (λ fixed)."""
+  tr, ec = splits.train, config.expert
+  lm_cfg = lm_config(ec, tr.vocab_size, config.data.max_len, config.dtype)
+  step, state = train_lib.make_game(
+    train_lib.expert_loss_fn(lm_cfg, tr, ec.per_domain),
+    models.init_stacked_lm(lm_cfg, _init_key(config.seed, 1), tr.num_domains),
+    num_domains=tr.num_domains,
+    lr=ec.lr,
+    dual_lr=0.0,
+    seed=config.seed,
+  )
+  spec = {**_common_spec(config), "expert": _section(config, "expert"), "dtype": config.dtype}
+  params = run(Game("experts", step, state, ec.steps, spec)).params
+  return Experts(lm_cfg, params, experts.transformer_experts(lm_cfg, params, tr.domains))
+
+
+def score(config, workdir: str, splits: Splits, trained: Experts) -> Caches:
+  """Every expert's log-probs on validation and test (cached in the workdir), and b_k."""
+  scored = {}
+  for split in ("validation", "test"):
+    d = getattr(splits, split)
+    path = os.path.join(workdir, f"cache_{split}.npz")
+    cache = experts.cached_scores(path, [trained.group], d)
+    scored[split] = Scored(d, cache, baseline(config, cache, d))
+  return Caches(experts=trained, **scored)
+
+
+def baseline(config, cache_NxTxM, d: DomainData) -> np.ndarray:
+  """b_k in nats per token (docs/math.md §3) on split `d`."""
+  K = d.num_domains
+  if config.baseline == "expert":
+    return np.array([evaluate.domain_ce(cache_NxTxM[..., k], d)[k] for k in range(K)])
+  if config.baseline == "none":
+    return np.zeros(K)
+  if config.baseline == "entropy":
+    if config.data.name != "markov":
+      raise InputError(
+        f"baseline 'entropy' needs known entropies: only the markov "
+        f"dataset has them, not {config.data.name!r}."
+      )
+    return datasets.markov_entropy(datasets.make_config("markov", **dict(config.data.options)))
+  raise InputError(f"unknown config.baseline {config.baseline!r}; choose expert, entropy or none.")
+
+
+def train_gates(config, caches: Caches, run: Runner) -> Gates:
+  """The robust gate and the ERM gate, on the validation cache.
+
+  The gate evaluated, distilled and reported is the EMA of w (`Gate.params`,
+  `config.gate.ema_decay`; docs/math.md §4); at decay 0 it is the last iterate.
+  """
+  va = caches.validation.data
+  cfg = gate_config(config, va.num_domains, va.vocab_size)
+  lam_set = uncertainty_lib.from_config(config, va.num_domains)
+  gates = {}
+  for name, dual_lr in (("robust_gate", config.gate.dual_lr), ("erm_gate", 0.0)):
+    # ERM: Λ's simplex, λ fixed at the uniform mixture.
+    step, state, loss_fn = gate_game(
+      cfg, caches.validation, gate_training(config, dual_lr), lam_set if dual_lr else None
+    )
+    spec = {
+      **_common_spec(config),
+      "experts": caches.experts.digest,
+      "baseline": config.baseline,
+      "gate": {**_section(config, "gate"), "dual_lr": dual_lr},
+      **(_uncertainty_spec(config) if dual_lr else {}),
+    }
+    gates[name] = Gate(cfg, run(Game(name, step, state, config.gate.steps, spec)), loss_fn)
+  return Gates(**gates)
+
+
+def distill_student(config, splits: Splits, caches: Caches, robust: Gate, run: Runner) -> Student:
+  """One expert-sized student distilled from the robust gated model, weighted by λ̄."""
+  tr, dc, ex = splits.train, config.distill, caches.experts
+  lam_bar = robust.state.lam_avg_K
+  params, init_from = distill.student_init(ex.params, lam_bar)
+  step, state = train_lib.make_game(
+    distill.distill_loss_fn(ex.lm_cfg, ex.params, robust.cfg, robust.params, tr, dc.per_domain),
+    params,
+    num_domains=tr.num_domains,
+    lr=dc.lr,
+    dual_lr=0.0,
+    seed=config.seed,
+    lam_K=lam_bar / jnp.sum(lam_bar),
+  )
+  spec = {
+    **_common_spec(config),
+    "experts": ex.digest,
+    "robust_gate": experts.params_fingerprint(robust.state),
+    "distill": _section(config, "distill"),
+    "dtype": config.dtype,
+  }
+  state = run(Game("student", step, state, dc.steps, spec))
+  return Student(lm_cfg=ex.lm_cfg, params=state.params, init_from=init_from)
+
+
+def train_monoliths(config, splits: Splits, caches: Caches, run: Runner) -> Monoliths:
+  """The monolithic baselines: an expert's size (ERM and group DRO) and all experts' size."""
+  tr = splits.train
+  K = tr.num_domains
+  mc, lc = config.monolithic, config.monolithic_large
+  lam_set = uncertainty_lib.from_config(config, K)
+  expert_size = caches.experts.lm_cfg
+  large = lm_config(lc, tr.vocab_size, config.data.max_len, config.dtype)
+  out = {}
+  for name, cfg, section, dual_lr in (
+    ("monolithic", expert_size, mc, 0.0),
+    ("monolithic_dro", expert_size, mc, mc.dro_dual_lr),
+    ("monolithic_large", large, lc, 0.0),
+  ):
+    loss_fn = train_lib.monolithic_loss_fn(
+      cfg, tr, mc.per_domain, jnp.asarray(caches.validation.baseline_K, jnp.float32)
+    )
+    step, state = train_lib.make_game(
+      loss_fn,
+      models.init_lm(cfg, _init_key(config.seed, 3)),
+      num_domains=K,
+      lr=section.lr,
+      dual_lr=dual_lr,
+      seed=config.seed,
+      uncertainty=lam_set if dual_lr else None,
+    )
+    spec = {
+      **_common_spec(config),
+      "experts": caches.experts.digest,
+      "baseline": config.baseline,
+      "model": cfg.spec(),  # without LMConfig.attention: old workdirs stay valid
+      "lr": section.lr,
+      "dual_lr": dual_lr,
+      "per_domain": mc.per_domain,
+      **(_uncertainty_spec(config) if dual_lr else {}),
+    }
+    state = run(Game(name, step, state, section.steps, spec))
+    out[name] = Monolithic(lm_cfg=cfg, params=state.params, loss_fn=loss_fn)
+  return Monoliths(**out)
