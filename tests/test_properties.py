@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import F32_RTOL
 
 from robust_gate import gating, objectives, train
 
@@ -66,8 +67,12 @@ def test_domain_losses_are_finite_and_exact_group_means(nll, domain, baseline):
 @given(
   hnp.arrays(np.float32, (3, 2, 4), elements=st.floats(0, 50, width=32)),
   hnp.arrays(np.bool_, (3, 2, 4)),
+  hnp.arrays(np.float32, (3,), elements=st.floats(-5, 5, width=32)),
 )
-def test_token_losses_are_finite_whenever_each_domain_has_a_token(nll, mask):
+def test_token_losses_are_exact_token_means_whenever_each_domain_has_a_token(nll, mask, baseline):
   mask[:, 0, 0] = True
-  losses = train.per_domain_token_loss(jnp.asarray(nll), jnp.asarray(mask), 0.0)
-  assert np.all(np.isfinite(losses)) and np.all(np.asarray(losses) >= 0)
+  losses = train.per_domain_token_loss(jnp.asarray(nll), jnp.asarray(mask), jnp.asarray(baseline))
+  # Σ NLL over the domain's tokens / their number − b_k, in float64.
+  nll64 = np.where(mask, nll.astype(np.float64), 0.0)
+  expected = nll64.sum(axis=(1, 2)) / mask.sum(axis=(1, 2)) - baseline
+  np.testing.assert_allclose(losses, expected, rtol=F32_RTOL, atol=1e-5)
