@@ -79,6 +79,13 @@ def test_catalog_dataset_by_name_with_mock_data():
     d = data.load_catalog(
       "ag_news_subset", "test", text_key="description", domain_key="label", max_len=32
     )
-  assert d.domains == ("World", "Sports", "Business", "Sci/Tech") or len(d.domains) == 4
+    source = tfds.builder("ag_news_subset").as_data_source("test")
+    examples = [source[i] for i in range(len(source))]
+  # The domain names are the label feature's ClassLabel names.
+  assert d.domains == ("World", "Sports", "Business", "Sci/Tech")
   assert d.inputs_NxT.shape == (40, 32) and d.vocab_size == 256
-  assert d.mask_NxT.any(axis=1).all()
+  np.testing.assert_array_equal(d.domain_N, [e["label"] for e in examples])
+  # UTF-8 bytes + EOS, cropped to the 32-token context (truncate=True by default).
+  lengths = [min(len(data.text_to_tokens(e["description"])) + 1, 32) for e in examples]
+  np.testing.assert_array_equal(d.mask_NxT.sum(axis=1), lengths)
+  assert len(examples) == 40 and len(set(lengths)) > 1
