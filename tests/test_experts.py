@@ -71,10 +71,14 @@ def test_bad_experts_are_clear_errors():
   probs = np.full(V, 1.0 / (V - 1))
   probs[3] = 0.0
   partial = unigram(probs)
-  assert np.isfinite(experts.build_cache([partial, unigram(np.full(V, 1 / V))], d)).any()
-  if np.any(d.targets_NxT[d.mask_NxT] == 3):
-    with pytest.raises(InputError, match="-inf under every expert"):
-      experts.build_cache([partial], d)
+  cache = experts.build_cache([partial, unigram(np.full(V, 1 / V))], d)
+  threes = d.mask_NxT & (d.targets_NxT == 3)
+  assert threes.sum() > 0  # the data has the token only the second expert covers
+  np.testing.assert_array_equal(cache[..., 0][threes], -np.inf)
+  np.testing.assert_allclose(cache[..., 0][d.mask_NxT & ~threes], np.log(probs[0]), rtol=F32_RTOL)
+  np.testing.assert_allclose(cache[..., 1][d.mask_NxT], -np.log(V), rtol=F32_RTOL)
+  with pytest.raises(InputError, match="-inf under every expert"):
+    experts.build_cache([partial], d)
 
 
 def test_parameters_that_do_not_match_the_architecture_are_refused():
