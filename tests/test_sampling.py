@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import F32_RTOL
 
 from robust_gate import distill, models, sampling
 from robust_gate.checks import InputError
@@ -21,15 +22,21 @@ def _models():
 
 def test_adjust_is_normalized():
   logp = jax.nn.log_softmax(jax.random.normal(jax.random.PRNGKey(0), (4, 7)))
+  p64 = np.asarray(logp, np.float64)
   for temperature, top_k in [(1.0, 0), (0.5, 0), (2.0, 3), (1.0, 1)]:
-    out = sampling.adjust(logp, temperature, top_k)
-    np.testing.assert_allclose(jnp.exp(out).sum(-1), 1.0, atol=1e-6)
-    if top_k:
-      assert int((out > -jnp.inf).sum(-1).max()) == top_k
+    out = np.asarray(sampling.adjust(logp, temperature, top_k))
+    np.testing.assert_allclose(np.exp(out).sum(-1), 1.0, atol=1e-6)
+    # By hand: p^(1/T) renormalized over each row's k most likely tokens.
+    keep = np.argsort(-p64, axis=-1)[:, : top_k or 7]
+    w = np.zeros_like(p64)
+    np.put_along_axis(w, keep, np.exp(np.take_along_axis(p64, keep, -1) / temperature), -1)
+    np.testing.assert_array_equal(out > -np.inf, w > 0)
+    np.testing.assert_allclose(np.exp(out), w / w.sum(-1, keepdims=True), rtol=F32_RTOL, atol=1e-7)
+  np.testing.assert_array_equal((np.asarray(sampling.adjust(logp, 2.0, 3)) > -np.inf).sum(-1), 3)
   np.testing.assert_allclose(sampling.adjust(logp, 1.0, 0), logp, atol=1e-6)
-  with pytest.raises(InputError, match="temperature"):
+  with pytest.raises(InputError, match=r"^temperature must be > 0, got 0\.0\.$"):
     sampling.adjust(logp, 0.0)
-  with pytest.raises(InputError, match="top_k"):
+  with pytest.raises(InputError, match=r"^top_k must be in \[0, 7\], got 8\.$"):
     sampling.adjust(logp, 1.0, 8)
 
 
