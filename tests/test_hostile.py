@@ -3,8 +3,11 @@
 import os
 import subprocess
 import sys
+import traceback
 
 import pytest
+
+from robust_gate import cli, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
@@ -112,3 +115,21 @@ def test_a_full_disk_mid_run_loses_nothing_and_resumes(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "experts: resumed at step 10" in out.stdout
   assert "experts: step 30/30" in out.stdout
+
+
+def test_a_bug_inside_a_phase_is_its_traceback_not_a_config_error(tmp_path, monkeypatch, capsys):
+  """Only a --config override naming no field is "unknown config field": a KeyError
+  raised inside a phase (a bug, a damaged file) leaves the launcher as itself, which
+  Python reports with its traceback and exit status 1."""
+
+  def broken(config):
+    raise KeyError("lam")
+
+  monkeypatch.setattr(pipeline, "check_config", broken)
+  monkeypatch.setattr(
+    sys, "argv", ["train_experts.py", f"--workdir={tmp_path}", f"--config={TINY}"]
+  )
+  with pytest.raises(KeyError, match="lam") as info:
+    cli.main(pipeline.train_experts, TINY)
+  assert "broken" in [frame.name for frame in traceback.extract_tb(info.tb)]
+  assert "unknown config field" not in capsys.readouterr().err
