@@ -104,6 +104,12 @@ def test_box_vertices_are_extreme_points():
   V = s.vertices()
   for v in V:
     assert s.contains(v)
+  # By hand: two coordinates at a bound, the third 1 − their sum within its bounds.
+  # (The bounds are float32, so a vertex may appear more than once, 1e-8 apart.)
+  want = np.array([[0.1, 0.2, 0.7], [0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.5, 0.5, 0], [0.4, 0.6, 0]])
+  dist = np.abs(V[:, None] - want[None]).max(-1)
+  assert np.all(dist.min(axis=1) < 1e-6), V  # every row is one of them
+  assert np.all(dist.min(axis=0) < 1e-6), V  # and each of them is found
   # Any linear maximum over Λ is attained at a vertex.
   rng = np.random.default_rng(0)
   for _ in range(10):
