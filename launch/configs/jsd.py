@@ -1,5 +1,5 @@
 """Item 3 of issue 8: three small Markov domains whose divergence is dialed by
-`data.options.similarity` (set per run by `launch/paper.py --experiment=jsd`).
+`data.options.similarity` (set per run by `launch/experiment.py --experiment=jsd`).
 
 4 states and 7 tokens per sequence: 4^7 = 16384 sequences, so every KL and JSD is
 computed exactly by enumeration. Models are small, so the monolithic model's

@@ -6,17 +6,14 @@ held-out cross-entropy, so L_k is the excess over that expert); `domain_ce` is
 the raw cross-entropy. The worst case is `max_{λ∈Λ} Σ_k λ_k L_k`.
 """
 
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import experts, gating, models, parallel, records
+from robust_gate import experts, files, gating, models, objectives, parallel, records
 from robust_gate.data import DomainData
-
-LN2 = math.log(2.0)
 
 
 def domain_mean(values_NxT, data: DomainData) -> np.ndarray:
@@ -42,7 +39,7 @@ def domain_ce(logp_NxT: np.ndarray, data: DomainData) -> np.ndarray:
 
 def excess_bits(ce_nats_K, baseline_nats_K) -> np.ndarray:
   """L_k = CE_k − b_k in bits per token, [K]."""
-  return (np.asarray(ce_nats_K) - np.asarray(baseline_nats_K)) / LN2
+  return objectives.nats_to_bits(np.asarray(ce_nats_K) - np.asarray(baseline_nats_K))
 
 
 def lm_logprobs(config: models.LMConfig, params, data: DomainData) -> np.ndarray:
@@ -85,7 +82,7 @@ def method_entry(ce_nats_K, baseline_nats_K, uncertainty, domains) -> dict:
   worst, _ = uncertainty.max_linear(jnp.asarray(loss_K, jnp.float32))
   return {
     "domain_loss": dict(zip(domains, map(float, loss_K))),
-    "domain_ce": dict(zip(domains, map(float, np.asarray(ce_nats_K) / LN2))),
+    "domain_ce": dict(zip(domains, map(float, objectives.nats_to_bits(np.asarray(ce_nats_K))))),
     "mean": float(loss_K.mean()),
     "worst_case": float(worst),
   }
@@ -171,7 +168,7 @@ def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
   paths.append(os.path.join(workdir, "lambda.png"))
-  fig.savefig(paths[-1], dpi=110)
+  files.write_figure(paths[-1], fig)
   plt.close(fig)
 
   # Experts alone are off the scale on other domains: they are in the table only.
@@ -192,7 +189,7 @@ def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   paths.append(os.path.join(workdir, "domain_losses.png"))
-  fig.savefig(paths[-1], dpi=110)
+  files.write_figure(paths[-1], fig)
   plt.close(fig)
 
   use = np.asarray(results["gate_usage"]["robust_gate"])
@@ -204,6 +201,6 @@ def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:
   fig.colorbar(im)
   fig.tight_layout()
   paths.append(os.path.join(workdir, "gate_usage.png"))
-  fig.savefig(paths[-1], dpi=110)
+  files.write_figure(paths[-1], fig)
   plt.close(fig)
   return paths

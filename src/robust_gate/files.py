@@ -1,10 +1,12 @@
 """Atomic file writes: a reader (or a run killed mid-write) sees the old file or the new
 one, never part of one. Every file the job writes whole goes through `atomic_write`
-(spec.json, config.json, results.json, the expert caches, the experiments' JSON).
+(spec.json, config.json, results.json, the expert caches, the experiments' JSON, the
+plots).
 
 Only process 0 writes (one writer across hosts; `parallel.is_main`).
 """
 
+import io
 import json
 import os
 from typing import Any
@@ -27,3 +29,10 @@ def atomic_write(path: str, content: str | bytes) -> None:
 def write_json(path: str, obj: Any) -> None:
   """`obj` as indented JSON at `path`, atomically (tuples as lists)."""
   atomic_write(path, json.dumps(obj, indent=1, default=list))
+
+
+def write_figure(path: str, fig, dpi: int = 110) -> None:
+  """A matplotlib figure as a PNG at `path`, atomically."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  atomic_write(path, buffer.getvalue())

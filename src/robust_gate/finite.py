@@ -211,8 +211,8 @@ def _report(
 ) -> FiniteSolution:
   """Evaluates the final gate exactly, in float64."""
   N = probs.shape[1]
-  log_c = _logsumexp(log_gate_NcxM + logp[:, covered].T, axis=1)
-  log_z = _logsumexp(log_c, axis=0)
+  log_c = logsumexp_np(log_gate_NcxM + logp[:, covered].T, axis=1)
+  log_z = logsumexp_np(log_c, axis=0)
   model_probs = np.zeros(N)
   model_probs[covered] = np.exp(log_c - log_z)
   gate_NxM = np.zeros((N, logp.shape[0]))
@@ -245,7 +245,8 @@ def _baselines_np(kind: str, probs_KxN: np.ndarray, logp_MxN: np.ndarray) -> np.
   return np.zeros(K)
 
 
-def _logsumexp(a, axis):
+def logsumexp_np(a, axis):
+  """log Σ exp(a) along `axis`, in numpy; -inf where every term is -inf."""
   m = np.max(a, axis=axis, keepdims=True)
   m = np.where(np.isfinite(m), m, 0.0)
   return np.squeeze(m, axis) + np.log(np.sum(np.exp(a - m), axis=axis))

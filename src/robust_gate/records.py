@@ -76,6 +76,10 @@ class Scored:
     """The same split scored by the experts `keep` only (indices into M)."""
     return dataclasses.replace(self, cache_NxTxM=self.cache_NxTxM[..., keep])
 
+  def examples(self, idx) -> "Scored":
+    """The examples `idx` only (the same b_k)."""
+    return dataclasses.replace(self, data=self.data.subset(idx), cache_NxTxM=self.cache_NxTxM[idx])
+
 
 @dataclasses.dataclass(frozen=True)
 class Caches:

@@ -1,0 +1,27 @@
+r"""The paper's claims, measured: one experiment per run.
+
+  python3 launch/experiment.py --experiment=mixtures --workdir=/tmp/rg_main   # after main.py
+  python3 launch/experiment.py --experiment=jsd --config=launch/configs/jsd.py --workdir=/tmp/rg_jsd
+
+--experiment is one of mixtures, conflict, jsd, gate_size, prior, extend, prune, ema
+(robust_gate.experiments says what each measures). Every experiment but jsd reads the
+finished main job in --workdir, run with the same --config; results go to
+<workdir>/experiments/<experiment>.json (with the provenance of the numbers) and .png.
+"""
+
+import os
+
+from absl import flags
+
+from robust_gate import cli
+from robust_gate.experiments import EXPERIMENTS
+
+_EXPERIMENT = flags.DEFINE_enum(
+  "experiment", None, list(EXPERIMENTS), "Which experiment to run.", required=True
+)
+
+if __name__ == "__main__":
+  cli.main(
+    lambda config, workdir, log: EXPERIMENTS[_EXPERIMENT.value](config, workdir, log),
+    os.path.join(os.path.dirname(__file__), "configs", "wordfreq.py"),
+  )

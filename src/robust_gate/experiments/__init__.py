@@ -1,0 +1,33 @@
+"""The paper's claims as experiments on a finished main job (`launch/experiment.py`).
+
+Each experiment is `EXPERIMENTS[name](config, workdir, log) -> dict`: it reads the
+models and caches that `launch/main.py` left in `workdir` (except `jsd`, which runs
+its own main jobs under `workdir`), prints a table, and writes
+`<workdir>/experiments/<name>.json` (with "experiment" and "provenance") and
+`<name>.png` (`reporting`). Every loss is that of a normalized model: gates are the
+causal gates of docs/math.md §2.1 (in G_1 by construction), evaluated on the test split.
+
+  mixtures    the loss of every method over a grid of test mixtures on the simplex
+  conflict    per-domain gradient cosines over training: monolithic model vs gate
+  jsd         synthetic domains of controlled Jensen-Shannon divergence (exact)
+  gate_size   robust gates of increasing width on increasing data: held-out vs train
+  prior       box and KL-ball Λ against the simplex: worst case inside and outside Λ
+  extend      a new domain's expert added to a fitted gate: warm start vs scratch
+  prune       experts with little gate mass under λ̄ dropped: worst case and cost
+  ema         the reported gate as an EMA of w, several decays, against the last iterate
+"""
+
+from collections.abc import Callable
+
+from robust_gate.experiments import conflict, ema, extend, gate_size, jsd, mixtures, prior, prune
+
+EXPERIMENTS: dict[str, Callable[..., dict]] = {
+  "mixtures": mixtures.run,
+  "conflict": conflict.run,
+  "jsd": jsd.run,
+  "gate_size": gate_size.run,
+  "prior": prior.run,
+  "extend": extend.run,
+  "prune": prune.run,
+  "ema": ema.run,
+}

@@ -1,0 +1,228 @@
+"""The paper's experiments (robust_gate.experiments) on a tiny main job: each runs,
+writes its JSON (with provenance) and PNG, and what can be checked exactly is (grid
+maxima, λ̄-losses, the §3 identity, warm starts, the pruning path, the EMA refit)."""
+
+import itertools
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tolerances import F32_RTOL
+
+from robust_gate import config_files, models, pipeline, sampling
+from robust_gate.experiments import EXPERIMENTS, extend, jsd, mixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "launch", "configs")
+QUIET = lambda s: None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  # The compilation cache the launcher tests share (tests/test_pipeline.py).
+  jax.config.update(
+    "jax_compilation_cache_dir",
+    os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"),
+  )
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
+  workdir = str(tmp_path_factory.mktemp("experiments"))
+  pipeline.run(config, workdir, log=QUIET)
+  return config, workdir
+
+
+def _results(workdir) -> dict:
+  return json.loads(pathlib.Path(workdir, "results.json").read_text())
+
+
+def _run(tiny, name, **kwargs) -> dict:
+  """Runs experiment `name` on the tiny job; checks what every experiment writes."""
+  config, workdir = tiny
+  out = EXPERIMENTS[name](config, workdir, log=QUIET, **kwargs)
+  written = json.loads(pathlib.Path(workdir, "experiments", f"{name}.json").read_text())
+  assert written == json.loads(json.dumps(out))  # the JSON is what it returned
+  assert written["experiment"] == name
+  assert written["provenance"]["config"]["seed"] == config.seed
+  assert written["provenance"]["commit"] and written["provenance"]["platform"] == "cpu"
+  flat = json.dumps(out)
+  assert "NaN" not in flat and "Infinity" not in flat
+  assert pathlib.Path(workdir, "experiments", f"{name}.png").stat().st_size > 1000
+  return out
+
+
+def test_every_experiment_has_tests_of_its_own_here():
+  tests = [n for n in globals() if n.startswith("test_")]
+  assert [n for n in EXPERIMENTS if not any(t.startswith(f"test_{n}_") for t in tests)] == []
+
+
+def test_the_reported_gate_is_an_average_and_normalized(tiny):
+  """The main job reports the EMA of the robust gate's parameters: not the last iterate,
+  and a causal gated model whose every next-token conditional sums to 1 (G_1)."""
+  config, workdir = tiny
+  m = pipeline.load_models(config, workdir, log=QUIET)
+  robust = m.gates.robust_gate
+  assert config.gate.ema_decay > 0
+  assert not all(
+    np.array_equal(a, b)
+    for a, b in zip(
+      jax.tree_util.tree_leaves(robust.params), jax.tree_util.tree_leaves(robust.state.params)
+    )
+  )
+  next_fn = sampling.gated_next_fn(m.experts.lm_cfg, m.experts.params, robust.cfg, robust.params)
+  logp_BxTxV = np.asarray(next_fn(m.splits.test.inputs_NxT[:16]), np.float64)
+  np.testing.assert_allclose(np.exp(logp_BxTxV).sum(-1), 1.0, atol=1e-5)
+
+
+def test_mixtures_simplex_grid_is_every_lattice_point_once():
+  g = mixtures.simplex_grid(4, 3)
+  assert len(g) == math.comb(3 + 3, 3)
+  np.testing.assert_allclose(g.sum(1), 1.0)
+  assert len({tuple(r) for r in g}) == len(g) and g.min() >= 0
+
+
+def test_mixtures_grid_worst_is_the_simplex_worst(tiny):
+  out = _run(tiny, "mixtures", resolution=3)
+  results = _results(tiny[1])
+  lam = np.array(list(results["lambda_bar"].values()))
+  for name, m in out["methods"].items():
+    L = np.array(list(results["methods"][name]["domain_loss"].values()))
+    assert m["grid_worst"] == pytest.approx(L.max(), rel=F32_RTOL)  # the vertices are on the grid
+    assert m["at_lambda_bar"] == pytest.approx(lam @ L, rel=F32_RTOL)
+    assert m["grid_mean"] <= m["grid_worst"] + 1e-12
+  assert out["methods"]["robust_gate"]["gap_to_robust_worst"] == 0.0
+  assert out["grid_points"] == math.comb(3 + 2, 2)  # K = 3 domains
+
+
+def test_conflict_cosines_over_training(tiny):
+  out = _run(tiny, "conflict", points=3)
+  config = tiny[0]
+  assert set(out["models"]) == {"monolithic", "gate"}
+  for name, steps in (("monolithic", config.monolithic.steps), ("gate", config.gate.steps)):
+    r = out["models"][name]
+    assert r["steps"] == [0, steps // 2, steps]
+    for c in r["matrices"]:
+      np.testing.assert_allclose(np.diag(c), 1.0, atol=1e-5)
+      np.testing.assert_allclose(c, np.transpose(c), atol=1e-6)
+    assert all(0 <= f <= 1 for f in r["negative_fraction"])
+
+
+def test_jsd_is_zero_for_identical_domains_and_positive_otherwise():
+  options = {"num_domains": 3, "num_states": 3, "seq_len": 4}
+  lam = np.array([0.2, 0.3, 0.5])
+  _, _, same = jsd.enumerate_markov({**options, "similarity": 1.0})
+  _, _, diverse = jsd.enumerate_markov({**options, "similarity": 0.0})
+  assert abs(jsd.markov_jsd(same, lam)) < 1e-6
+  assert jsd.markov_jsd(diverse, lam) > 1e-2
+  assert jsd.markov_jsd(diverse, lam) <= -(lam * np.log(lam)).sum()  # ≤ H(λ)
+  np.testing.assert_allclose(np.exp(diverse).sum(1), 1.0)  # every sequence enumerated
+
+
+def test_jsd_identity_holds_exactly_for_the_trained_models(tiny):
+  config, workdir = tiny  # Markov domains: 4 states, 6 tokens, 4096 sequences
+  run = jsd.point(config, workdir, log=QUIET)
+  assert run["jsd_lambda_bar_bits_per_token"] > 0
+  for m in run["models"].values():
+    assert abs(m["identity_residual_nats"]) < 1e-6
+    assert min(m["exact_L_bits_per_token"]) >= -1e-9  # exact KLs of a normalized model
+    assert 0 < m["mass_on_length_T"] <= 1 + 1e-6
+    assert m["linearized_at_lambda_bar"] >= run["jsd_lambda_bar_bits_per_token"] - 1e-9
+
+
+def test_gate_size_runs_every_width_on_every_fraction(tiny):
+  out = _run(tiny, "gate_size", hiddens=(4, 16), fractions=(0.5, 1.0))
+  runs = {(r["hidden"], r["fraction"]): r for r in out["runs"]}
+  assert set(runs) == {(4, 0.5), (16, 0.5), (4, 1.0), (16, 1.0)}
+  assert runs[(4, 1.0)]["examples"] == 120  # every validation sequence (3 × 40)
+  assert runs[(4, 0.5)]["examples"] == 60
+  assert runs[(4, 1.0)]["params"] < runs[(16, 1.0)]["params"]
+  for r in out["runs"]:
+    assert r["test_worst_final"] == pytest.approx(max(r["curve"][-1]["test"]))
+
+
+def test_prior_worst_over_the_simplex_bounds_every_smaller_set(tiny):
+  out = _run(tiny, "prior")
+  assert set(out["trained_on"]) == {"simplex", "box", "kl_ball"}
+  for r in out["trained_on"].values():  # the simplex contains box and KL ball
+    assert r["worst_in_simplex"] >= max(r["worst_in_box"], r["worst_in_kl_ball"]) - 1e-6
+
+
+def test_extend_expanded_gate_keeps_the_old_experts_relative_weights():
+  K, V, T = 3, 7, 5
+  old_cfg = models.GateConfig(num_experts=K - 1, vocab_size=V, max_len=T)
+  new_cfg = models.GateConfig(num_experts=K, vocab_size=V, max_len=T)
+  old = models.init_gate(old_cfg, jax.random.PRNGKey(0))
+  warm = extend.expand_gate(old, models.init_gate(new_cfg, jax.random.PRNGKey(1)))
+  x = jax.random.randint(jax.random.PRNGKey(2), (4, T), 0, V)
+  prefix = -jax.random.uniform(jax.random.PRNGKey(3), (4, T, K)) * 5
+  lo = models.gate_log_weights(old_cfg, old, x, prefix[..., : K - 1])
+  ln = models.gate_log_weights(new_cfg, warm, x, prefix)
+  renorm = ln[..., : K - 1] - jax.nn.logsumexp(ln[..., : K - 1], -1, keepdims=True)
+  np.testing.assert_allclose(renorm, lo, atol=1e-5)
+  np.testing.assert_allclose(jax.nn.logsumexp(ln, -1), 0.0, atol=1e-5)  # in G_1
+
+
+def test_extend_adds_the_last_domain_to_a_gate_on_the_others(tiny):
+  out = _run(tiny, "extend")
+  assert out["new_domain"] == "chain_2" and out["old_domains"] == ["chain_0", "chain_1"]
+  assert set(out["runs"]) == {"warm start", "from scratch"}
+  for r in out["runs"].values():
+    steps = [s for s, _ in r["curve"]]
+    assert steps[0] == 0 and steps[-1] == tiny[0].gate.steps
+  # Scratch reaches its own late mean, by definition of that mean's second half.
+  assert out["runs"]["from scratch"]["first_step_at_or_below_scratch_late_mean"] is not None
+
+
+def test_prune_path_drops_the_least_used_expert_first(tiny):
+  out = _run(tiny, "prune")
+  path, mass = out["path"], out["mass_under_lambda_bar"]
+  assert [len(p["experts"]) for p in path] == [3, 2, 1]
+  dropped = [next(iter(set(a["experts"]) - set(b["experts"]))) for a, b in itertools.pairwise(path)]
+  assert dropped[0] == min(mass, key=mass.get)
+  assert path[-1]["expert_flops_per_token"] == pytest.approx(path[0]["expert_flops_per_token"] / 3)
+
+
+def test_ema_at_the_config_decay_refits_the_main_jobs_gate(tiny):
+  """The config's decay and seed refit the main job's robust gate; decay 0 (the last
+  iterate) reports another gate."""
+  config = tiny[0]
+  out = _run(tiny, "ema", decays=(config.gate.ema_decay, 0.0), seeds=(0, 1), points=4)
+  averaged, last = out["runs"][:2]
+  assert (averaged["seed"], averaged["ema_decay"]) == (config.seed, config.gate.ema_decay)
+  assert averaged["test_worst_final"] == pytest.approx(
+    _results(tiny[1])["methods"]["robust_gate"]["worst_case"], rel=1e-5
+  )
+  assert last["test_worst_final"] != pytest.approx(averaged["test_worst_final"], rel=1e-5)
+  assert [s["ema_decay"] for s in out["summary"]] == [config.gate.ema_decay, 0.0]
+
+
+def test_launcher_runs_an_experiment_by_name(tiny):
+  workdir = tiny[1]
+  out = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "launch", "experiment.py"),
+      "--experiment=mixtures",
+      f"--workdir={workdir}",
+      f"--config={os.path.join(CONFIGS, 'tiny.py')}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "grid worst" in out.stdout
+  written = json.loads(pathlib.Path(workdir, "experiments", "mixtures.json").read_text())
+  assert written["provenance"]["command"].startswith("experiment.py --experiment=mixtures")
+  out = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "launch", "experiment.py"), "--experiment=nosuch"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode != 0 and "--experiment" in out.stderr
