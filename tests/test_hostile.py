@@ -1,5 +1,12 @@
-"""Hostile configs through the launchers: one clear line, no traceback, nothing trained."""
+"""Hostile inputs: one clear line, no traceback, nothing trained or lost.
 
+What absl's flag parsing decides (an override naming no field, a value that does not
+parse) runs the launcher in a process of its own; everything else calls the
+launchers' body (`cli.run_phase`, `cli.main`) in this process, with faults injected
+by monkeypatch.
+"""
+
+import errno
 import os
 import subprocess
 import sys
@@ -7,114 +14,140 @@ import traceback
 
 import pytest
 
-from robust_gate import cli, pipeline
+from robust_gate import checkpoints, cli, config_files, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
+QUIET = lambda s: None
+
+
+def _launch(workdir, *args, config=True):
+  """launch/main.py in a process of its own (with the tiny config unless config=False)."""
+  command = [sys.executable, os.path.join(ROOT, "launch", "main.py"), f"--workdir={workdir}"]
+  return subprocess.run(
+    [*command, *([f"--config={TINY}"] if config else []), *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.mark.parametrize(
   "overrides, message",
   [
-    (["--config.gate.nosuch=1"], "unknown config field 'nosuch'"),
+    (["--config.gate.nosuch=1"], "unknown config field 'nosuch' in --config.gate.nosuch=1"),
+    (["--config.data.options.nosuch=1"], "unknown config field 'nosuch'"),
+    (["--config.gate.step=3"], "unknown config field 'step' in --config.gate.step=3 (Did you"),
     (["--config.gate.steps=abc"], "flag --config.gate.steps=abc: invalid literal for int"),
     (["--config.gate.steps=-3"], "config.gate.steps=-3 must be finite and > 0"),
-    (["--config.gate.lr=nan"], "config.gate.lr=nan must be finite and > 0"),
-    (["--config.gate.ema_decay=1.0"], "config.gate.ema_decay=1.0 must be in [0, 1)"),
-    (["--config.expert.lr=0"], "config.expert.lr=0.0 must be finite and > 0"),
-    (["--config.expert.d_model=0"], "config.expert.d_model=0 must be finite and > 0"),
-    (["--config.checkpoint_every=0"], "config.checkpoint_every=0 must be a positive int"),
-    (["--config.dtype=float16"], "config.dtype='float16' must be one of"),
-    (["--config.uncertainty=box", "--config.box_lo=0.5"], "box admits no mixture"),
-    (["--config.uncertainty=box", "--config.box_hi=1.5"], "inside the simplex"),
-    (["--config.data.options.num_domains=0"], "num_domains=0 must be positive"),
+    (["--config.expert.lr=0"], "config.expert.lr=0.0 must be finite and > 0"),  # 0 → float
   ],
 )
-def test_bad_config_is_one_clear_line_before_any_training(tmp_path, overrides, message):
-  out = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "launch", "main.py"),
-      f"--workdir={tmp_path}",
-      f"--config={TINY}",
-      *overrides,
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+def test_a_bad_flag_is_one_clear_line_before_any_training(tmp_path, overrides, message):
+  out = _launch(tmp_path, *overrides)
   assert out.returncode != 0
   assert message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
   assert not (tmp_path / "experts").exists()  # refused before any model was trained
 
 
-def _launch(launcher, workdir, *args, prelude=""):
-  """Runs a launcher; `prelude` is Python run first in the same process (fault injection)."""
-  code = (
-    f"import runpy, sys\n{prelude}\n"
-    f"sys.argv = ['{launcher}.py'] + sys.argv[1:]\n"
-    f"runpy.run_path({os.path.join(ROOT, 'launch', launcher + '.py')!r}, "
-    f"run_name='__main__')"
-  )
-  return subprocess.run(
-    [sys.executable, "-c", code, f"--workdir={workdir}", f"--config={TINY}", *args],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+def test_an_unknown_field_is_one_line_without_config_too(tmp_path):
+  """Without --config, ml_collections applies the overrides to the default file when
+  the flag is defined, not when the flags are parsed: the same one line."""
+  out = _launch(tmp_path, "--config.gate.nosuch=1", config=False)
+  assert out.returncode != 0
+  assert "robust_gate: unknown config field 'nosuch'" in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
 
 
-# Permission denied is injected (the tests may run as root, whom permissions do not stop).
-NO_PERMISSION = (
-  "import errno, os\n_makedirs = os.makedirs\n"
-  "def makedirs(path, *a, **k):\n"
-  "  if 'denied' in str(path):\n"
-  "    raise PermissionError(errno.EACCES, 'Permission denied', str(path))\n"
-  "  return _makedirs(path, *a, **k)\n"
-  "os.makedirs = makedirs"
-)
+def _tiny(**fields):
+  """The tiny config with `fields` ("section.key": value) set."""
+  config = config_files.load(TINY)
+  for path, value in fields.items():
+    *sections, key = path.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[key] = value
+  return config
+
+
+def _one_line(phase, config, workdir, log=QUIET) -> str:
+  """The one line the launchers print for `phase`'s error (cli.run_phase's SystemExit)."""
+  with pytest.raises(SystemExit) as info:
+    cli.run_phase(phase, config, str(workdir), log)
+  message = info.value.code
+  assert isinstance(message, str) and message.startswith("robust_gate: ")
+  assert "\n" not in message
+  return message
 
 
 @pytest.mark.parametrize(
-  "workdir, prelude, message",
+  "fields, message",
   [
-    ("/proc/robust_gate_test", "", "cannot use --workdir='/proc/robust_gate_test'"),
-    ("FILE", "", "cannot use --workdir="),
-    ("DENIED", NO_PERMISSION, "Permission denied"),
+    ({"gate.lr": float("nan")}, "config.gate.lr=nan must be finite and > 0"),
+    ({"gate.ema_decay": 1.0}, "config.gate.ema_decay=1.0 must be in [0, 1)"),
+    ({"expert.d_model": 0}, "config.expert.d_model=0 must be finite and > 0"),
+    ({"monolithic.dro_dual_lr": -0.5}, "config.monolithic.dro_dual_lr=-0.5 must be finite and ≥ 0"),
+    ({"gate.token_embed": -1}, "config.gate.token_embed=-1 must be finite and ≥ 0"),
+    ({"checkpoint_every": 0}, "config.checkpoint_every=0 must be a positive int"),
+    ({"dtype": "float16"}, "config.dtype='float16' must be one of"),
+    ({"baseline": "oracle"}, "unknown config.baseline 'oracle'"),
+    ({"uncertainty": "box", "box_lo": 0.5}, "box admits no mixture"),
+    ({"uncertainty": "box", "box_hi": 1.5}, "inside the simplex"),
+    ({"data.options.num_domains": 0}, "num_domains=0 must be positive"),
   ],
 )
-def test_a_workdir_that_cannot_be_created_is_a_clear_error(tmp_path, workdir, prelude, message):
+def test_a_bad_config_value_is_one_clear_line_before_any_training(tmp_path, fields, message):
+  assert message in _one_line(pipeline.run, _tiny(**fields), tmp_path)
+  assert not (tmp_path / "experts").exists()  # refused before any model was trained
+
+
+def _deny(monkeypatch):
+  """os.makedirs refuses paths containing 'denied' (the tests may run as root, whom
+  permissions do not stop)."""
+  makedirs = os.makedirs
+
+  def refusing(path, *args, **kwargs):
+    if "denied" in str(path):
+      raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    return makedirs(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, "makedirs", refusing)
+
+
+@pytest.mark.parametrize("workdir", ["/proc/robust_gate_test", "FILE", "DENIED"])
+def test_a_workdir_that_cannot_be_created_is_a_clear_error(tmp_path, monkeypatch, workdir):
+  message = "cannot use --workdir="
   if workdir == "FILE":
     workdir = tmp_path / "a_file"
     workdir.write_text("not a directory")
   elif workdir == "DENIED":
     workdir = tmp_path / "denied"
-  out = _launch("train_experts", workdir, prelude=prelude)
-  assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
-  assert "Traceback" not in out.stderr
+    _deny(monkeypatch)
+    message = f"cannot use --workdir='{workdir}': Permission denied."
+  assert message in _one_line(pipeline.train_experts, _tiny(), workdir)
 
 
-def test_a_full_disk_mid_run_loses_nothing_and_resumes(tmp_path):
+def test_a_full_disk_mid_run_loses_nothing_and_resumes(tmp_path, monkeypatch):
   """ENOSPC on the second checkpoint: one line, the first stays good, a rerun resumes."""
-  fault = (
-    "import errno\nfrom robust_gate import checkpoints\n"
-    "_save = checkpoints.Checkpointer.save\n"
-    "def save(self, state, metrics):\n"
-    "  if int(state.step) >= 20:\n"
-    "    raise OSError(errno.ENOSPC, 'No space left on device', self.directory)\n"
-    "  _save(self, state, metrics)\n"
-    "checkpoints.Checkpointer.save = save"
-  )
-  out = _launch("train_experts", tmp_path, prelude=fault)
-  assert out.returncode != 0, out.stdout[-2000:]
-  assert "cannot write to the workdir" in out.stderr and "No space left" in out.stderr
-  assert "Traceback" not in out.stderr
+  save = checkpoints.Checkpointer.save
+
+  def full_from_step_20(self, state, metrics):
+    if int(state.step) >= 20:
+      raise OSError(errno.ENOSPC, "No space left on device", self.directory)
+    save(self, state, metrics)
+
+  config = _tiny()
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoints.Checkpointer, "save", full_from_step_20)
+    message = _one_line(pipeline.train_experts, config, tmp_path)
+  assert "cannot write to the workdir" in message and "No space left" in message
   assert sorted(p.name for p in (tmp_path / "experts" / "checkpoints").iterdir()) == ["10"]
-  out = _launch("train_experts", tmp_path)  # space freed: the same command again
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert "experts: resumed at step 10" in out.stdout
-  assert "experts: step 30/30" in out.stdout
+  lines = []  # space freed: the same command again
+  cli.run_phase(pipeline.train_experts, config, str(tmp_path), lines.append)
+  assert "experts: resumed at step 10" in "\n".join(lines)
+  assert "experts: step 30/30" in "\n".join(lines)
 
 
 def test_a_bug_inside_a_phase_is_its_traceback_not_a_config_error(tmp_path, monkeypatch, capsys):

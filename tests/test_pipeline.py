@@ -1,23 +1,24 @@
 """End-to-end: the main job and every phase launcher on a tiny config.
 
 Also the kill-and-resume guarantee: a run SIGKILLed at any moment and started
-again with the same command ends with the same results (bitwise on CPU).
+again with the same command ends with the same results (bitwise on CPU). The kills
+are deterministic: run as a script, this file is a launcher that SIGKILLs itself at
+a named point of a named model's training (`_kill_self_at`).
 """
 
 import json
 import os
 import re
+import runpy
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN = os.path.join(ROOT, "launch", "main.py")
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
 METHODS = [
   "robust_gate",
@@ -146,23 +147,65 @@ def test_phase_launchers_one_by_one_match_the_main_job(tiny_run, tmp_path):
   assert _results(tmp_path) == _results(tiny_run[0])
 
 
+def _kill_self_at(model: str, step: int, point: str) -> None:
+  """Makes this process SIGKILL itself when `model` saves the chunk ending at `step`.
+
+  point: "before_save" (the chunk computed, nothing of it written), "before_checkpoint"
+  (its metric lines appended, its checkpoint not committed) or "after_save" (both).
+  """
+  from robust_gate import checkpoints  # pylint: disable=g-import-not-at-top
+
+  save = checkpoints.Checkpointer.save
+  die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+
+  def save_then_die(self, state, metrics):
+    if self.name != model or int(state.step) != step:
+      return save(self, state, metrics)
+    if point == "before_save":
+      die()
+    if point == "before_checkpoint":
+      self._manager.save = die  # the orbax commit that follows the metric lines
+    save(self, state, metrics)
+    die()
+
+  checkpoints.Checkpointer.save = save_then_die
+
+
+def _killed(workdir, model, step, point, *args):
+  """The main job's command, dying at `point` of `model`'s step `step`."""
+  return [sys.executable, __file__, model, str(step), point, *_command(workdir, "main", *args)[1:]]
+
+
+def _saved(workdir, model):
+  """(checkpoint steps, last metric line's step) of a model's directory."""
+  directory = workdir / model
+  steps = sorted(int(p.name) for p in (directory / "checkpoints").iterdir() if p.name.isdigit())
+  lines = (directory / "metrics.jsonl").read_text().splitlines()
+  return steps, json.loads(lines[-1])["step"]
+
+
 def test_killed_at_any_moment_resumes_to_the_same_results(tiny_run, tmp_path):
-  """SIGKILL mid-phase (twice: in the expert and in the gate phase), then resume."""
-  for marker in ("experts/checkpoints/10", "robust_gate/checkpoints/20"):
-    proc = subprocess.Popen(
-      _command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
-    )
-    deadline = time.time() + 300
-    while not (tmp_path / marker).exists() and proc.poll() is None:
-      assert time.time() < deadline
-      time.sleep(0.02)
-    time.sleep(0.3)  # somewhere inside the next chunk or save
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "finished before it could be killed"
+  """SIGKILLed three times (a checkpoint's metric lines written but not the checkpoint;
+  right after a checkpoint; a chunk computed and nothing saved), each time started
+  again; the run that finishes reports what the uninterrupted one did."""
+  run = lambda *command: subprocess.run(
+    command, capture_output=True, text=True, timeout=600, env=ENV
+  )
+  out = run(*_killed(tmp_path, "experts", 20, "before_checkpoint"))
+  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  assert _saved(tmp_path, "experts") == ([10], 20)  # metric lines ahead of the checkpoint
+  out = run(*_killed(tmp_path, "robust_gate", 20, "after_save"))
+  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  assert "experts: resumed at step 10" in out.stdout and "experts: step 30/30" in out.stdout
+  assert _saved(tmp_path, "experts") == ([20, 30], 30)  # the torn lines 11–20 replaced
+  assert _saved(tmp_path, "robust_gate") == ([10, 20], 20)
+  out = run(*_killed(tmp_path, "monolithic_dro", 20, "before_save"))
+  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  assert "robust_gate: resumed at step 20" in out.stdout
+  assert _saved(tmp_path, "monolithic_dro") == ([10], 10)
   out = _main(tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "robust_gate: resumed at step" in out.stdout
+  assert "monolithic_dro: resumed at step 10" in out.stdout
   assert _results(tmp_path) == _results(tiny_run[0])
 
 
@@ -199,9 +242,9 @@ def test_eight_devices_match_one(tiny_run, tmp_path):
   _assert_same_results(_results(tiny_run[0]), _results(tmp_path))
 
 
-def _two_processes(workdir, logs, env):
+def _two_processes(workdir, logs, env, kill=None):
   """The main job as 2 processes (each with its own devices); each one's stdout and
-  stderr go to logs/<id>.out, .err."""
+  stderr go to logs/<id>.out, .err. With kill=(model, step, point), both die there."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -209,20 +252,9 @@ def _two_processes(workdir, logs, env):
   procs = []
   for i in (0, 1):  # each child keeps its own copy of the log files open
     with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
-      procs.append(
-        subprocess.Popen(
-          _command(
-            workdir,
-            "main",
-            f"--coordinator_address=localhost:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-          ),
-          stdout=out,
-          stderr=err,
-          env=env,
-        )
-      )
+      args = (f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}")
+      command = _killed(workdir, *kill, *args) if kill else _command(workdir, "main", *args)
+      procs.append(subprocess.Popen(command, stdout=out, stderr=err, env=env))
   return procs
 
 
@@ -231,15 +263,10 @@ def test_two_processes_killed_and_resumed_match_one(tiny_run, tmp_path):
   again = the 1-device run, every number; process 0 alone writes and prints."""
   env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   two = tmp_path / "two"
-  procs = _two_processes(two, tmp_path / "killed", env)
-  deadline = time.time() + 600
-  while not (two / "robust_gate" / "checkpoints" / "20").exists():
-    assert all(p.poll() is None for p in procs), (tmp_path / "killed" / "0.err").read_text()
-    assert time.time() < deadline
-    time.sleep(0.05)
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-    assert p.wait() == -signal.SIGKILL, "finished before it could be killed"
+  procs = _two_processes(two, tmp_path / "killed", env, kill=("robust_gate", 20, "after_save"))
+  for i, p in enumerate(procs):  # each dies once its checkpoint of step 20 is saved
+    assert p.wait(timeout=900) == -signal.SIGKILL, (tmp_path / "killed" / f"{i}.err").read_text()
+  assert _saved(two, "robust_gate") == ([10, 20], 20)
   procs = _two_processes(two, tmp_path / "resumed", env)
   for i, p in enumerate(procs):
     assert p.wait(timeout=900) == 0, (tmp_path / "resumed" / f"{i}.err").read_text()[-3000:]
@@ -252,3 +279,9 @@ def test_two_processes_killed_and_resumed_match_one(tiny_run, tmp_path):
   gloo = r"\[Gloo\]|Rank|is connected to|peer ranks\.?|Expected number of connected|is :|\d+|\s"
   assert not re.sub(gloo, "", out1), out1
   _assert_same_results(_results(tiny_run[0]), _results(two))
+
+
+if __name__ == "__main__":  # python tests/test_pipeline.py MODEL STEP POINT LAUNCHER ARGS...
+  _kill_self_at(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+  sys.argv = sys.argv[4:]
+  runpy.run_path(sys.argv[0], run_name="__main__")

@@ -21,7 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import checkpoints, datasets, distill, evaluate, experts, models, primal_dual
+from robust_gate import (
+  checkpoints,
+  datasets,
+  distill,
+  evaluate,
+  experts,
+  models,
+  objectives,
+  primal_dual,
+)
 from robust_gate import train as train_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
@@ -208,21 +217,28 @@ def score(config, workdir: str, splits: Splits, trained: Experts) -> Caches:
   return Caches(experts=trained, **scored)
 
 
+def check_baseline(config) -> None:
+  """config.baseline names a baseline b_k this data has."""
+  if config.baseline not in objectives.BASELINES:
+    raise InputError(
+      f"unknown config.baseline {config.baseline!r}; choose expert, entropy or none."
+    )
+  if config.baseline == "entropy" and config.data.name != "markov":
+    raise InputError(
+      f"baseline 'entropy' needs known entropies: only the markov "
+      f"dataset has them, not {config.data.name!r}."
+    )
+
+
 def baseline(config, cache_NxTxM, d: DomainData) -> np.ndarray:
   """b_k in nats per token (docs/math.md §3) on split `d`."""
+  check_baseline(config)
   K = d.num_domains
   if config.baseline == "expert":
     return np.array([evaluate.domain_ce(cache_NxTxM[..., k], d)[k] for k in range(K)])
   if config.baseline == "none":
     return np.zeros(K)
-  if config.baseline == "entropy":
-    if config.data.name != "markov":
-      raise InputError(
-        f"baseline 'entropy' needs known entropies: only the markov "
-        f"dataset has them, not {config.data.name!r}."
-      )
-    return datasets.markov_entropy(datasets.make_config("markov", **dict(config.data.options)))
-  raise InputError(f"unknown config.baseline {config.baseline!r}; choose expert, entropy or none.")
+  return datasets.markov_entropy(datasets.make_config("markov", **dict(config.data.options)))
 
 
 def train_gates(config, caches: Caches, run: Runner) -> Gates:

@@ -61,7 +61,8 @@ _FLOAT_KEYS = ("lr", "dual_lr", "dro_dual_lr", "ema_decay")
 
 def check_config(config) -> None:
   """Positive sizes and step counts, finite positive learning rates, η ≥ 0, an EMA
-  decay in [0, 1)."""
+  decay in [0, 1), a baseline the data has."""
+  phases.check_baseline(config)
   if config.dtype not in models.DTYPES:
     raise InputError(f"config.dtype={config.dtype!r} must be one of {models.DTYPES}.")
   every = config.checkpoint_every
