@@ -117,8 +117,8 @@ def make_step(
 # independent (each parameter's gradient and Adam update, the dual step, the
 # metrics), so its time is their sum; CONCURRENT lets the graph run the independent
 # ones side by side, with bitwise the same results (the scan phase of
-# `robust_gate.benchmark` times both and checks the equality; BUILD_NOTES.md,
-# "Issue 6", has the numbers). The CPU backend ignores it.
+# `robust_gate.benchmark` times both and checks the equality; docs/performance.md
+# has the numbers). The CPU backend ignores it.
 COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 
