@@ -8,9 +8,10 @@ or restores its finished state, then a record (robust_gate.records) of the resul
 A phase trains its own models and restores the ones it reads through that same
 path, so training, restoring and `pipeline.load_models` cannot drift apart.
 
-The functions here turn the config into typed values at the top (`Training`,
-`models.LMConfig`, `models.GateConfig`); the builders they call (`gate_game`, ...)
-take only those.
+The config stops here: these functions read it and hand typed values (`Training`,
+`models.LMConfig`, `models.GateConfig`, records) to the modules below
+(robust_gate.train, distill, evaluate). `gate_game`, which the experiments share,
+takes only typed values.
 """
 
 import dataclasses

@@ -39,10 +39,6 @@ class Splits:
   validation: DomainData
   test: DomainData
 
-  def items(self) -> Iterator[tuple[str, DomainData]]:
-    """(name, split) in the order train, validation, test."""
-    return _named(self)
-
 
 @dataclasses.dataclass(frozen=True)
 class Experts:
@@ -54,10 +50,6 @@ class Experts:
   def digest(self) -> str:
     """Fingerprint of the parameters (in the specs of the phases that read them)."""
     return self.group.fingerprint
-
-  @property
-  def num_experts(self) -> int:
-    return int(np.shape(jax.tree_util.tree_leaves(self.params)[0])[0])
 
   def one(self, j: int) -> Any:
     """Expert j's parameters (unstacked)."""
@@ -72,11 +64,11 @@ class Scored:
   cache_NxTxM: np.ndarray  # log p_j(x_t | x_<t) of every expert j at every token
   baseline_K: np.ndarray  # b_k, nats per token (docs/math.md §3)
 
-  def experts(self, keep) -> "Scored":
+  def only_experts(self, keep) -> "Scored":
     """The same split scored by the experts `keep` only (indices into M)."""
     return dataclasses.replace(self, cache_NxTxM=self.cache_NxTxM[..., keep])
 
-  def examples(self, idx) -> "Scored":
+  def subset(self, idx) -> "Scored":
     """The examples `idx` only (the same b_k)."""
     return dataclasses.replace(self, data=self.data.subset(idx), cache_NxTxM=self.cache_NxTxM[idx])
 

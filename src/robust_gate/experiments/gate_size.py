@@ -24,7 +24,7 @@ def run(config, workdir: str, log=print, hiddens=(4, 32, 256), fractions=(0.1, 0
         for k in range(va.data.num_domains)
       ]
     )
-    sub = va.examples(keep)
+    sub = va.subset(keep)
     for h in hiddens:
       cfg = phases.gate_config(config, va.cache_NxTxM.shape[-1], va.data.vocab_size, hidden=h)
       state, curve = common.fit_gate(

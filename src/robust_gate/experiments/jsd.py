@@ -77,7 +77,8 @@ def point(config, workdir: str, log=print) -> dict:
     "models": {},
   }
   for name, lq in logq.items():
-    q_N = np.exp(np.asarray(lq, np.float64))
+    logq_N = np.asarray(lq, np.float64)
+    q_N = np.exp(logq_N)
     kl_k = finite.kl_np(d_KxN, q_N)  # nats per sequence
     kl_mix = float(finite.kl_np(mix_N, q_N))
     row["models"][name] = {
@@ -87,7 +88,7 @@ def point(config, workdir: str, log=print) -> dict:
       "mixture_kl_at_lambda_bar": bits(kl_mix),
       "identity_residual_nats": float(lam @ kl_k - kl_mix - jsd_lam),
       "test_worst": results["methods"][name]["worst_case"],
-      "mass_on_length_T": float(q_N.sum()),
+      "mass_on_length_T": float(np.exp(finite.logsumexp_np(logq_N, 0))),
     }
   g, mo = row["models"]["robust_gate"], row["models"]["monolithic"]
   log(

@@ -31,8 +31,8 @@ def run(config, workdir: str, log=print, threshold: float = 0.02) -> dict:
     _, curve = common.fit_gate(
       t,
       phases.gate_config(config, len(keep), va.data.vocab_size),
-      va.experts(keep),
-      {"test": te.experts(keep)},
+      va.only_experts(keep),
+      {"test": te.only_experts(keep)},
       chunk=config.checkpoint_every,
       log=log,
       name=f"gate on {len(keep)} experts",
