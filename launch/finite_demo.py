@@ -8,7 +8,6 @@ and prints it next to the exact minimax solution of an independent convex solver
   python launch/finite_demo.py --workdir=/tmp/fd --config.num_domains=5 --config.uncertainty=box
 """
 
-import json
 import os
 import sys
 
@@ -16,7 +15,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from robust_gate import finite, objectives, reference, uncertainty
+from robust_gate import files, finite, objectives, provenance, reference, uncertainty
 from robust_gate.checks import InputError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -92,10 +91,7 @@ def main(argv):
     sys.exit(f"robust_gate: {e}")
   print(format_table(results))
   path = os.path.join(_WORKDIR.value, "results.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, path)
+  files.write_json(path, {**results, "provenance": provenance.collect(config).to_dict()})
   logging.info("wrote %s", path)
 
 

@@ -7,14 +7,13 @@ worst case to the exact minimax value. Prints a table and writes sweep.json.
   python launch/finite_sweep.py --workdir=/tmp/sweep --dual_lrs=0.1,1.0
 """
 
-import json
 import os
 import time
 
 import numpy as np
 from absl import app, flags
 
-from robust_gate import finite, objectives, reference, uncertainty
+from robust_gate import files, finite, objectives, provenance, reference, uncertainty
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _DUAL_LRS = flags.DEFINE_list("dual_lrs", ["0.1", "1.0"], "Dual step sizes η.")
@@ -68,8 +67,10 @@ def main(argv):
     gaps = [r["rel_gap"] for r in rows if r["dual_lr"] == dual_lr]
     print(f"  η={dual_lr}: max {max(gaps):+.2e}, median {np.median(gaps):+.2e}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, "sweep.json"), "w") as f:
-    json.dump(rows, f, indent=1)
+  files.write_json(
+    os.path.join(_WORKDIR.value, "sweep.json"),
+    {"rows": rows, "provenance": provenance.collect().to_dict()},
+  )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,15 @@ def random_instance(
 
 # The end-to-end files take minutes each: handed out first, pytest-xdist runs them
 # beside the many fast files instead of after them (the order within files stays).
-_SLOW_FIRST = ("test_pipeline.py", "test_paper.py", "test_notebooks.py", "test_hostile.py")
+_SLOW_FIRST = (
+  "test_pipeline.py",
+  "test_experiments.py",
+  "test_notebooks.py",
+  "test_hostile.py",
+  "test_benchmark.py",
+  "test_golden.py",
+  "test_parallel.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -145,7 +145,7 @@ def _observed(results: dict) -> dict:
 
 
 def test_tiny_main_job_reproduces_the_golden_numbers(tmp_path):
-  # The compilation cache the other end-to-end tests share (tests/test_paper.py):
+  # The compilation cache the other end-to-end tests share (tests/test_experiments.py):
   # the same executables, so the same numbers, compiled once.
   jax.config.update(
     "jax_compilation_cache_dir",

@@ -206,7 +206,7 @@ def test_experiments_in_old_location(tmp_path, repo):
   _write(w / "experiments" / "ema.json", {"steps": 4, "provenance": _prov(second)})
   page = pages.results_page(report.inputs.read_results([str(w)], str(r)), str(tmp_path), "h")
   assert "experiments only" in page and "| steps | 4 |" in page and "| steps | 3 |" not in page
-  assert page.index("`prune`") < page.index("`ema`")  # robust_gate.paper's order
+  assert page.index("`prune`") < page.index("`ema`")  # robust_gate.experiments' order
 
 
 def test_input_errors(tmp_path, repo):

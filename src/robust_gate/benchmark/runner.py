@@ -1,12 +1,11 @@
 """`run`: the chosen phases in order, a printed table, `<workdir>/benchmark.json`."""
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import Any
 
-from robust_gate import checkpoints, parallel, provenance
+from robust_gate import files, parallel, provenance
 from robust_gate.benchmark import phases, records
 from robust_gate.benchmark.config import BenchmarkConfig
 from robust_gate.benchmark.timing import Profile
@@ -60,7 +59,7 @@ def run(config: BenchmarkConfig, workdir: str, log: Callable[[str], None] = prin
       result["profiles"][name] = dataclasses.asdict(profile)
       for line in _profile_lines(profile):
         log(line)
-  checkpoints.atomic_write(os.path.join(workdir, FILENAME), json.dumps(result, indent=1))
+  files.write_json(os.path.join(workdir, FILENAME), result)
   return result
 
 

@@ -1,4 +1,4 @@
-"""Item 2: per-domain gradient cosine matrices over training, monolithic model vs gate.
+"""Per-domain gradient cosine matrices over training, monolithic model vs gate.
 
 Both are trained again from a fresh initialization (the main job's losses, learning
 rates and step counts) and the cosines of the per-domain gradients ∇L_k measured at

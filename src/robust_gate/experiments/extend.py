@@ -1,4 +1,4 @@
-"""Item 6: a new domain's expert added to a fitted gate: warm start vs from scratch.
+"""A new domain's expert added to a fitted gate: warm start vs from scratch.
 
 A gate is fitted on K−1 domains and their experts; then the K-th domain and its
 expert are added, and the gate over all K is fitted again, once from the old gate

@@ -1,4 +1,4 @@
-"""Item 4: robust gates of increasing width on increasing data: the held-out worst
+"""Robust gates of increasing width on increasing data: the held-out worst
 case against the training one (does a wider gate overfit its training words?)."""
 
 import numpy as np

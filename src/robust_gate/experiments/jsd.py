@@ -1,4 +1,4 @@
-"""Item 3: monolithic model vs robust gate as the domains' Jensen-Shannon divergence
+"""Monolithic model vs robust gate as the domains' Jensen-Shannon divergence
 shrinks, on Markov domains small enough to enumerate every sequence (exact quantities).
 
 For each similarity s (every chain's transition rows pulled toward shared rows) the

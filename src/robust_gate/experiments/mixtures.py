@@ -1,4 +1,4 @@
-"""Item 1: L(λ) = Σ_k λ_k L_k of every method on a grid of test mixtures and at λ̄."""
+"""L(λ) = Σ_k λ_k L_k of every method on a grid of test mixtures and at λ̄."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""Item 5: box and KL-ball Λ against the simplex: the worst case inside and outside Λ."""
+"""Box and KL-ball Λ against the simplex: the worst case inside and outside Λ."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Item 7: experts with little gate mass under λ̄ dropped, the gate refitted: the
+"""Experts with little gate mass under λ̄ dropped, the gate refitted: the
 worst case against the experts' cost."""
 
 from typing import Any

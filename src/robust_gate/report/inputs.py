@@ -12,7 +12,7 @@ from robust_gate.report.staleness import short, stale_reason
 # Where experiments write `<name>.json` and `.png` in a workdir: the current location
 # first; `paper/` is where launch/paper.py wrote them before (read where no newer one is).
 EXPERIMENT_DIRS = ("experiments", "paper")
-# The experiments' order on the page (robust_gate.paper's); others follow by name.
+# The experiments' order on the page (robust_gate.experiments.EXPERIMENTS's); others follow by name.
 EXPERIMENT_ORDER = ("mixtures", "conflict", "jsd", "gate_size", "prior", "extend", "prune", "ema")
 # Keys that are metadata of a JSON, not its body.
 META_KEYS = ("provenance", "experiment")

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Makes the workdirs that docs/results.md is generated from: for each config, the main
+# job and every experiment on it (jsd runs its own main jobs). Configs run side by side,
+# one process chain each; a chain's output goes to <root>/<config>.log.
+#
+#   launch/reproduce.sh <root> [config ...]   # default: wordfreq digits synthetic jsd
+#   python3 launch/report.py --workdirs=<root>/wordfreq,<root>/digits,... --out=docs
+#
+# Extra flags for every launcher (e.g. --config.data_dir=/data/tfds) go in RG_FLAGS.
+set -euo pipefail
+root=${1:?usage: launch/reproduce.sh <root> [config ...]}
+shift
+configs=("$@")
+[ ${#configs[@]} -gt 0 ] || configs=(wordfreq digits synthetic jsd)
+experiments=(mixtures conflict gate_size prior extend prune ema)
+cd "$(dirname "$0")/.."
+mkdir -p "$root"
+
+chain() {
+  local name=$1 config=launch/configs/$1.py workdir=$root/$1
+  # shellcheck disable=SC2086  # RG_FLAGS is a list of flags
+  if [ "$name" = jsd ]; then
+    python3 launch/experiment.py --experiment=jsd --config="$config" --workdir="$workdir" ${RG_FLAGS:-}
+    return
+  fi
+  python3 launch/main.py --config="$config" --workdir="$workdir" ${RG_FLAGS:-}
+  for e in "${experiments[@]}"; do
+    python3 launch/experiment.py --experiment="$e" --config="$config" --workdir="$workdir" ${RG_FLAGS:-}
+  done
+}
+
+pids=()
+for name in "${configs[@]}"; do
+  chain "$name" >"$root/$name.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "reproduce: ${configs[$i]} failed; see $root/${configs[$i]}.log" >&2
+    status=1
+  fi
+done
+exit $status
