@@ -20,14 +20,9 @@ def test_notebook_executes(path, monkeypatch):
   NotebookClient(
     nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(path)}}
   ).execute()
-  errors = [
-    o
-    for c in nb.cells
-    if c.cell_type == "code"
-    for o in c.get("outputs", [])
-    if o.get("output_type") == "error"
-  ]
-  assert not errors
+  # NotebookClient raises at the first failing cell; past it, every code cell ran.
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert code and all(c.get("execution_count") is not None for c in code)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS)
