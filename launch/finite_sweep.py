@@ -5,6 +5,13 @@ box), solve one random game both ways and report the relative gap of the game's
 worst case to the exact minimax value. Prints a table and writes sweep.json.
 
   python launch/finite_sweep.py --workdir=/tmp/sweep --dual_lrs=0.1,1.0
+
+With --mode=timing it times instead the seconds per step of `finite.solve` on one
+large random game, exact and with minibatches, and writes timing.json: a step's
+cost is the difference of two runs of different lengths over their difference in
+steps (each run compiles once, so compilation cancels out).
+
+  python launch/finite_sweep.py --workdir=/tmp/timing --mode=timing --num_points=100000
 """
 
 import os
@@ -19,10 +26,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 _DUAL_LRS = flags.DEFINE_list("dual_lrs", ["0.1", "1.0"], "Dual step sizes η.")
 _STEPS = flags.DEFINE_integer("steps", 3000, "Primal-dual steps per game.")
 _GATE = flags.DEFINE_enum("gate", "tabular", finite.GATES, "Gate family.")
+_MODE = flags.DEFINE_enum("mode", "gap", ["gap", "timing"], "gap: the sweep; timing: step cost.")
+_NUM_POINTS = flags.DEFINE_integer("num_points", 100_000, "timing: N of the game.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["64"], "timing: minibatch sizes B to time.")
 
 
 def main(argv):
   del argv
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  if _MODE.value == "timing":
+    rows = time_steps(_NUM_POINTS.value, [None, *map(int, _BATCH_SIZES.value)], _STEPS.value)
+    files.write_json(
+      os.path.join(_WORKDIR.value, "timing.json"),
+      {"rows": rows, "provenance": provenance.collect().to_dict()},
+    )
+    return
   rows = []
   for dual_lr in map(float, _DUAL_LRS.value):
     for K, N in [(2, 8), (2, 64), (3, 20), (3, 64), (5, 8), (5, 64)]:
@@ -66,11 +84,39 @@ def main(argv):
   for dual_lr in sorted({r["dual_lr"] for r in rows}):
     gaps = [r["rel_gap"] for r in rows if r["dual_lr"] == dual_lr]
     print(f"  η={dual_lr}: max {max(gaps):+.2e}, median {np.median(gaps):+.2e}")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
   files.write_json(
     os.path.join(_WORKDIR.value, "sweep.json"),
     {"rows": rows, "provenance": provenance.collect().to_dict()},
   )
+
+
+def time_steps(num_points: int, batch_sizes, steps: int, K: int = 3) -> list[dict]:
+  """Seconds per step of finite.solve on a random game of N points, for each batch
+  size (None: exact expectations), from runs of 10 and 10 + `steps` steps."""
+  probs, logp = finite.random_instance(0, K, num_points, perturbed=True)
+  rows = []
+  for batch_size in batch_sizes:
+    seconds = []
+    for n in (10, 10 + steps):
+      start = time.perf_counter()
+      finite.solve(probs, logp, gate=_GATE.value, steps=n, batch_size=batch_size)
+      seconds.append(time.perf_counter() - start)
+    rows.append(
+      dict(
+        N=num_points,
+        K=K,
+        gate=_GATE.value,
+        batch_size=batch_size,
+        steps=10 + steps,
+        seconds=seconds[1],
+        seconds_per_step=(seconds[1] - seconds[0]) / steps,
+      )
+    )
+    print(
+      f"N={num_points} B={batch_size or 'exact':<6} {10 + steps} steps in {seconds[1]:.1f}s: "
+      f"{1e3 * rows[-1]['seconds_per_step']:.2f} ms per step"
+    )
+  return rows
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ r"""The results pages, generated from workdirs (never written by hand).
 Writes <out>/results.md (one section per --workdirs entry: its results.json, figures
 and experiments, the PNGs copied into <out>/figures/) and <out>/performance.md (one
 per --bench_workdirs entry's benchmark.json). Each table names the commit and device
-that made it; a result whose code changed since is marked STALE (robust_gate.report).
+that made it; a result whose code, or whose models' training code, changed since is
+marked STALE (robust_gate.report).
 """
 
 import os

@@ -15,6 +15,10 @@ configs=("$@")
 experiments=(mixtures conflict gate_size prior extend prune ema)
 cd "$(dirname "$0")/.."
 mkdir -p "$root"
+# The chains compile many identical programs (a gate game per experiment point):
+# jax's persistent compilation cache lets each compile once.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$root/jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}
 
 chain() {
   local name=$1 config=launch/configs/$1.py workdir=$root/$1

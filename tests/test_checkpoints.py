@@ -1,4 +1,6 @@
-"""Checkpoints resume bitwise, corrupt ones are detected, specs never mix, NaN saves nothing."""
+"""Checkpoints resume bitwise, corrupt ones are detected, specs never mix, NaN saves
+nothing, finished checkpoints outlive longer runs, damaged metric files are announced
+and rebuilt."""
 
 import json
 
@@ -20,13 +22,13 @@ def _loss_fn(params, batch, key):
   return jnp.sum((params["w"][None] + noise[None] - targets[:, None]) ** 2, axis=(1, 2))
 
 
-def _game():
+def _game(lr=0.05):
   params = {"w": jnp.zeros((2, 4))}
-  return train.make_game(_loss_fn, params, num_domains=K, lr=0.05, dual_lr=0.2, seed=3)
+  return train.make_game(_loss_fn, params, num_domains=K, lr=lr, dual_lr=0.2, seed=3)
 
 
-def _fit(directory, steps, spec=None, log=None):
-  step, state = _game()
+def _fit(directory, steps, spec=None, log=None, lr=0.05):
+  step, state = _game(lr)
   ckpt = checkpoints.Checkpointer(
     str(directory), spec or {"a": 1}, name="toy", log=log or (lambda s: None)
   )
@@ -82,12 +84,110 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_used(tmp_path, referenc
   np.testing.assert_array_equal(hist["lam"], reference[1]["lam"])
 
 
-def test_torn_metric_lines_are_dropped(tmp_path, reference):
+def _steps(directory):
+  return sorted(int(p.name) for p in (directory / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_torn_metric_lines_are_dropped_and_announced(tmp_path, reference):
   _fit(tmp_path, 20)
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": 21, "losses": [0, 0, 0]}) + "\n" + '{"step": 22, "los')
-  _, hist = _fit(tmp_path, 50)
+  logs = []
+  _, hist = _fit(tmp_path, 50, log=logs.append)
+  assert any("dropped 1 unreadable line(s)" in s for s in logs), logs
   np.testing.assert_array_equal(hist["losses"], reference[1]["losses"])
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()  # one row per step
+  assert [json.loads(line)["step"] for line in lines] == list(range(1, 51))
+
+
+def test_a_finished_checkpoint_outlives_a_longer_run(tmp_path, reference):
+  """30 steps, extended to 50, then asked for 30 again: the checkpoint that ended the
+  30-step run is kept, and restored, not refused as behind the newest."""
+  thirty = _fit(tmp_path / "ref30", 30)
+  _fit(tmp_path / "run", 30)
+  state, _ = _fit(tmp_path / "run", 50)
+  assert _equal(state, reference[0])
+  assert _steps(tmp_path / "run") == [30, 40, 50]  # 30 ended a run; 40 is 50's fallback
+  logs = []
+  state, hist = _fit(tmp_path / "run", 30, log=logs.append)
+  assert "toy: resumed at step 30" in "\n".join(logs) and "step 40/" not in "\n".join(logs)
+  assert _equal(state, thirty[0])
+  np.testing.assert_array_equal(hist["lam"], thirty[1]["lam"])
+  assert _steps(tmp_path / "run") == [30, 40, 50]  # the longer run's checkpoints untouched
+  assert len(checkpoints.read_metrics(str(tmp_path / "run"))) == 50
+
+
+def test_steps_behind_every_checkpoint_are_refused(tmp_path):
+  _fit(tmp_path, 30)
+  with pytest.raises(InputError, match=r"at steps \[20, 30\], all past the 10 steps"):
+    _fit(tmp_path, 10)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "garbled"])
+def test_lost_metric_rows_are_announced_and_rebuilt_by_replay(tmp_path, damage):
+  """The replay from the initial state reproduces the checkpoint's digest, so the
+  rows it recomputes are the lost ones: the file ends as it was."""
+  _fit(tmp_path, 30)
+  path = tmp_path / "metrics.jsonl"
+  original = path.read_text()
+  lines = original.splitlines(keepends=True)
+  if damage == "deleted":
+    path.unlink()
+    lost = "1–30"
+  elif damage == "truncated":
+    path.write_text("".join(lines[:12]) + lines[12][:9])
+    lost = "13–30"
+  else:
+    path.write_text("".join(lines[:4]) + "\x00\x00garbage\n" + "".join(lines[5:]))
+    lost = "5"
+  logs = []
+  _fit(tmp_path, 30, log=logs.append)
+  assert any(f"lacks the metric rows of steps {lost} of the checkpoint's 30" in s for s in logs)
+  assert any("rebuilt steps 1–30" in s for s in logs), logs
+  assert path.read_text() == original
+
+
+def test_a_replay_that_differs_is_not_trusted(tmp_path):
+  """Rows are rebuilt only from a replay that reproduced the checkpoint: one that
+  differs (here another learning rate) leaves the gap, announced."""
+  _fit(tmp_path, 30)
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(path.read_text().splitlines(keepends=True)[:10]))
+  logs = []
+  _, hist = _fit(tmp_path, 30, log=logs.append, lr=0.07)
+  assert any("the replay did not reproduce the checkpoint at step 30" in s for s in logs), logs
+  assert len(hist["lam"]) == 10  # the history holds the rows there are
+  assert [r["step"] for r in checkpoints.read_metrics(str(tmp_path))] == list(range(1, 11))
+
+
+@pytest.mark.parametrize(
+  "content", ['{"a": 1', "", "\x00\x00\x00", "[1, 2]"], ids=["torn", "empty", "zeros", "list"]
+)
+def test_a_damaged_spec_is_one_line_naming_it(tmp_path, content):
+  _fit(tmp_path, 10)
+  (tmp_path / "spec.json").write_text(content)
+  with pytest.raises(InputError) as info:
+    _fit(tmp_path, 20)
+  message = str(info.value)
+  assert f"{tmp_path / 'spec.json'} is damaged" in message and "\n" not in message
+  assert f"delete {tmp_path} to train toy again" in message
+  assert _steps(tmp_path) == [10]
+
+
+def test_checkpoints_without_a_spec_are_not_trusted(tmp_path):
+  _fit(tmp_path, 10)
+  (tmp_path / "spec.json").unlink()
+  with pytest.raises(InputError, match=r"holds toy checkpoints but no spec\.json"):
+    _fit(tmp_path, 20)
+  assert not (tmp_path / "spec.json").exists() and _steps(tmp_path) == [10]
+
+
+def test_quarantined_checkpoints_are_reported_when_opened(tmp_path):
+  _fit(tmp_path, 20)
+  (tmp_path / "corrupt" / "20-20240101-000000").mkdir(parents=True)
+  logs = []
+  _fit(tmp_path, 20, log=logs.append)
+  assert f"toy: {tmp_path / 'corrupt'} holds 1 quarantined checkpoint(s)" in logs[0]
 
 
 def test_a_directory_from_another_config_is_refused(tmp_path):
@@ -111,9 +211,13 @@ def test_non_finite_loss_stops_without_overwriting_good_state(tmp_path):
   params = {"w": jnp.zeros((2, 4))}
   step, state = train.make_game(loss_fn, params, num_domains=K, lr=0.05, dual_lr=0.2, seed=3)
   ckpt = checkpoints.Checkpointer(str(tmp_path), {}, name="nan", log=lambda s: None)
-  with pytest.raises(FloatingPointError, match="non-finite per-domain loss or λ at step"):
+  with pytest.raises(FloatingPointError) as info:
     train.fit(step, state, 200, name="nan", log=lambda s: None, chunk=10, checkpointer=ckpt)
   last = max(ckpt.steps())
+  message = str(info.value)
+  assert "\n" not in message and message.startswith("nan diverged: non-finite")
+  assert f"its checkpoint at step {last}, the last good one, is kept" in message
+  assert "lower the learning rate of nan" in message
   good = ckpt.restore(state)
   assert int(good.step) == last and last < 200
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(good))

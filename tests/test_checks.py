@@ -201,3 +201,41 @@ def test_check_token_logprobs_names_each_problem():
     checks.check_token_logprobs,
     dead,
   )
+
+
+# check_int, check_real
+
+
+def test_check_int_returns_ints_in_range():
+  assert checks.check_int(3, "n") == 3
+  assert type(checks.check_int(np.int64(3), "n")) is int
+  assert checks.check_int(0, "seed", 0) == 0
+  assert checks.check_int(9, "n", 0, 10) == 9
+
+
+def test_check_int_refuses_other_types_and_out_of_range_without_rounding():
+  _refused("steps=True must be an int.", checks.check_int, True, "steps")
+  _refused("steps=1.7 must be an int.", checks.check_int, 1.7, "steps")
+  _refused("steps=2.0 must be an int.", checks.check_int, 2.0, "steps")
+  _refused("steps='3' must be an int.", checks.check_int, "3", "steps")
+  _refused("steps=0 must be positive.", checks.check_int, 0, "steps")
+  _refused("seed=-1 must be ≥ 0.", checks.check_int, -1, "seed", 0)
+  _refused("k=10 must be in [0, 10).", checks.check_int, 10, "k", 0, 10)
+
+
+def test_check_real_returns_floats_in_the_interval():
+  assert checks.check_real(0, "lr") == 0.0 and type(checks.check_real(1, "lr")) is float
+  assert checks.check_real(np.float32(0.5), "decay", 0.0, 1.0) == 0.5
+  assert checks.check_real(1.0, "noise", 0.0, 1.0, high_open=False) == 1.0
+
+
+def test_check_real_refuses_other_types_nan_and_out_of_interval():
+  _refused("lr=True must be a number.", checks.check_real, True, "lr")
+  _refused("lr='0.1' must be a number.", checks.check_real, "0.1", "lr")
+  _refused("lr=nan must be finite and > 0.", checks.check_real, np.nan, "lr", low_open=True)
+  _refused("lr=0 must be finite and > 0.", checks.check_real, 0, "lr", low_open=True)
+  _refused("lr=inf must be finite and ≥ 0.", checks.check_real, np.inf, "lr")
+  _refused("decay=1.0 must be in [0, 1).", checks.check_real, 1.0, "decay", 0.0, 1.0)
+  _refused(
+    "noise=1.5 must be in [0, 1].", checks.check_real, 1.5, "noise", 0.0, 1.0, high_open=False
+  )

@@ -1,3 +1,6 @@
+import os
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -56,14 +59,85 @@ def test_unknown_options_are_errors(tmp_path):
 @pytest.mark.parametrize(
   "name, opts, match",
   [
-    ("markov", {"num_domains": 0}, "must be positive"),
-    ("markov", {"concentration": float("nan")}, "must be positive"),
-    ("wordfreq", {"languages": ()}, "is empty"),
+    ("markov", {"num_domains": 0}, "num_domains=0 must be positive"),
+    ("markov", {"concentration": float("nan")}, "concentration=nan must be finite and > 0"),
+    ("wordfreq", {"languages": ()}, "must be a non-empty list of language codes"),
+    ("wordfreq", {"languages": "en"}, "languages='en' must be a non-empty list of language"),
     ("digits", {"groups": ((0, 1), (1, 2))}, "disjoint"),
     ("digits", {"groups": ((0, 11),)}, "classes 0..9"),
-    ("markov", {"seq_len": "long"}, "numeric"),
+    ("markov", {"seq_len": "long"}, "seq_len='long' must be an int"),
   ],
 )
 def test_bad_options_are_errors(name, opts, match):
   with pytest.raises(InputError, match=match):
     datasets.make_config(name, **opts)
+
+
+TINY_MARKOV = dict(num_domains=2, num_states=3, seq_len=4, examples_per_split=(20, 10, 10))
+
+
+def _flip_record_bytes(prepared):
+  """Bytes flipped inside the train split's record file (its chunk hashes fail)."""
+  (record,) = pathlib.Path(prepared).glob("*-train.array_record-*")
+  raw = bytearray(record.read_bytes())
+  raw[100:140] = bytes(b ^ 0xFF for b in raw[100:140])
+  record.write_bytes(bytes(raw))
+
+
+def _break_info(prepared):
+  (pathlib.Path(prepared) / "dataset_info.json").write_text('{"name": ')
+
+
+@pytest.mark.parametrize("damage", [_flip_record_bytes, _break_info])
+def test_a_damaged_prepared_dataset_is_announced_and_prepared_again(tmp_path, damage):
+  load = lambda log: data.load_local("markov", "train", str(tmp_path), 8, log=log, **TINY_MARKOV)
+  fresh = load(pytest.fail)  # prepared now: nothing to announce
+  prepared = datasets.prepared_dir("markov", str(tmp_path), **TINY_MARKOV)
+  damage(prepared)
+  lines = []
+  again = load(lines.append)
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f"markov: the prepared dataset {prepared} cannot be read (")
+  assert lines[0].endswith("deleting it and preparing it again.")
+  assert again.fingerprint() == fresh.fingerprint()
+  assert load(pytest.fail).fingerprint() == fresh.fingerprint()  # whole again: read as is
+
+
+def test_a_damaged_catalog_dataset_names_the_directory_to_delete(tmp_path, monkeypatch):
+  """A prepared TFDS dataset loaded by name is not rebuilt (it may need a download):
+  one line says which directory to delete."""
+  import tensorflow_datasets as tfds
+
+  builder = datasets.build("markov", str(tmp_path), **TINY_MARKOV)
+  _flip_record_bytes(builder.data_dir)
+  monkeypatch.setattr(tfds, "builder", lambda name, data_dir: builder)
+  with pytest.raises(InputError) as info:
+    data.load_catalog(
+      "some_catalog_dataset", "train", text_key="tokens", domain_key="domain", max_len=8
+    )
+  message = str(info.value)
+  assert "\n" not in message
+  assert f"TFDS dataset 'some_catalog_dataset' in {builder.data_dir} cannot be read (" in message
+  assert "Corrupted Riegeli/records file" in message and "delete that directory" in message
+
+
+def test_leftovers_of_a_killed_preparation_are_removed(tmp_path):
+  prepared = datasets.prepared_dir("markov", str(tmp_path), **TINY_MARKOV)
+  leftover = os.path.join(os.path.dirname(prepared), "incomplete.AB12CD_1.0.0")
+  os.makedirs(leftover)
+  pathlib.Path(leftover, "robust_gate_markov-train.array_record-00000-of-00001").touch()
+  lines = []
+  datasets.build("markov", str(tmp_path), log=lines.append, **TINY_MARKOV)
+  assert lines == [
+    f"removing {leftover}, left by a markov dataset preparation that did not finish."
+  ]
+  assert os.listdir(os.path.dirname(prepared)) == ["1.0.0"]
+
+
+def test_a_language_without_words_is_a_clear_error_not_a_preparation_traceback(tmp_path):
+  with pytest.raises(
+    InputError, match=r"wordfreq language 'en' has no word .* raise wordlist_size"
+  ):
+    datasets.build(
+      "wordfreq", str(tmp_path), languages=("en",), wordlist_size=5, examples_per_split=(5, 5, 5)
+    )

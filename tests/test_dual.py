@@ -79,3 +79,40 @@ def test_any_finite_losses_keep_lambda_in_the_set(losses, lr, eps):
     lam, _state = jax.jit(d.update)(jnp.asarray(losses), d.init())
     assert np.all(np.isfinite(lam))
     assert s.contains(np.asarray(lam), atol=1e-4), (s.kind, lam)
+
+
+def test_inverse_sqrt_schedule():
+  schedule = dual.inverse_sqrt_schedule(0.4, timescale=10.0)
+  np.testing.assert_allclose(
+    [schedule(t) for t in (0, 10, 30)], [0.4, 0.4 / np.sqrt(2), 0.2], rtol=F32_RTOL
+  )
+  d = dual.mirror_ascent(schedule, uncertainty.simplex(2))
+  state = d.init()
+  for _ in range(31):  # the 31st update uses η_30 = 0.2
+    before = np.asarray(state.log_lam_K)
+    lam, state = d.update(jnp.array([1.0, 0.0]), state)
+  np.testing.assert_allclose(np.diff(np.log(lam)) - np.diff(before), -0.2, rtol=F32_RTOL)
+  with pytest.raises(ValueError, match=r"^inverse_sqrt_schedule needs learning_rate ≥ 0"):
+    dual.inverse_sqrt_schedule(0.1, timescale=0.0)
+
+
+def test_optimistic_step_uses_twice_the_new_losses_minus_the_old():
+  s = uncertainty.simplex(3)
+  d = dual.mirror_ascent(0.5, s, optimistic=True)
+  state = d.init()
+  assert isinstance(state, dual.OptimisticDualState)
+  g0, g1 = np.array([1.0, 0.0, -1.0]), np.array([0.0, 2.0, 0.5])
+  lam1, state = d.update(jnp.asarray(g0, jnp.float32), state)
+  plain1, _ = dual.mirror_ascent(0.5, s).update(jnp.asarray(g0, jnp.float32), d.init())
+  np.testing.assert_allclose(lam1, plain1, rtol=F32_RTOL)  # no previous losses: plain
+  lam2, state = d.update(jnp.asarray(g1, jnp.float32), state)
+  expected = np.exp(0.5 * g0 + 0.5 * (2 * g1 - g0))
+  np.testing.assert_allclose(lam2, expected / expected.sum(), rtol=F32_RTOL)
+  np.testing.assert_array_equal(state.prev_losses_K, g1)
+  assert int(state.count) == 2
+
+
+def test_the_plain_state_keeps_its_checkpointed_structure():
+  """Games restored from checkpoints rebuild DualState(log_lam_K, count)."""
+  state = dual.mirror_ascent(0.1, uncertainty.simplex(2)).init()
+  assert type(state) is dual.DualState and state._fields == ("log_lam_K", "count")

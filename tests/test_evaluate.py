@@ -46,6 +46,13 @@ def test_a_domain_without_examples_is_refused_before_evaluation():
     data.encode([np.array([1]), np.array([2])], np.array([0, 1]), ("a", "b", "c"), 3, 5)
 
 
+def test_a_domain_without_tokens_is_an_error_not_nan():
+  # Data that bypassed encode (here a subset without domain b's one example).
+  without_b = DATA.subset(np.array([0, 2]))
+  with pytest.raises(InputError, match=r"^domain 'b' has no tokens"):
+    evaluate.domain_ce(np.zeros((2, 5)), without_b)
+
+
 def test_usage_is_the_token_weighted_mean_gate_weight():
   gate = np.full((3, 5, 2), 9.0)  # 9 at padding: must never be counted
   gate[0, :3] = [0.25, 0.75]

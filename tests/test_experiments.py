@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tolerances import F32_RTOL
 
-from robust_gate import config_files, models, pipeline, sampling
+from robust_gate import config_files, models, pipeline, provenance, sampling
 from robust_gate.experiments import EXPERIMENTS, extend, jsd, mixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,10 @@ def _run(tiny, name, **kwargs) -> dict:
   assert written["experiment"] == name
   assert written["provenance"]["config"]["seed"] == config.seed
   assert written["provenance"]["commit"] and written["provenance"]["platform"] == "cpu"
+  if name != "jsd":  # what it read: the main job's models and its results.json
+    inputs = written[provenance.INPUTS_KEY]
+    assert list(inputs) == [*provenance.MODEL_DIRS, "results.json"]
+    assert inputs["results.json"] == [_results(workdir)["provenance"]]
   flat = json.dumps(out)
   assert "NaN" not in flat and "Infinity" not in flat
   assert pathlib.Path(workdir, "experiments", f"{name}.png").stat().st_size > 1000
@@ -132,6 +136,25 @@ def test_jsd_identity_holds_exactly_for_the_trained_models(tiny):
     assert min(m["exact_L_bits_per_token"]) >= -1e-9  # exact KLs of a normalized model
     assert 0 < m["mass_on_length_T"] <= 1 + 1e-6
     assert m["linearized_at_lambda_bar"] >= run["jsd_lambda_bar_bits_per_token"] - 1e-9
+
+
+def test_jsd_run_trains_and_scores_a_main_job_per_similarity(tiny):
+  """`run` at one similarity: identical domains (JSD 0), a main job of that similarity in
+  `s=<s>/`, and the provenance of what it read there."""
+  config, workdir = tiny
+  out = _run(tiny, "jsd", similarities=(1.0,))
+  assert out["similarities"] == [1.0] and len(out["runs"]) == 1
+  row = out["runs"][0]
+  assert row["similarity"] == 1.0 and abs(row["jsd_lambda_bar_bits_per_token"]) < 1e-6
+  sub = _results(os.path.join(workdir, "s=1.0"))
+  assert sub["provenance"]["config"]["data"]["options"]["similarity"] == 1.0
+  for name, m in row["models"].items():
+    assert m["test_worst"] == sub["methods"][name]["worst_case"]  # the sub-job's, not tiny's
+    assert abs(m["identity_residual_nats"]) < 1e-6
+  inputs = out[provenance.INPUTS_KEY]
+  assert list(inputs) == [f"s=1.0/{n}" for n in (*provenance.MODEL_DIRS, "results.json")]
+  assert inputs["s=1.0/results.json"] == [sub["provenance"]]
+  assert config.data.options.get("similarity", 0.0) == 0.0  # the caller's config unchanged
 
 
 def test_gate_size_runs_every_width_on_every_fraction(tiny):

@@ -93,3 +93,57 @@ def test_parameters_that_do_not_match_the_architecture_are_refused():
   deeper = dataclasses.replace(cfg, num_layers=2)
   with pytest.raises(InputError, match="missing"):
     experts.transformer_experts(deeper, params, ["a", "b"])
+
+
+def _truncated(path, cache, fingerprint):
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flipped(path, cache, fingerprint):
+  """One bit of a stored value flipped: still a valid float, caught by the zip's CRC."""
+  raw = bytearray(path.read_bytes())
+  raw[raw.index(cache.tobytes()) + 100] ^= 0x01
+  path.write_bytes(bytes(raw))
+
+
+def _emptied(path, cache, fingerprint):
+  path.write_bytes(b"")
+
+
+def _rewritten(change):
+  """The cache changed by `change` and saved again with the right fingerprint."""
+  return lambda path, cache, fingerprint: experts.save_cache(str(path), change(cache), fingerprint)
+
+
+def _nan(cache):
+  return np.where(np.arange(cache.size).reshape(cache.shape) == 5, np.nan, cache)
+
+
+@pytest.mark.parametrize(
+  "damage, problem",
+  [
+    (_truncated, "unreadable: BadZipFile"),
+    (_flipped, "unreadable: BadZipFile: Bad CRC-32"),
+    (_emptied, "unreadable: EOFError"),
+    (_rewritten(_nan), "cache[0, 2, 1] is NaN"),
+    (_rewritten(lambda c: c[:20]), "shape (20, 8, 2) float32, expected (30, 8, 2) float32"),
+    (_rewritten(lambda c: c.astype(np.float64)), "float64, expected (30, 8, 2) float32"),
+    (_rewritten(lambda c: -c), "> 0: not the log-probability of a token"),
+    (_rewritten(lambda c: c - 1.0), "nonzero where the mask is off"),
+  ],
+)
+def test_a_damaged_cache_is_announced_and_rebuilt(tmp_path, damage, problem):
+  d = _data()
+  ramp = np.linspace(1.0, 2.0, V)
+  group = [unigram(np.full(V, 1.0 / V)), unigram(ramp / ramp.sum(), "ramp")]
+  path = str(tmp_path / "cache_validation.npz")
+  fresh = experts.cached_scores(path, group, d, log=pytest.fail)  # built: nothing to announce
+  damage(tmp_path / "cache_validation.npz", fresh, experts.cache_fingerprint(d, group))
+  lines = []
+  again = experts.cached_scores(path, group, d, log=lines.append)
+  assert len(lines) == 1 and lines[0].startswith(f"cache {path} is damaged (")
+  assert problem in lines[0] and lines[0].endswith("; rebuilding it.")
+  np.testing.assert_array_equal(again, fresh)
+  np.testing.assert_array_equal(
+    experts.load_cache(path, experts.cache_fingerprint(d, group), d, 2), fresh
+  )  # the file itself is whole again

@@ -88,7 +88,7 @@ def test_stochastic_minibatches_and_the_network_gate():
   rng = np.random.default_rng(11)
   D, logE = random_instance(rng, 3, 32, perturbed=True)
   exact = _exact(D, logE, uncertainty.simplex(3)).value
-  sol = finite.solve(D, logE, batch_size=64, steps=5000, primal_lr=0.03, ema_decay=0.999)
+  sol = finite.solve(D, logE, batch_size=32, steps=5000, primal_lr=0.03, ema_decay=0.999)
   _assert_normalized(sol, logE)
   assert exact - 1e-4 <= sol.worst_case <= 1.02 * exact
   sol = finite.solve(D, logE, gate="mlp")
@@ -142,13 +142,13 @@ GOOD_E = np.log(np.array([[0.5, 0.4, 0.1], [0.1, 0.1, 0.8]]))
     ),
     (GOOD_D, GOOD_E, {"uncertainty": uncertainty.simplex(3)}, "over 3 domains"),
     (GOOD_D, GOOD_E, {"gate": "transformer"}, "unknown gate"),
-    (GOOD_D, GOOD_E, {"steps": 0}, "steps must be a positive int"),
-    (GOOD_D, GOOD_E, {"primal_lr": float("nan")}, "primal_lr must be finite"),
-    (GOOD_D, GOOD_E, {"dual_lr": -1.0}, "dual_lr must be finite and ≥ 0"),
-    (GOOD_D, GOOD_E, {"batch_size": 0}, "batch_size"),
+    (GOOD_D, GOOD_E, {"steps": 0}, "steps=0 must be positive"),
+    (GOOD_D, GOOD_E, {"primal_lr": float("nan")}, "primal_lr=nan must be finite and > 0"),
+    (GOOD_D, GOOD_E, {"dual_lr": -1.0}, "dual_lr=-1.0 must be finite and ≥ 0"),
+    (GOOD_D, GOOD_E, {"batch_size": 0}, "batch_size=0 must be positive"),
     (GOOD_D, GOOD_E, {"baseline": "oracle"}, "unknown baseline"),
   ],
 )
 def test_bad_input_is_a_clear_error(D, logE, kwargs, match):
-  with np.errstate(divide="ignore"), pytest.raises((InputError, ValueError), match=match):
+  with np.errstate(divide="ignore"), pytest.raises(InputError, match=match):
     finite.solve(D, logE, **kwargs)

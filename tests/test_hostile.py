@@ -60,7 +60,7 @@ def test_an_unknown_field_is_one_line_without_config_too(tmp_path):
   assert "Traceback" not in out.stderr
 
 
-def _tiny(**fields):
+def tiny(**fields):
   """The tiny config with `fields` ("section.key": value) set."""
   config = config_files.load(TINY)
   for path, value in fields.items():
@@ -72,7 +72,7 @@ def _tiny(**fields):
   return config
 
 
-def _one_line(phase, config, workdir, log=QUIET) -> str:
+def one_line(phase, config, workdir, log=QUIET) -> str:
   """The one line the launchers print for `phase`'s error (cli.run_phase's SystemExit)."""
   with pytest.raises(SystemExit) as info:
     cli.run_phase(phase, config, str(workdir), log)
@@ -99,7 +99,7 @@ def _one_line(phase, config, workdir, log=QUIET) -> str:
   ],
 )
 def test_a_bad_config_value_is_one_clear_line_before_any_training(tmp_path, fields, message):
-  assert message in _one_line(pipeline.run, _tiny(**fields), tmp_path)
+  assert message in one_line(pipeline.run, tiny(**fields), tmp_path)
   assert not (tmp_path / "experts").exists()  # refused before any model was trained
 
 
@@ -118,41 +118,65 @@ def _deny(monkeypatch):
 
 def test_a_workdir_under_proc_is_a_clear_error():
   message = "cannot use --workdir='/proc/robust_gate_test'"
-  assert message in _one_line(pipeline.train_experts, _tiny(), "/proc/robust_gate_test")
+  assert message in one_line(pipeline.train_experts, tiny(), "/proc/robust_gate_test")
 
 
 def test_a_workdir_that_is_a_file_is_a_clear_error(tmp_path):
   workdir = tmp_path / "a_file"
   workdir.write_text("not a directory")
-  assert f"cannot use --workdir='{workdir}'" in _one_line(pipeline.train_experts, _tiny(), workdir)
+  assert f"cannot use --workdir='{workdir}'" in one_line(pipeline.train_experts, tiny(), workdir)
 
 
 def test_a_workdir_without_permission_is_a_clear_error(tmp_path, monkeypatch):
   workdir = tmp_path / "denied"
   _deny(monkeypatch)
   message = f"cannot use --workdir='{workdir}': Permission denied."
-  assert message in _one_line(pipeline.train_experts, _tiny(), workdir)
+  assert message in one_line(pipeline.train_experts, tiny(), workdir)
 
 
 def test_a_full_disk_mid_run_loses_nothing_and_resumes(tmp_path, monkeypatch):
   """ENOSPC on the second checkpoint: one line, the first stays good, a rerun resumes."""
   save = checkpoints.Checkpointer.save
 
-  def full_from_step_20(self, state, metrics):
+  def full_from_step_20(self, state, metrics, **kwargs):
     if int(state.step) >= 20:
       raise OSError(errno.ENOSPC, "No space left on device", self.directory)
-    save(self, state, metrics)
+    save(self, state, metrics, **kwargs)
 
-  config = _tiny()
+  config = tiny()
   with monkeypatch.context() as patch:
     patch.setattr(checkpoints.Checkpointer, "save", full_from_step_20)
-    message = _one_line(pipeline.train_experts, config, tmp_path)
-  assert "cannot write to the workdir" in message and "No space left" in message
+    message = one_line(pipeline.train_experts, config, tmp_path)
+  assert message.startswith(f"robust_gate: cannot write {tmp_path / 'experts'} in the workdir: ")
+  assert "No space left on device" in message and "free space" in message
   assert sorted(p.name for p in (tmp_path / "experts" / "checkpoints").iterdir()) == ["10"]
   lines = []  # space freed: the same command again
   cli.run_phase(pipeline.train_experts, config, str(tmp_path), lines.append)
   assert "experts: resumed at step 10" in "\n".join(lines)
   assert "experts: step 30/30" in "\n".join(lines)
+
+
+def test_a_path_outside_the_workdir_is_named_as_itself(tmp_path, monkeypatch):
+  """EACCES on a file elsewhere (a shared data dir) names that file, not the workdir."""
+  elsewhere = "/shared/tfds/robust_gate_markov"
+
+  def refused(config, workdir, log):
+    raise PermissionError(errno.EACCES, "Permission denied", elsewhere)
+
+  monkeypatch.setattr(pipeline, "_splits", refused)
+  message = one_line(pipeline.train_experts, tiny(), tmp_path)
+  assert message.startswith(f"robust_gate: cannot access {elsewhere}: Permission denied.")
+  assert "fix its permissions" in message
+
+
+def test_a_diverging_run_is_one_line_and_saves_nothing_of_it(tmp_path):
+  """A learning rate of 1e6: the experts' loss overflows within the first chunk."""
+  message = one_line(pipeline.train_experts, tiny(**{"expert.lr": 1e6}), tmp_path)
+  assert message.startswith("robust_gate: experts diverged: non-finite per-domain loss or λ")
+  assert "Nothing of steps 1–10 was saved" in message
+  assert "lower the learning rate of experts" in message
+  assert checkpoints.saved_steps(str(tmp_path / "experts")) == []
+  assert checkpoints.read_metrics(str(tmp_path / "experts")) == []
 
 
 def test_a_bug_inside_a_phase_is_its_traceback_not_a_config_error(tmp_path, monkeypatch, capsys):

@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import pytest
 
+from robust_gate import provenance as provenance_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
 METHODS = [
@@ -67,6 +69,7 @@ def _results(workdir):
   r = json.loads((workdir / "results.json").read_text())
   r.pop("seconds", None)  # wall-clock times differ between runs
   r.pop("provenance")  # so do the date and the command line
+  r.pop(provenance_lib.INPUTS_KEY)  # and each model's training date
   return r
 
 
@@ -101,6 +104,12 @@ def test_main_job_writes_results_plots_and_table(tiny_run):
   provenance = r["provenance"]  # where the numbers came from: the code, config, device
   assert provenance["command"].startswith("main.py") and provenance["platform"] == "cpu"
   assert provenance["config"]["gate"]["steps"] == 40 and provenance["commit"]
+  # Each model names the code that trained it: one training run each, by this commit.
+  trained = r[provenance_lib.INPUTS_KEY]
+  assert set(trained) == set(provenance_lib.MODEL_DIRS)
+  assert all(
+    len(runs) == 1 and runs[0]["commit"] == provenance["commit"] for runs in trained.values()
+  )
   for png in ("lambda.png", "domain_losses.png", "gate_usage.png"):
     assert (workdir / png).stat().st_size > 1000
   assert "robust_gate" in out.stdout and "worst" in out.stdout
@@ -158,14 +167,14 @@ def _kill_self_at(model: str, step: int, point: str) -> None:
   save = checkpoints.Checkpointer.save
   die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
 
-  def save_then_die(self, state, metrics):
+  def save_then_die(self, state, metrics, **kwargs):
     if self.name != model or int(state.step) != step:
-      return save(self, state, metrics)
+      return save(self, state, metrics, **kwargs)
     if point == "before_save":
       die()
     if point == "before_checkpoint":
       self._manager.save = die  # the orbax commit that follows the metric lines
-    save(self, state, metrics)
+    save(self, state, metrics, **kwargs)
     die()
 
   checkpoints.Checkpointer.save = save_then_die

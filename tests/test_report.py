@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from robust_gate import report
+from robust_gate import provenance, report
 from robust_gate.checks import InputError
-from robust_gate.report import pages, tables
+from robust_gate.report import pages, staleness, tables
 
 # A valid 1×1 PNG: the report copies figures byte for byte and never decodes them.
 _PNG = bytes.fromhex(
@@ -77,6 +77,56 @@ def test_stale_reason(repo):
   # A later commit outside provenance.CODE_PATHS leaves the result current.
   _commit(r, "docs/notes.md", "notes\n", "docs only")
   assert report.stale_reason(_prov(second), str(r)) is None
+  # Unknown dirtiness (a copied tree that stated its commit) is a warning, not stale.
+  assert report.stale_reason(_prov(second, dirty=None), str(r)) is None
+
+
+def test_stale_when_git_cannot_tell(repo, tmp_path, monkeypatch):
+  """A failing git is "cannot tell" (stale), never current."""
+  r, _, second = repo
+  not_a_repo = tmp_path / "copy"
+  not_a_repo.mkdir()
+  assert "cannot tell" in report.stale_reason(_prov(second), str(not_a_repo))
+  real_git = staleness.git
+  monkeypatch.setattr(
+    staleness, "git", lambda repo, *args: None if args[0] == "log" else real_git(repo, *args)
+  )
+  reason = report.stale_reason(_prov(second), str(r))
+  assert reason is not None and "cannot tell" in reason and "git log fails" in reason
+
+
+def _inputs(**commits) -> dict:
+  """An INPUTS_KEY entry: each model trained by runs at the given commits (None: unknown)."""
+  return {
+    name: None if c is None else [_prov(x) for x in (c if isinstance(c, list) else [c])]
+    for name, c in commits.items()
+  }
+
+
+def test_check_every_provenance_a_result_carries(repo):
+  """Current only if its own and every input's provenance are; the stale reason names
+  the provenance furthest behind and counts the others."""
+  r, first, second = repo
+  repo_ = str(r)
+  ok = report.check(_prov(second), _inputs(experts=second), repo_, needs_inputs=True)
+  assert ok == report.Verdict(None, None)
+  # A model trained by older code than the evaluation makes the result stale.
+  v = report.check(_prov(second), _inputs(experts=second, student=first), repo_, needs_inputs=True)
+  assert v.stale.startswith("input `student`: 1 commit changed") and "more" not in v.stale
+  # One run of a resumed model is enough: the oldest run counts.
+  v = report.check(_prov(second), _inputs(gate=[first, second]), repo_, needs_inputs=True)
+  assert v.stale.startswith("input `gate`: 1 commit changed")
+  # The furthest behind is named (unknown before dated), with how many more are stale.
+  v = report.check(_prov(first), _inputs(experts=None, student=first), repo_, needs_inputs=True)
+  assert v.stale == "input `experts`: no provenance (2 more of its 3 provenances stale)"
+  # A result computed from models must say whose code trained them; a benchmark need not.
+  v = report.check(_prov(second), None, repo_, needs_inputs=True)
+  assert v.stale is not None and "inputs" in v.stale
+  assert report.check(_prov(second), None, repo_, needs_inputs=False).stale is None
+  # Unknown dirtiness, its own or an input's, is a warning naming each.
+  copied = {"experts": [_prov(second, dirty=None)]}
+  v = report.check(_prov(second, dirty=None), copied, repo_, needs_inputs=True)
+  assert v.stale is None and v.warning.endswith("for this result, input `experts`")
 
 
 def test_stale_reason_lists_at_most_five(repo):
@@ -119,11 +169,16 @@ def _workdirs(tmp_path, first, second):
     "num_params": {"expert": 100, "gate": 7},
   }
   cur = tmp_path / "rg_cur"
-  _write(cur / "results.json", {**results, "provenance": _prov(second)})
+  models = _inputs(experts=second, robust_gate=second)
+  _write(
+    cur / "results.json",
+    {**results, "provenance": _prov(second), provenance.INPUTS_KEY: models},
+  )
   (cur / "lambda.png").write_bytes(_PNG)
   mix = {
     "experiment": "mixtures",
     "provenance": _prov(first, device="8 × cpu"),
+    provenance.INPUTS_KEY: models,
     "grid_points": 5,
     "methods": {"robust_gate": {"grid_worst": 0.0711, "late": [1.5, 0.25]}},
     "runs": [{"hidden": 4, "curve": [[0, 1.0]]}],
@@ -172,6 +227,8 @@ def test_generate(tmp_path, repo):
   assert "STALE**: 1 commit changed" in stale_exp and "change the code" in stale_exp
   assert "**STALE**: no provenance" in page.split("## rg_old")[1]
   assert "STALE" not in page.split("## rg_cur")[1].split("### Experiment")[0]
+  assert f"- inputs made at: `{second[:7]}`: experts, robust_gate" in page
+  assert "WARNING" not in page
   # Figures copied and linked; the experiment's body as tables.
   for rel in ("figures/rg_cur/lambda.png", "figures/rg_cur/experiments/mixtures.png"):
     assert f"]({rel})" in page and (out / rel).read_bytes() == _PNG
@@ -193,9 +250,45 @@ def test_generate_replaces_old_figures(tmp_path, repo):
   out = tmp_path / "docs"
   (out / "figures" / "gone").mkdir(parents=True)
   (out / "figures" / "gone" / "old.png").write_bytes(_PNG)
+  (out / "figures" / "notes.txt").write_text("not a figure")
   report.generate([str(cur)], [], str(out), "cmd", str(r))
   assert not (out / "figures" / "gone").exists()
+  assert (out / "figures" / "notes.txt").exists() and (out / "figures" / "rg_cur").is_dir()
   assert not (out / "performance.md").exists()
+
+
+def test_generate_failing_midway_keeps_the_old_figures(tmp_path, repo, monkeypatch):
+  """The old figures are removed only after the new figures and pages are written."""
+  r, first, second = repo
+  cur, _, _ = _workdirs(tmp_path, first, second)
+  out = tmp_path / "docs"
+  (out / "figures" / "gone").mkdir(parents=True)
+  (out / "figures" / "gone" / "old.png").write_bytes(_PNG)
+  (out / "results.md").write_text("the committed page\n")
+  real_write = report.files.atomic_write
+
+  def failing_write(path, content):
+    if path.endswith("results.md"):
+      raise OSError("disk full")
+    real_write(path, content)
+
+  monkeypatch.setattr(report.files, "atomic_write", failing_write)
+  with pytest.raises(OSError, match="disk full"):
+    report.generate([str(cur)], [], str(out), "cmd", str(r))
+  assert (out / "figures" / "gone" / "old.png").read_bytes() == _PNG
+  assert (out / "results.md").read_text() == "the committed page\n"
+
+
+def test_generate_warns_of_unknown_dirtiness(tmp_path, repo):
+  """A result from a copied tree (dirty None) is current but carries a WARNING."""
+  r, _, second = repo
+  w = tmp_path / "remote"
+  body = {"steps": 4, "provenance": _prov(second, dirty=None)}
+  _write(w / "experiments" / "ema.json", {**body, provenance.INPUTS_KEY: _inputs(gate=second)})
+  page = pages.results_page(report.inputs.read_results([str(w)], str(r)), "h")[0]
+  assert "STALE" not in page and page.count("WARNING") == 1
+  assert "**WARNING**: whether the code had uncommitted changes is unknown" in page
+  assert f"- commit: `{second}` (uncommitted changes unknown)" in page
 
 
 def test_experiments_in_old_location(tmp_path, repo):
@@ -204,7 +297,7 @@ def test_experiments_in_old_location(tmp_path, repo):
   _write(w / "paper" / "prune.json", {"threshold": 0.02, "path": [{"test_worst": 0.5}]})
   _write(w / "paper" / "ema.json", {"steps": 3})
   _write(w / "experiments" / "ema.json", {"steps": 4, "provenance": _prov(second)})
-  page = pages.results_page(report.inputs.read_results([str(w)], str(r)), str(tmp_path), "h")
+  page, _ = pages.results_page(report.inputs.read_results([str(w)], str(r)), "h")
   assert "experiments only" in page and "| steps | 4 |" in page and "| steps | 3 |" not in page
   assert page.index("`prune`") < page.index("`ema`")  # robust_gate.experiments' order
 

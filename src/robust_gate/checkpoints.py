@@ -7,12 +7,23 @@ A training phase owns one directory:
                            (params, optimizer, λ, λ̄, PRNG key: the key and the step
                            are the data position, since batches are drawn from them)
     <dir>/metrics.jsonl    one JSON line per step: losses, λ, objective, grad norm
+    <dir>/corrupt/         checkpoints that failed to restore, moved aside
 
 Writes are atomic: orbax commits a checkpoint by renaming a finished temporary
-directory; spec.json is replaced whole (`files.atomic_write`); metric lines are appended one
-chunk per write and a torn last line is dropped on resume. Every checkpoint
-carries a digest of its arrays: a checkpoint that fails to restore or whose
-digest differs is reported, moved to <dir>/corrupt/, and the previous one used.
+directory; spec.json is replaced whole (`files.atomic_write`); metric lines are
+appended one chunk per write, and a line cut short is dropped (announced). Every
+checkpoint carries a digest of its arrays: a checkpoint that fails to restore or
+whose digest differs is reported, moved to <dir>/corrupt/, and the previous one used.
+
+Which checkpoints stay: the final checkpoint of every run that finished (its last
+step, `save(final=True)`), so a phase asked for fewer steps than a later run went
+restores the one it asked for; and, of the others, the newest two below the step
+just saved, so a damaged newest one falls back to the one before. Older ones go.
+
+Nothing read is trusted unseen: a spec.json that does not parse, or checkpoints
+without one, is refused with the file named; `metrics(state)` checks that the file
+holds a row for every step up to the state's, announces the steps it lacks, and
+rebuilds them when a replay of the run reproduces the state's digest.
 
 Resuming restarts at a checkpoint on a chunk boundary, so the resumed run
 executes the same compiled chunks on the same state as an uninterrupted one
@@ -23,6 +34,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -38,27 +50,36 @@ def _plain(obj):
   return json.loads(json.dumps(obj, default=lambda x: np.asarray(x).tolist()))
 
 
+def saved_steps(directory: str) -> list[int]:
+  """The steps of the committed checkpoints in a phase directory (orbax names each
+  committed step's directory by its number), read without opening them."""
+  path = os.path.join(directory, "checkpoints")
+  names = os.listdir(path) if os.path.isdir(path) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _remedy(directory: str, name: str) -> str:
+  return f"restore it from a copy, or delete {directory} to train {name} again"
+
+
 class Checkpointer:
   """One phase directory: spec check, restore with fallback, save, metrics."""
 
-  def __init__(
-    self,
-    directory: str,
-    spec: dict,
-    *,
-    name: str,
-    log=print,
-    max_to_keep: int = 2,
-    create: bool = True,
-  ):
+  def __init__(self, directory: str, spec: dict, *, name: str, log=print, create: bool = True):
     """Opens (with create=False: only if it exists) the phase directory.
 
-    Raises InputError when the directory's saved spec differs from `spec`, and
-    with create=False when the phase has never been started there.
+    Raises InputError when the directory's saved spec differs from `spec` or is
+    damaged, when it holds checkpoints without a spec, and with create=False when
+    the phase has never been started there.
     """
     self.directory, self.name, self.log = directory, name, log
     path = os.path.join(directory, "spec.json")
     if not os.path.exists(path):
+      if saved_steps(directory):  # checkpoints of a configuration nobody recorded
+        raise InputError(
+          f"{directory} holds {name} checkpoints but no spec.json, the record of the "
+          f"configuration they belong to: {_remedy(directory, name)}."
+        )
       if not create:
         raise InputError(
           f"{name}: nothing trained in {directory}; run its phase "
@@ -69,12 +90,20 @@ class Checkpointer:
       atomic_write(path, json.dumps(_plain(spec), indent=1, sort_keys=True))
     parallel.sync(f"spec {directory}")  # written before any process reads it
     self._check_spec(path, _plain(spec))
-    self._max_to_keep = max_to_keep
+    self._report_quarantined()
     self._manager = self._open()
 
   def _check_spec(self, path: str, spec: dict) -> None:
-    with open(path) as f:
-      stored = json.load(f)
+    try:
+      with open(path) as f:
+        stored = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      stored = None
+    if not isinstance(stored, dict):
+      raise InputError(
+        f"{path} is damaged (not the JSON record of the configuration the {self.name} "
+        f"checkpoints beside it belong to): {_remedy(self.directory, self.name)}."
+      )
     if stored != spec:
       keys = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
       diffs = "; ".join(f"{k}: saved {stored.get(k)!r}, now {spec.get(k)!r}" for k in keys)
@@ -84,25 +113,32 @@ class Checkpointer:
         f"--workdir, or delete {self.directory} to start this phase again."
       )
 
+  def _report_quarantined(self) -> None:
+    corrupt = os.path.join(self.directory, "corrupt")
+    if os.path.isdir(corrupt) and (n := len(os.listdir(corrupt))):
+      self.log(
+        f"{self.name}: {corrupt} holds {n} quarantined checkpoint(s), moved aside when "
+        f"they failed to restore; delete it once you no longer need them."
+      )
+
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
       os.path.join(self.directory, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=self._max_to_keep, enable_async_checkpointing=False
-      ),
+      options=ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False),
     )
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def restore(self, like, step: int | None = None):
-    """The newest good checkpoint (or the one at `step`) shaped like `like`.
+  def restore(self, like, *, step: int | None = None, up_to: int | None = None):
+    """The newest good checkpoint (at or before step `up_to`; or the one at `step`)
+    shaped like `like`.
 
     Returns None when there is none. Corrupt checkpoints are reported and moved
     aside; the previous good one is used.
     """
     for s in reversed(self.steps()):
-      if step is not None and s != step:
+      if (step is not None and s != step) or (up_to is not None and s > up_to):
         continue
       abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
       try:
@@ -136,59 +172,152 @@ class Checkpointer:
     )
     self._manager = self._open()
 
-  def save(self, state, metrics: dict) -> None:
-    """Appends the chunk's metric lines, then commits the checkpoint."""
+  def save(self, state, metrics: dict, *, final: bool = False) -> None:
+    """Appends the chunk's metric lines, then commits the checkpoint (with final=True:
+    the last step of a run, kept by every later save), then prunes older ones."""
     step = int(state.step)
-    first = step - len(metrics["losses"]) + 1
-    lines = "".join(
-      json.dumps({"step": first + i, **{k: np.asarray(v[i]).tolist() for k, v in metrics.items()}})
-      + "\n"
-      for i in range(len(metrics["losses"]))
-    )
+    rows = _rows(step - len(metrics["losses"]) + 1, metrics)
     if parallel.is_main():
       with open(self.metrics_path, "a") as f:
-        f.write(lines)
+        f.write("".join(json.dumps(r) + "\n" for r in rows.values()))
         f.flush()
         os.fsync(f.fileno())
     self._manager.save(
       step,
       args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"digest": experts.params_fingerprint(state), "step": step}),
+        meta=ocp.args.JsonSave(
+          {"digest": experts.params_fingerprint(state), "step": step, "final": final}
+        ),
       ),
     )
     self._manager.wait_until_finished()
+    older = [s for s in self.steps() if s < step]
+    for s in older[:-1]:  # the newest older one stays: the fallback if `step` is damaged
+      if not self._final(s):
+        self._manager.delete(s)
+
+  def _final(self, step: int) -> bool:
+    """Whether the checkpoint at `step` ended a run; one whose record cannot be read
+    counts as final (never deleted unread: `restore` moves it aside if corrupt)."""
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return bool(meta.meta.get("final", False))
+    except Exception:
+      return True
 
   @property
   def metrics_path(self) -> str:
     return os.path.join(self.directory, "metrics.jsonl")
 
-  def metrics(self, up_to: int) -> list[dict]:
-    """Metric rows of steps 1..up_to; later or torn lines are dropped from the file."""
-    return read_metrics(self.directory, up_to, truncate=True)
+  def metrics(self, state, replay: Callable[[], tuple] | None = None) -> list[dict]:
+    """The metric rows of steps 1..state.step, in step order, checked against the state.
+
+    Unreadable lines and the rows of steps after the newest checkpoint (written by a
+    run stopped before it saved them: they describe no checkpoint) are dropped from
+    the file, announced, and duplicate steps merged (the last line of a step wins: it
+    was written after the others); the steps the file lacks are announced. With
+    `replay` (a function that reruns the training from its initial state to this
+    step, returning (state, history)), they are rebuilt, but only when the replayed
+    state's digest equals the state's: a replay is trusted where it reproduced the
+    run bitwise, and otherwise the gap stays, announced.
+    """
+    up_to, path = int(state.step), self.metrics_path
+    rows, unreadable, tidy = _read(path)
+    parallel.sync(f"metrics read {path}")  # every process read it before it changes
+    if unreadable:
+      self.log(
+        f"{self.name}: dropped {unreadable} unreadable line(s) from {path} (a write cut "
+        f"short or a damaged file)."
+      )
+    ahead = sorted(s for s in rows if s > max(self.steps(), default=up_to))
+    if ahead:
+      self.log(
+        f"{self.name}: dropped the rows of steps {format_steps(ahead)} from {path}: a run "
+        f"that stopped before its next checkpoint wrote them."
+      )
+      rows = {s: r for s, r in rows.items() if s not in ahead}
+    if ahead or not tidy:
+      _write(path, rows)
+    missing = missing_steps(rows.values(), up_to)
+    if missing:
+      self.log(
+        f"{self.name}: {path} lacks the metric rows of steps {format_steps(missing)} of "
+        f"the checkpoint's {up_to}"
+        + ("; rebuilding them by replaying the run from its initial state." if replay else ".")
+      )
+    if missing and replay is not None:
+      replayed, history = replay()
+      got, want = experts.params_fingerprint(replayed), experts.params_fingerprint(state)
+      if got == want:
+        rows.update(_rows(1, history))
+        _write(path, rows)
+        self.log(f"{self.name}: rebuilt steps 1–{up_to} of {path}; the replay's digest matches.")
+      else:
+        self.log(
+          f"{self.name}: the replay did not reproduce the checkpoint at step {up_to} (digest "
+          f"{got[:12]}…, saved {want[:12]}…; a device that does not repeat runs bitwise), "
+          f"so {path} keeps its gap."
+        )
+    return [rows[s] for s in sorted(rows) if s <= up_to]
 
 
-def read_metrics(directory: str, up_to: int | None = None, *, truncate: bool = False) -> list[dict]:
-  """The metric rows of a phase directory (steps ≤ up_to), in step order."""
-  path = os.path.join(directory, "metrics.jsonl")
+def _rows(first: int, metrics: dict) -> dict[int, dict]:
+  """Stacked metrics of consecutive steps from `first` → {step: JSON-ready row}."""
+  n = len(metrics["losses"])
+  return {
+    first + i: {"step": first + i, **{k: np.asarray(v[i]).tolist() for k, v in metrics.items()}}
+    for i in range(n)
+  }
+
+
+def _read(path: str) -> tuple[dict[int, dict], int, bool]:
+  """(rows by step, number of unreadable lines, whether the file is tidy: no unreadable
+  line, no step twice, and a newline at its end to append after)."""
   if not os.path.exists(path):
-    return []
-  rows, dropped = {}, False
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:  # a torn last line from a killed write
-        dropped = True
-        continue
-      if up_to is not None and row["step"] > up_to:
-        dropped = True
-        continue
-      rows[row["step"]] = row
-  ordered = [rows[s] for s in sorted(rows)]
-  if truncate and dropped:
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in ordered))
-  return ordered
+    return {}, 0, True
+  with open(path, errors="replace") as f:
+    text = f.read()
+  rows, unreadable, lines = {}, 0, text.splitlines()
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if not (isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1):
+      unreadable += 1
+      continue
+    rows[row["step"]] = row
+  tidy = not text or (not unreadable and len(rows) == len(lines) and text.endswith("\n"))
+  return rows, unreadable, tidy
+
+
+def _write(path: str, rows: dict[int, dict]) -> None:
+  atomic_write(path, "".join(json.dumps(rows[s]) + "\n" for s in sorted(rows)))
+
+
+def read_metrics(directory: str, up_to: int | None = None) -> list[dict]:
+  """The metric rows of a phase directory (steps ≤ up_to), in step order; unreadable
+  lines are skipped (`missing_steps` says which steps are absent)."""
+  rows, _, _ = _read(os.path.join(directory, "metrics.jsonl"))
+  return [rows[s] for s in sorted(rows) if up_to is None or s <= up_to]
+
+
+def missing_steps(rows, up_to: int) -> list[int]:
+  """The steps of 1..up_to that `rows` has no row for."""
+  have = {r["step"] for r in rows}
+  return [s for s in range(1, up_to + 1) if s not in have]
+
+
+def format_steps(steps: list[int]) -> str:
+  """Sorted steps as ranges: [1, 2, 3, 7] → "1–3, 7"."""
+  runs: list[list[int]] = []
+  for s in steps:
+    if runs and s == runs[-1][1] + 1:
+      runs[-1][1] = s
+    else:
+      runs.append([s, s])
+  return ", ".join(f"{a}–{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def stack_metrics(rows: list[dict]) -> dict:

@@ -3,7 +3,12 @@
 Jitted code cannot raise on values, so every public entry point that takes user
 data checks it here, eagerly, on concrete arrays, and raises `InputError` with a
 message that names the problem. Inside jit only shapes are checked (chex).
+Scalar arguments are checked before any cast: `int(1.7)` or `int(True)` would
+turn a mistake into a silently different run.
 """
+
+import math
+import numbers
 
 import numpy as np
 
@@ -13,6 +18,48 @@ SUM_ATOL = 1e-4
 
 class InputError(ValueError):
   """A user-caused problem with the inputs; the message names it."""
+
+
+def check_int(value, name: str, low: int = 1, high: int | None = None) -> int:
+  """`value` as an int in [low, high), or InputError naming it. Bools and floats
+  are refused, not rounded."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise InputError(f"{name}={value!r} must be an int.")
+  n = int(value)
+  if n < low or (high is not None and n >= high):
+    if high is not None:
+      want = f"in [{low}, {high})"
+    else:
+      want = "positive" if low == 1 else f"≥ {low}"
+    raise InputError(f"{name}={value!r} must be {want}.")
+  return n
+
+
+def check_real(
+  value,
+  name: str,
+  low: float = 0.0,
+  high: float = math.inf,
+  *,
+  low_open: bool = False,
+  high_open: bool = True,
+) -> float:
+  """`value` as a finite float in the interval from `low` to `high` (each end
+  open or closed), or InputError naming it. Bools are refused."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise InputError(f"{name}={value!r} must be a number.")
+  x = float(value)
+  if not (
+    math.isfinite(x)
+    and (x > low if low_open else x >= low)
+    and (x < high if high_open else x <= high)
+  ):
+    if high == math.inf:
+      want = f"finite and {'>' if low_open else '≥'} {low:g}"
+    else:
+      want = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise InputError(f"{name}={value!r} must be {want}.")
+  return x
 
 
 def as_float_array(x, name: str, ndim: int) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 Every launcher is `cli.main(phase_fn, default_config)`: `--config` (an
 ml_collections config file, overridable field by field: `--config.gate.steps=3000`)
-and `--workdir`. A problem the user caused (bad config, bad data, a workdir from
-another run, a disk that is full or read-only) ends with one line naming it, not
-a traceback; what was already saved in the workdir is left as it was. Anything
+and `--workdir`. The run holds the workdir's lock throughout (robust_gate.workdirs):
+a second run on the same workdir is refused. A problem the user caused (bad config,
+bad data, a damaged or foreign file in the workdir, a run that diverged, a disk that
+is full or a path without permission) ends with one line naming it and what to do,
+not a traceback; what was already saved in the workdir is left as it was. Anything
 else (a bug) ends with its traceback and a non-zero exit status.
 """
 
@@ -19,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
-from robust_gate import parallel
+from robust_gate import parallel, workdirs
 from robust_gate.checks import InputError
 
 Phase = Callable[..., Any]  # (config, workdir, log) -> anything
@@ -94,21 +96,33 @@ def _define_flags(default_config: str) -> dict[str, flags.FlagHolder]:
   return _FLAGS
 
 
+def _os_error(e: OSError, workdir: str) -> str:
+  """The one line for a file the system refused: which file, why, what to do."""
+  path = os.fsdecode(e.filename) if e.filename is not None else None
+  top = os.path.abspath(workdir)
+  inside = path is not None and os.path.commonpath([os.path.abspath(path), top]) == top
+  verb = "access" if e.errno == errno.EACCES else "write"
+  what = f"{path}{' in the workdir' if inside else ''}" if path else "a file (unnamed by the OS)"
+  fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix its permissions"
+  return (
+    f"robust_gate: cannot {verb} {what}: {e.strerror}. Files already saved in "
+    f"the workdir {workdir!r} are intact; {fix} and run the same command again to resume."
+  )
+
+
 def run_phase(phase: Phase, config, workdir: str, log: Callable[[str], None] = print) -> None:
-  """`phase(config, workdir, log)`, with the errors a user caused as one line
-  (SystemExit with the message); every other exception propagates unchanged."""
+  """`phase(config, workdir, log)` holding the workdir's lock, with the errors a user
+  caused as one line (SystemExit with the message): InputError, a diverged run
+  (FloatingPointError from train.fit), a full disk or a path without permission.
+  Every other exception propagates unchanged."""
   try:
-    phase(config, workdir, log=log)
-  except InputError as e:
+    with workdirs.lock(workdir, log):
+      phase(config, workdir, log=log)
+  except (InputError, FloatingPointError) as e:
     sys.exit(f"robust_gate: {e}")
   except OSError as e:
     if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
-      sys.exit(
-        f"robust_gate: cannot write to the workdir {workdir!r}: "
-        f"{os.strerror(e.errno)} ({e.filename or ''}). Files already saved "
-        f"there are intact; free space or fix permissions and run the same "
-        f"command again to resume."
-      )
+      sys.exit(_os_error(e, workdir))
     raise
 
 

@@ -15,12 +15,15 @@ examples of every domain without host round trips.
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+import os
+import shutil
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robust_gate import checks
 from robust_gate.checks import InputError
 
 BOS = EOS = 0
@@ -71,29 +74,36 @@ def encode(
 ) -> DomainData:
   """Encodes token sequences (values in 1..vocab_size−1) into a DomainData.
 
-  Raises InputError for empty sequences, tokens outside the vocabulary,
-  sequences longer than `max_len − 1` (they need BOS/EOS room) unless
-  `truncate` crops them (then the last target is a token, not EOS), labels
-  outside the domain list, and domains without examples.
+  Raises InputError for empty sequences, tokens that are not integers or lie
+  outside the vocabulary, sequences longer than `max_len − 1` (they need BOS/EOS
+  room) unless `truncate` crops them (then the last target is a token, not EOS),
+  labels that are not integers or lie outside the domain list, repeated domain
+  names, and domains without examples. Values are checked before any cast, so a
+  NaN or 1.7 is an error, not a token.
   """
-  domains = tuple(domains)
-  if not domains:
-    raise InputError("the domain list is empty.")
-  domain_N = np.asarray(domain_N, np.int32)
-  if len(sequences) != len(domain_N):
-    raise InputError(f"{len(sequences)} sequences but {len(domain_N)} domain labels.")
-  bad = np.flatnonzero((domain_N < 0) | (domain_N >= len(domains)))
+  vocab_size = checks.check_int(vocab_size, "vocab_size", 2, 2**31)  # tokens are int32
+  max_len = checks.check_int(max_len, "max_len", 2)
+  domains = _check_domain_names(domains)
+  labels = _integer_array(domain_N, "domain_N", "domain label")
+  if labels.ndim != 1:
+    raise InputError(f"domain_N has shape {labels.shape}: one label per sequence.")
+  if len(sequences) != len(labels):
+    raise InputError(f"{len(sequences)} sequences but {len(labels)} domain labels.")
+  bad = np.flatnonzero((labels < 0) | (labels >= len(domains)))
   if bad.size:
     raise InputError(
-      f"example {bad[0]} has domain label {domain_N[bad[0]]}, outside "
+      f"example {bad[0]} has domain label {labels[bad[0]]}, outside "
       f"the {len(domains)} domains {list(domains)}."
     )
+  domain_N = labels.astype(np.int32)
   N, T = len(sequences), max_len
   inputs = np.zeros((N, T), np.int32)
   targets = np.zeros((N, T), np.int32)
   mask = np.zeros((N, T), bool)
   for i, seq in enumerate(sequences):
-    seq = np.asarray(seq)
+    seq = _integer_array(seq, f"example {i}", "token")
+    if seq.ndim != 1:
+      raise InputError(f"example {i} has shape {seq.shape}: a sequence is a 1-D array of tokens.")
     if seq.size == 0:
       raise InputError(f"example {i} (domain {domains[domain_N[i]]!r}) is empty.")
     if seq.size > T - 1 and truncate:
@@ -121,6 +131,41 @@ def encode(
   if empty.size:
     raise InputError(f"domain {domains[empty[0]]!r} has no examples.")
   return data
+
+
+def _check_domain_names(domains: Sequence[str]) -> tuple:
+  """The domain names as a tuple of distinct, non-empty strings."""
+  if isinstance(domains, str):
+    raise InputError(f"domains={domains!r} must be a list of names, not one string.")
+  domains = tuple(domains)
+  if not domains:
+    raise InputError("the domain list is empty.")
+  for name in domains:
+    if not isinstance(name, str) or not name:
+      raise InputError(f"domain name {name!r} in {list(domains)} must be a non-empty string.")
+  repeated = sorted({d for d in domains if domains.count(d) > 1})
+  if repeated:
+    raise InputError(f"domain names {list(domains)} repeat {repeated}: each domain needs its own.")
+  return domains
+
+
+def _integer_array(values, name: str, what: str) -> np.ndarray:
+  """`values` as a numpy array of an integer dtype; floats (even 1.0), NaN, bools
+  and strings are refused rather than cast."""
+  try:
+    arr = np.asarray(values)
+  except ValueError as e:  # ragged nested lists
+    raise InputError(f"{name} is not an array of {what}s: {e}") from None
+  if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
+    flat = arr.reshape(-1)
+    i = 0
+    if np.issubdtype(arr.dtype, np.floating):  # show a value that is not a whole number
+      i = int(np.argmax(~np.isfinite(flat) | (flat != np.trunc(flat))))
+    raise InputError(
+      f"{name} holds {arr.dtype} values such as {flat[i : i + 1].tolist()[0]!r}: "
+      f"each {what} must be an integer."
+    )
+  return arr
 
 
 def text_to_tokens(text, index: int = 0) -> np.ndarray:
@@ -157,38 +202,74 @@ def from_data_source(
   """Reads a random-access TFDS data source (or any list of dicts)."""
   if len(source) == 0:
     raise InputError("the dataset split is empty.")
-  names = list(domains)
+  names = list(_check_domain_names(domains))
   seqs, labels = [], []
+  feature = text_key if text_key is not None else tokens_key
   for i in range(len(source)):
     ex = source[i]
-    if domain_key not in ex:
-      raise InputError(f"example {i} has no domain key {domain_key!r}; keys: {sorted(ex)}.")
+    for key in (domain_key, feature):
+      if key not in ex:
+        raise InputError(f"example {i} has no key {key!r}; keys: {sorted(ex)}.")
     label = ex[domain_key]
     if isinstance(label, (bytes, str)):
       label = label.decode() if isinstance(label, bytes) else label
       if label not in names:
         raise InputError(f"example {i} has domain {label!r}, not in the domain list {names}.")
       label = names.index(label)
-    labels.append(int(label))
-    if text_key is not None:
-      seqs.append(text_to_tokens(ex[text_key], i))
-    else:
-      seqs.append(np.asarray(ex[tokens_key], np.int32))
+    labels.append(label)  # encode checks it is an integer in range
+    seqs.append(text_to_tokens(ex[feature], i) if text_key is not None else ex[feature])
   return encode(seqs, labels, names, vocab_size, max_len, truncate)
 
 
 def load_local(
-  name: str, split: str, data_dir: str, max_len: int, **builder_overrides
+  name: str,
+  split: str,
+  data_dir: str,
+  max_len: int,
+  log: Callable[[str], None] = print,
+  **builder_overrides,
 ) -> DomainData:
-  """Builds (once) and loads a split of a local dataset (robust_gate.datasets)."""
+  """Prepares (once) and loads a split of a local dataset (robust_gate.datasets).
+
+  A prepared dataset that cannot be read back (a damaged or missing record file,
+  a damaged dataset_info.json) is announced in `log`, deleted and prepared again:
+  local datasets are made from installed packages, so nothing is lost. If the
+  fresh one cannot be read either, that error propagates.
+  """
   from robust_gate import datasets
 
-  builder = datasets.build(name, data_dir, **builder_overrides)
+  prepared = datasets.prepared_dir(name, data_dir, **builder_overrides)  # checks the options
+  existed = os.path.isdir(prepared)
+  try:
+    builder, examples = _read_local(name, split, data_dir, log, builder_overrides)
+  except InputError:
+    raise
+  except Exception as e:
+    if not existed:  # a preparation made now: not damage, a bug or the system
+      raise
+    log(
+      f"{name}: the prepared dataset {prepared} cannot be read ({_first_line(e)}); "
+      f"deleting it and preparing it again."
+    )
+    shutil.rmtree(prepared)
+    builder, examples = _read_local(name, split, data_dir, log, builder_overrides)
   domains = builder.info.features["domain"].names
   vocab = BYTE_VOCAB if name == "wordfreq" else _token_vocab(name, builder)
-  return from_data_source(
-    builder.as_data_source(split), domains=domains, vocab_size=vocab, max_len=max_len
-  )
+  return from_data_source(examples, domains=domains, vocab_size=vocab, max_len=max_len)
+
+
+def _read_local(name, split, data_dir, log, overrides):
+  """(builder, every example of `split` read into memory) of a local dataset."""
+  from robust_gate import datasets
+
+  builder = datasets.build(name, data_dir, log=log, **overrides)
+  source = builder.as_data_source(split)
+  return builder, [source[i] for i in range(len(source))]
+
+
+def _first_line(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _token_vocab(name, builder) -> int:
@@ -213,10 +294,20 @@ def load_catalog(
   Text is encoded as UTF-8 bytes (vocabulary 256), cropped to the context
   unless `truncate=False` (then a longer text is an error). The domain names
   come from the domain feature's ClassLabel names unless `domains` is given.
+  The dataset must be prepared (with file_format="array_record"); one that
+  cannot be read (not prepared, or damaged) is an InputError naming its directory.
   """
   import tensorflow_datasets as tfds  # lazily: the library runs without it
 
-  builder = tfds.builder(name, data_dir=data_dir)
+  if max_examples is not None:
+    checks.check_int(max_examples, "max_examples")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise InputError(_first_line(e)) from None
+  for key in (text_key, domain_key):
+    if key not in builder.info.features:
+      raise InputError(f"{name} has no feature {key!r}; features: {sorted(builder.info.features)}.")
   feature = builder.info.features[domain_key]
   if domains is None:
     if not hasattr(feature, "names"):
@@ -224,11 +315,18 @@ def load_catalog(
         f"{name}: feature {domain_key!r} is not a ClassLabel; pass the domain list explicitly."
       )
     domains = feature.names
-  source = builder.as_data_source(split)
-  if max_examples is not None:
-    source = [source[i] for i in range(min(max_examples, len(source)))]
+  try:
+    source = builder.as_data_source(split)
+    limit = len(source) if max_examples is None else min(max_examples, len(source))
+    examples = [source[i] for i in range(limit)]
+  except Exception as e:
+    raise InputError(
+      f"TFDS dataset {name!r} in {builder.data_dir} cannot be read ({_first_line(e)}); "
+      f"if it is damaged, delete that directory and prepare the dataset again "
+      f"(file_format='array_record')."
+    ) from e
   return from_data_source(
-    source,
+    examples,
     domains=domains,
     vocab_size=BYTE_VOCAB,
     max_len=max_len,

@@ -20,12 +20,17 @@ prepares one and returns the builder; `robust_gate.data` loads them.
 
 import abc
 import dataclasses
+import glob
 import hashlib
+import os
+import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from robust_gate import checks
 from robust_gate.checks import InputError
 
 SPLITS = ("train", "validation", "test")
@@ -40,12 +45,20 @@ class WordfreqConfig(tfds.core.BuilderConfig):
   wordlist_size: int = 20000  # most frequent word types per language
   seed: int = 0
 
+  def max_tokens(self) -> int:
+    """The most tokens (UTF-8 bytes) of an example."""
+    return self.max_bytes
+
 
 @dataclasses.dataclass
 class DigitsConfig(tfds.core.BuilderConfig):
   groups: tuple = ((0, 6), (1, 7), (2, 3), (4, 9), (5, 8))  # domains = class groups
   split_fractions: tuple = (0.7, 0.15, 0.15)
   seed: int = 0
+
+  def max_tokens(self) -> int:
+    """The most tokens of an example: 8×8 pixels."""
+    return 64
 
 
 @dataclasses.dataclass
@@ -57,6 +70,10 @@ class MarkovConfig(tfds.core.BuilderConfig):
   similarity: float = 0.0  # rows pulled toward shared rows: 1 = identical domains
   examples_per_split: tuple = (2000, 500, 500)
   seed: int = 0
+
+  def max_tokens(self) -> int:
+    """The most tokens of an example: every chain runs seq_len steps."""
+    return self.seq_len
 
 
 def _features(domains, with_text=False):
@@ -116,7 +133,11 @@ class RobustGateWordfreq(_DomainBuilder):
         if len(w.encode("utf-8")) <= c.max_bytes and _word_split(w) == split_index
       ]
       if not words:
-        raise ValueError(f"wordfreq language {lang!r} has no words in split {SPLITS[split_index]}.")
+        raise InputError(
+          f"wordfreq language {lang!r} has no word of at most max_bytes={c.max_bytes} bytes "
+          f"in split {SPLITS[split_index]} among its wordlist_size={c.wordlist_size} most "
+          f"frequent; raise wordlist_size or max_bytes."
+        )
       freq = np.array([wordfreq.word_frequency(w, lang) for w in words])
       weight = freq**c.frequency_power
       picks = rng.choice(
@@ -219,7 +240,11 @@ BUILDERS = {
 
 
 def make_config(name: str, **overrides) -> tfds.core.BuilderConfig:
-  """The builder config of `name` with overrides; its TFDS name encodes them."""
+  """The builder config of `name` with overrides; its TFDS name encodes them.
+
+  Raises InputError for an unknown dataset, an unknown option, or a value outside
+  its option's domain (checked here, before any third-party code sees it).
+  """
   if name not in BUILDERS:
     raise InputError(f"unknown local dataset {name!r}; choose one of {sorted(BUILDERS)}.")
   _, config_cls = BUILDERS[name]
@@ -229,47 +254,109 @@ def make_config(name: str, **overrides) -> tfds.core.BuilderConfig:
   unknown = set(overrides) - fields
   if unknown:
     raise InputError(f"unknown {name} dataset options {sorted(unknown)}; known: {sorted(fields)}.")
-  values: dict[str, Any] = {
-    k: tuple(map(tuple, v)) if k == "groups" else (tuple(v) if isinstance(v, (list, tuple)) else v)
-    for k, v in overrides.items()
-  }
+  values: dict[str, Any] = {k: _freeze(v) for k, v in overrides.items()}
   _check_options(name, values)
   digest = hashlib.sha1(repr(sorted(values.items())).encode()).hexdigest()[:10]
   return config_cls(name=f"c{digest}", **values)
 
 
+def _freeze(value):
+  """Lists (and lists of lists) as tuples: hashable, and one spelling per config."""
+  return tuple(map(_freeze, value)) if isinstance(value, (list, tuple)) else value
+
+
+# Scalar options: each checked by its own rule, with the option's name in the message.
+_SCALAR_OPTIONS: dict[str, Callable[[Any, str], Any]] = {
+  "max_bytes": checks.check_int,
+  "wordlist_size": checks.check_int,
+  "num_domains": checks.check_int,
+  "num_states": checks.check_int,
+  "seq_len": checks.check_int,
+  "seed": lambda v, name: checks.check_int(v, name, 0),
+  "frequency_power": lambda v, name: checks.check_real(v, name, low_open=True),
+  "concentration": lambda v, name: checks.check_real(v, name, low_open=True),
+  "similarity": lambda v, name: checks.check_real(v, name, 0.0, 1.0, high_open=False),
+}
+# One value per split (train, validation, test).
+_SPLIT_OPTIONS: dict[str, Callable[[Any, str], Any]] = {
+  "examples_per_split": checks.check_int,
+  "split_fractions": lambda v, name: checks.check_real(v, name, low_open=True),
+}
+
+
 def _check_options(name: str, values: dict) -> None:
-  """Sizes must be positive ints, rates positive finite floats, lists non-empty."""
+  """Every option in its domain: sizes positive ints, rates finite and positive,
+  one value per split, languages wordfreq has, digit groups disjoint."""
   for key, value in values.items():
-    items = value if isinstance(value, tuple) else (value,)
-    if not items:
-      raise InputError(f"{name} dataset option {key} is empty.")
-    for v in items:
-      if key in ("languages", "groups"):
-        continue
-      if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise InputError(f"{name} dataset option {key}={value!r} must be numeric.")
-      if key == "similarity":
-        if not 0 <= v <= 1:
-          raise InputError(f"{name} dataset option similarity={v!r} must be in [0, 1].")
-      elif key != "seed" and not (np.isfinite(v) and v > 0):
-        raise InputError(f"{name} dataset option {key}={value!r} must be positive.")
-  if name == "digits" and "groups" in values:
-    classes = [c for g in values["groups"] for c in g]
-    if (
-      not all(g for g in values["groups"])
-      or len(set(classes)) != len(classes)
-      or not set(classes) <= set(range(10))
-    ):
-      raise InputError(
-        f"digits groups {values['groups']} must be non-empty, disjoint sets of the classes 0..9."
-      )
+    option = f"{name} dataset option {key}"
+    if key in _SCALAR_OPTIONS:
+      _SCALAR_OPTIONS[key](value, option)
+    elif key in _SPLIT_OPTIONS:
+      if not isinstance(value, tuple) or len(value) != len(SPLITS):
+        raise InputError(f"{option}={value!r} must list 3 values: train, validation, test.")
+      for split, v in zip(SPLITS, value):
+        _SPLIT_OPTIONS[key](v, f"{option} ({split})")
+    elif key == "languages":
+      _check_languages(value, option)
+    elif key == "groups":
+      _check_groups(value, option)
+  fractions = values.get("split_fractions", (0,))
+  if sum(fractions) > 1 + 1e-9:
+    raise InputError(f"{name} dataset option split_fractions={fractions} sums to more than 1.")
 
 
-def build(name: str, data_dir: str, **overrides) -> tfds.core.DatasetBuilder:
-  """Prepares local dataset `name` under `data_dir` (once) and returns its builder."""
+def _check_languages(value, option: str) -> None:
+  import wordfreq
+
+  if not isinstance(value, tuple) or not value:
+    raise InputError(f"{option}={value!r} must be a non-empty list of language codes.")
+  available = sorted(wordfreq.available_languages())
+  for lang in value:
+    if lang not in available:
+      raise InputError(f"{option}: unknown wordfreq language {lang!r}; available: {available}.")
+  repeated = sorted({lang for lang in value if value.count(lang) > 1})
+  if repeated:
+    raise InputError(f"{option}={value!r} repeats {repeated}: each language is one domain.")
+
+
+def _check_groups(value, option: str) -> None:
+  groups = value if isinstance(value, tuple) else ()
+  classes = [c for g in groups if isinstance(g, tuple) for c in g]
+  if (
+    not groups
+    or not all(isinstance(g, tuple) and g for g in groups)
+    or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes)
+    or len(set(classes)) != len(classes)
+    or not set(classes) <= set(range(10))
+  ):
+    raise InputError(
+      f"{option}={value!r} must be non-empty, disjoint groups of the digit classes 0..9, "
+      f"e.g. ((0, 6), (1, 7))."
+    )
+
+
+def prepared_dir(name: str, data_dir: str, **overrides) -> str:
+  """The directory TFDS prepares dataset `name` (with these options) into."""
   config = make_config(name, **overrides)
   builder_cls, _ = BUILDERS[name]
-  builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+  return os.path.join(data_dir, builder_cls.name, config.name, str(builder_cls.VERSION))
+
+
+def build(
+  name: str, data_dir: str, log: Callable[[str], None] = print, **overrides
+) -> tfds.core.DatasetBuilder:
+  """Prepares local dataset `name` under `data_dir` (once) and returns its builder.
+
+  What a killed preparation left behind (TFDS's `incomplete.*` directories) is
+  removed first, with a line in `log`: TFDS itself leaves it there for good.
+  """
+  config_dir = os.path.dirname(prepared_dir(name, data_dir, **overrides))
+  for leftover in sorted(glob.glob(os.path.join(config_dir, "incomplete.*"))):
+    log(f"removing {leftover}, left by a {name} dataset preparation that did not finish.")
+    shutil.rmtree(leftover)
+  builder_cls, _ = BUILDERS[name]
+  builder = builder_cls(
+    config=make_config(name, **overrides), data_dir=data_dir, file_format="array_record"
+  )
   builder.download_and_prepare()
   return builder

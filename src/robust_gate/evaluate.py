@@ -13,12 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_gate import experts, files, gating, models, objectives, parallel, records
+from robust_gate.checks import InputError
 from robust_gate.data import DomainData
 
 
 def domain_mean(values_NxT, data: DomainData) -> np.ndarray:
   """Per-token values ([N, T] or [N, T, M]) averaged over each domain's tokens
-  (Σ over the domain's tokens / their number): [K] or [K, M]."""
+  (Σ over the domain's tokens / their number): [K] or [K, M].
+
+  Raises InputError naming a domain with no tokens, whose mean does not exist (a
+  split or subset without its examples), rather than reporting NaN for it.
+  """
   values = np.asarray(values_NxT)
   mask = data.mask_NxT.reshape(data.mask_NxT.shape + (1,) * (values.ndim - 2))
   per_seq = np.where(mask, values, 0.0).sum(axis=1)  # [N] or [N, M]
@@ -29,6 +34,9 @@ def domain_mean(values_NxT, data: DomainData) -> np.ndarray:
     cols = [np.bincount(data.domain_N, per_seq[:, j], K) for j in range(per_seq.shape[1])]
     totals = np.stack(cols, 1)
   tokens = np.bincount(data.domain_N, data.mask_NxT.sum(axis=1), K)
+  for domain, n in zip(data.domains, tokens):
+    if n == 0:
+      raise InputError(f"domain {domain!r} has no tokens in this data: its mean is undefined.")
   return totals / tokens.reshape(tokens.shape + (1,) * (totals.ndim - 1))
 
 

@@ -7,7 +7,9 @@ kind plug in this way; all must share the data's vocabulary.
 
 `build_cache` scores every expert once over a dataset, `[N, T, M]`, validates
 it, and `save_cache` / `load_cache` tie the file to a fingerprint of the data
-and the experts so a cache cannot be used with other data.
+and the experts so a cache cannot be used with other data. `load_cache` validates
+what it reads as `build_cache` validates what it writes, so `cached_scores`
+rebuilds a damaged file (announced) instead of crashing on it or trusting it.
 """
 
 import dataclasses
@@ -139,24 +141,63 @@ def save_cache(path: str, cache: np.ndarray, fingerprint: str) -> None:
   files.atomic_write(path, buffer.getvalue())
 
 
-def load_cache(path: str, fingerprint: str, data: DomainData) -> np.ndarray:
-  with np.load(path) as f:
-    cache, stored = f["cache"], str(f["fingerprint"])
-  if stored != fingerprint or cache.shape[:2] != data.inputs_NxT.shape:
+class DamagedCacheError(Exception):
+  """A cache file that cannot be read, or holds what no cache can; the message says
+  what is wrong. `cached_scores` rebuilds such a file."""
+
+
+def load_cache(path: str, fingerprint: str, data: DomainData, num_models: int) -> np.ndarray:
+  """Reads the cache at `path` and checks it against `data` and the experts.
+
+  Raises:
+    InputError: the file was built for other data or other experts (its
+      fingerprint differs): refused, never overwritten.
+    DamagedCacheError: the file cannot be read (truncated, bytes flipped: the
+      zip's CRC fails), or holds no cache of this data: not float32 [N, T, M],
+      NaN or a log-probability > 0, a token no expert covers, or not 0 off the mask.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      cache, stored = f["cache"], str(f["fingerprint"])
+  except Exception as e:  # zipfile and numpy raise a dozen kinds for a damaged file
+    raise DamagedCacheError(f"unreadable: {type(e).__name__}: {e}") from e
+  if stored != fingerprint:
     raise InputError(
       f"cache {path} was built for other data or other experts (fingerprint "
       f"{stored[:12]}…, expected {fingerprint[:12]}…, shape {cache.shape}); "
       f"delete it or use another workdir."
     )
+  expected = (*data.inputs_NxT.shape, num_models)
+  if cache.dtype != np.float32 or cache.shape != expected:
+    raise DamagedCacheError(
+      f"shape {cache.shape} {cache.dtype}, expected {expected} float32 (N, T, M)"
+    )
+  try:
+    checks.check_token_logprobs(cache, data.mask_NxT, name="cache")
+  except InputError as e:
+    raise DamagedCacheError(str(e).rstrip(".")) from None
+  if np.any(cache[~data.mask_NxT] != 0.0):
+    raise DamagedCacheError("nonzero where the mask is off")
   return cache
 
 
-def cached_scores(path: str, experts: Sequence[Expert], data: DomainData) -> np.ndarray:
-  """Loads the cache at `path` if it matches, else builds and saves it."""
+def cached_scores(
+  path: str, experts: Sequence[Expert], data: DomainData, log: Callable[[str], None] = print
+) -> np.ndarray:
+  """Loads the cache at `path` if it matches, else builds and saves it.
+
+  A damaged file (`load_cache`'s DamagedCacheError) is announced in `log` and
+  rebuilt: a cache is a pure function of the data and the experts, so a fresh
+  one is the same cache. A file for other data or experts is refused.
+  """
   fingerprint = cache_fingerprint(data, experts)
+  num_models = sum(len(e.names) for e in experts)
   parallel.sync(f"cache {path}")  # every process takes the same branch
   if os.path.exists(path):
-    return load_cache(path, fingerprint, data)
+    try:
+      return load_cache(path, fingerprint, data, num_models)
+    except DamagedCacheError as e:
+      log(f"cache {path} is damaged ({e}); rebuilding it.")
   cache = build_cache(experts, data)
   save_cache(path, cache, fingerprint)
   return cache

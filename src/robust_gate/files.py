@@ -19,7 +19,8 @@ def atomic_write(path: str, content: str | bytes) -> None:
   if not parallel.is_main():
     return
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+  binary = isinstance(content, bytes)
+  with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
     f.write(content)
     f.flush()
     os.fsync(f.fileno())

@@ -89,40 +89,64 @@ def solve(
     ema_decay: EMA of the gate parameters; the EMA gate is reported when > 0.
     baseline: "entropy" (L_k is the exact KL), "expert" or "none" (§3).
     hidden: width of the "mlp" gate.
-    batch_size: None for exact expectations, else B samples per domain per
-      step (the stochastic algorithm).
+    batch_size: None for exact expectations, else B ≤ N samples per domain per
+      step (the stochastic algorithm). Either way a step costs O(N·M): the
+      normalizer Z_w and the gate's update span every point.
 
   Returns:
     A FiniteSolution.
+
+  Raises:
+    InputError: an argument outside its domain (checked before any work), or a
+      game that diverged (NaN or inf in the final gate or λ).
   """
   probs = checks.check_probabilities(domain_probs_KxN)
   logp = checks.check_logprobs(expert_logprobs_MxN)
   checks.check_support(probs, logp)
-  K = probs.shape[0]
+  K, N = probs.shape
   if uncertainty is None:
     uncertainty = uncertainty_lib.simplex(K)
+  if not isinstance(uncertainty, uncertainty_lib.UncertaintySet):
+    raise checks.InputError(
+      f"uncertainty={uncertainty!r} must be an UncertaintySet (uncertainty.simplex, box, "
+      f"kl_ball) or None."
+    )
   if uncertainty.num_domains != K:
     raise checks.InputError(
       f"uncertainty set is over {uncertainty.num_domains} domains but domain_probs has K={K}."
     )
   if gate not in GATES:
     raise checks.InputError(f"unknown gate {gate!r}; choose one of {GATES}.")
-  for name, value in (("steps", steps), ("hidden", hidden)):
-    if not isinstance(value, int) or value < 1:
-      raise checks.InputError(f"{name} must be a positive int, got {value!r}.")
-  if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-    raise checks.InputError(f"batch_size must be None or a positive int, got {batch_size!r}.")
-  if primal_lr is None:
-    primal_lr = _DEFAULT_PRIMAL_LR[gate]
-  for name, rate in (("primal_lr", primal_lr), ("dual_lr", dual_lr)):
-    if not np.isfinite(rate) or rate < 0:
-      raise checks.InputError(f"{name} must be finite and ≥ 0, got {rate}.")
+  if baseline not in objectives.BASELINES:
+    raise checks.InputError(f"unknown baseline {baseline!r}; choose one of {objectives.BASELINES}.")
+  if baseline == "expert" and logp.shape[0] < K:
+    raise checks.InputError(
+      f"baseline='expert' pairs domain k with expert k, but there are {logp.shape[0]} "
+      f"experts for {K} domains."
+    )
+  steps = checks.check_int(steps, "steps")
+  seed = checks.check_int(seed, "seed", 0, 2**32)  # PRNGKey keeps 32 bits of larger seeds
+  hidden = checks.check_int(hidden, "hidden")
+  if batch_size is not None:
+    batch_size = checks.check_int(batch_size, "batch_size")
+    if batch_size > N:
+      raise checks.InputError(
+        f"batch_size={batch_size} draws more points per step than the N={N} there are: "
+        f"batch_size=None (the exact expectations) costs less and has no noise."
+      )
+  primal_lr = checks.check_real(
+    _DEFAULT_PRIMAL_LR[gate] if primal_lr is None else primal_lr, "primal_lr", low_open=True
+  )
+  dual_lr = checks.check_real(dual_lr, "dual_lr")
+  dual_smoothing = checks.check_real(dual_smoothing, "dual_smoothing", 0.0, 1.0)
+  ema_decay = checks.check_real(ema_decay, "ema_decay", 0.0, 1.0)
 
   # Points no expert covers carry no domain mass (check_support) and get p = 0
   # under every gate; dropping them keeps every gradient finite.
   covered = logp.max(axis=0) > -np.inf
   probs_c = jnp.asarray(probs[:, covered], jnp.float32)
   logp_c = jnp.asarray(logp[:, covered], jnp.float32)
+  cdf_KxNc = jnp.asarray(integer_cdf(probs[:, covered]))
   baseline_K = objectives.finite_baselines(
     baseline, jnp.asarray(probs, jnp.float32), jnp.asarray(logp, jnp.float32)
   )
@@ -135,8 +159,7 @@ def solve(
     logp_N = gating.finite_sequence_logp(log_gate_fn(params), logp_c)
     if batch_size is None:
       return objectives.cross_entropy(probs_c, logp_N) - baseline_K
-    idx_KxB = jax.random.categorical(key, jnp.log(probs_c), shape=(batch_size, K)).T
-    return -jnp.mean(logp_N[idx_KxB], axis=1) - baseline_K
+    return -jnp.mean(logp_N[sample_points(key, cdf_KxNc, batch_size)], axis=1) - baseline_K
 
   primal_opt = optax.adam(primal_lr)
   dual_opt = dual.mirror_ascent(
@@ -148,6 +171,12 @@ def solve(
 
   final_params = state.ema_params  # the last iterate when ema_decay = 0
   log_gate_NxM = np.asarray(log_gate_fn(final_params), np.float64)
+  lam_avg, lam_last = np.asarray(state.lam_avg_K, np.float64), np.asarray(state.lam_K, np.float64)
+  if not all(np.all(np.isfinite(a)) for a in (log_gate_NxM, lam_avg, lam_last)):
+    raise checks.InputError(
+      f"the game diverged: after {steps} steps the gate or λ holds NaN or inf; lower "
+      f"primal_lr={primal_lr} or dual_lr={dual_lr}."
+    )
   # The game runs in float32; the report recomputes b_k in float64, so that
   # quantities compared against float64 references (the exact mixture KL, the
   # exact minimax value) differ by the solution, not by float32 rounding of H(D_k).
@@ -158,8 +187,8 @@ def solve(
     log_gate_NxM,
     _baselines_np(baseline, probs, logp),
     uncertainty,
-    np.asarray(state.lam_avg_K, np.float64),
-    np.asarray(state.lam_K, np.float64),
+    lam_avg,
+    lam_last,
     jax.tree_util.tree_map(np.asarray, history),
   )
 
@@ -174,15 +203,22 @@ def random_instance(
 ):
   """A random finite game: (domain_probs_KxN, expert_logprobs_MxN), float64.
 
-  Domains are sparse Dirichlet(0.3) draws (masses below 1e-3 set to zero).
-  Expert j is domain j mod K, exact, or when `perturbed` mixed with weight
-  `expert_noise` with a random full-support distribution.
+  Domains are sparse Dirichlet(0.3) draws: masses below 1e-3, or below a tenth
+  of the uniform mass 1/N when that is smaller, are set to zero. (A fixed 1e-3
+  would zero every mass once N passes ~3000, since all are then below it; the
+  largest mass is ≥ 1/N, so every domain keeps some.) Expert j is domain j mod K,
+  exact, or when `perturbed` mixed with weight `expert_noise` with a random
+  full-support distribution.
   """
+  checks.check_int(seed, "seed", 0)
+  checks.check_int(num_domains, "num_domains")
+  checks.check_int(num_points, "num_points")
+  M = num_domains if num_experts is None else checks.check_int(num_experts, "num_experts")
+  checks.check_real(expert_noise, "expert_noise", 0.0, 1.0, high_open=False)
   rng = np.random.default_rng(seed)
   probs = rng.dirichlet(np.full(num_points, 0.3), size=num_domains)
-  probs = np.where(probs > 1e-3, probs, 0.0)
+  probs = np.where(probs > min(1e-3, 0.1 / num_points), probs, 0.0)
   probs /= probs.sum(axis=1, keepdims=True)
-  M = num_domains if num_experts is None else num_experts
   experts = probs[np.arange(M) % num_domains]
   if perturbed:
     experts = (1 - expert_noise) * experts + expert_noise * rng.dirichlet(
@@ -206,6 +242,24 @@ def _make_gate(gate, logp_MxN, hidden, key):
   )
 
 
+def integer_cdf(probs_KxN: np.ndarray) -> np.ndarray:
+  """Each row's cumulative weights round(p · 2^30), int32: `sample_points` draws
+  from them exactly up to 2^-31 per point, far below float32's 2^-24 near 1."""
+  return np.cumsum(np.round(probs_KxN * 2.0**30), axis=1).astype(np.int32)
+
+
+def sample_points(key: jax.Array, cdf_KxN: jax.Array, per_domain: int) -> jax.Array:
+  """`per_domain` points of every domain, [K, B], by binary search in `integer_cdf`.
+
+  A draw costs O(K·B·log N); a Gumbel draw per point (`jax.random.categorical`)
+  costs O(K·B·N), which at N = 10^5 and B = 64 made a minibatch step ~100× an
+  exact one (launch/finite_sweep.py --mode=timing).
+  """
+  K = cdf_KxN.shape[0]
+  r_KxB = jax.random.randint(key, (K, per_domain), 0, cdf_KxN[:, -1:])
+  return jax.vmap(lambda cdf_N, r_B: jnp.searchsorted(cdf_N, r_B, side="right"))(cdf_KxN, r_KxB)
+
+
 def _report(
   probs, logp, covered, log_gate_NcxM, baseline_K, uncertainty, lam_avg, lam_last, history
 ) -> FiniteSolution:
@@ -217,7 +271,7 @@ def _report(
   model_probs[covered] = np.exp(log_c - log_z)
   gate_NxM = np.zeros((N, logp.shape[0]))
   gate_NxM[covered] = np.exp(log_gate_NcxM - log_z)
-  domain_kl = kl_np(probs, model_probs)
+  domain_kl = uncertainty_lib.kl_np(probs, model_probs)
   domain_loss = domain_kl + entropy_np(probs) - np.asarray(baseline_K, np.float64)
   _worst_case, lam_worst = uncertainty.max_linear(jnp.asarray(domain_loss, jnp.float32))
   return FiniteSolution(
@@ -258,17 +312,6 @@ def entropy_np(probs_KxN: np.ndarray) -> np.ndarray:
   return -np.sum(np.where(pos, probs_KxN * np.log(np.where(pos, probs_KxN, 1)), 0), axis=-1)
 
 
-def kl_np(probs_KxN: np.ndarray, q_N: np.ndarray) -> np.ndarray:
-  """KL(D_k ‖ q) in float64 numpy; inf where q misses D_k's mass."""
-  pos = probs_KxN > 0
-  q_KxN = np.broadcast_to(q_N, probs_KxN.shape)
-  with np.errstate(divide="ignore"):
-    log_ratio = np.where(
-      pos, np.log(np.where(pos, probs_KxN, 1.0)) - np.log(np.where(pos, q_KxN, 1.0)), 0.0
-    )
-  return np.sum(probs_KxN * log_ratio, axis=-1)
-
-
 def max_mixture_kl(
   probs_KxN: np.ndarray, q_N: np.ndarray, uncertainty: uncertainty_lib.UncertaintySet
 ) -> float:
@@ -279,7 +322,7 @@ def max_mixture_kl(
   mirror-ascent runs from several starts: a lower bound, tight in practice.
   """
   if uncertainty.kind != "kl_ball":
-    return float(np.max(kl_np(uncertainty.vertices() @ probs_KxN, q_N)))
+    return float(np.max(uncertainty_lib.kl_np(uncertainty.vertices() @ probs_KxN, q_N)))
   K = probs_KxN.shape[0]
   probs = jnp.asarray(probs_KxN, jnp.float32)
   logq = jnp.log(jnp.asarray(q_N, jnp.float32))

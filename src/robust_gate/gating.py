@@ -45,12 +45,12 @@ def causal_mixture_next_token(log_gate_BxTxM: jax.Array, logp_BxTxMxV: jax.Array
 
 
 def posterior_log_gate(log_prior_M: jax.Array, logp_NxM: jax.Array) -> jax.Array:
-  """The Bayes-posterior gate log π(x)_j = log softmax(log λ_j + log p_j(x)) (§2).
+  """The Bayes-posterior gate log π(x)_j = log softmax(log λ_j + log p_j(x)) (§2.3).
 
   For a causal gate pass the experts' log-probabilities of the prefix x_<t:
   with exact experts (p_j = D_j) the causal mixture is then exactly D_λ. (For a
   sequence-level gate the model reproducing D_λ is the constant gate
-  softmax(s(x)) = λ, not this one; see BUILD_NOTES.md.)
+  softmax(s(x)) = λ, not this one; §2.3 too.)
   """
   chex.assert_rank(logp_NxM, 2)
   chex.assert_shape(log_prior_M, (logp_NxM.shape[1],))

@@ -31,6 +31,7 @@ from robust_gate import (
   models,
   objectives,
   primal_dual,
+  provenance,
 )
 from robust_gate import train as train_lib
 from robust_gate import uncertainty as uncertainty_lib
@@ -81,13 +82,15 @@ Runner = Callable[[Game], primal_dual.GameState]
 def run_or_restore(
   game: Game, workdir: str, *, train: bool, chunk: int, log
 ) -> primal_dual.GameState:
-  """With train=True, trains `game` (resuming from its newest good checkpoint, one
-  checkpoint every `chunk` steps); otherwise restores its finished state, and raises
-  InputError when the workdir holds none."""
+  """With train=True, trains `game` (resuming from its newest good checkpoint at or
+  before `game.steps`, one checkpoint every `chunk` steps); otherwise restores its
+  state at exactly `game.steps`, and raises InputError when the workdir holds none."""
   ckpt = checkpoints.Checkpointer(
     os.path.join(workdir, game.name), game.spec, name=game.name, log=log, create=train
   )
   if train:
+    if game.steps not in ckpt.steps():  # a finished model keeps the record of its training
+      provenance.record_training(ckpt.directory)
     state, _ = train_lib.fit(
       game.step, game.state, game.steps, name=game.name, log=log, chunk=chunk, checkpointer=ckpt
     )
@@ -96,8 +99,8 @@ def run_or_restore(
   if restored is None:
     raise InputError(
       f"{game.name}: no finished run in {workdir} (no checkpoint at step "
-      f"{game.steps}, the config's last): run its phase first, or "
-      f"launch/main.py, which runs every phase."
+      f"{game.steps}, the config's last; saved: {ckpt.steps() or 'none'}): run its "
+      f"phase first, or launch/main.py, which runs every phase."
     )
   return restored
 
@@ -207,13 +210,14 @@ def train_experts(config, splits: Splits, run: Runner) -> Experts:
   return Experts(lm_cfg, params, experts.transformer_experts(lm_cfg, params, tr.domains))
 
 
-def score(config, workdir: str, splits: Splits, trained: Experts) -> Caches:
-  """Every expert's log-probs on validation and test (cached in the workdir), and b_k."""
+def score(config, workdir: str, splits: Splits, trained: Experts, log=print) -> Caches:
+  """Every expert's log-probs on validation and test (cached in the workdir; a damaged
+  cache is announced through `log` and rebuilt), and b_k."""
   scored = {}
   for split in ("validation", "test"):
     d = getattr(splits, split)
     path = os.path.join(workdir, f"cache_{split}.npz")
-    cache = experts.cached_scores(path, [trained.group], d)
+    cache = experts.cached_scores(path, [trained.group], d, log=log)
     scored[split] = Scored(d, cache, baseline(config, cache, d))
   return Caches(experts=trained, **scored)
 

@@ -11,7 +11,11 @@
 own launcher. A training phase keeps its checkpoints, metrics.jsonl and spec.json
 in `workdir/<model>/` (robust_gate.checkpoints): started again with the same
 command it resumes, and it refuses a workdir whose saved spec (config sections and
-digests of its inputs) differs from the current one, so runs never mix.
+digests of its inputs) differs from the current one, so runs never mix. More steps
+extend a model, but not in place of what was built from it: a phase that would train
+a model past its checkpoints while a model or cache built from it is in the workdir
+is refused before any training (`_refuse_extensions`). A phase records the config it
+ran with (config.json) once it has finished.
 
 Every model goes through `phases.run_or_restore`: a phase trains the models it owns
 and restores, by the same path, the ones it reads; `load_models` restores them all
@@ -27,7 +31,17 @@ from collections.abc import Collection
 import jax
 import numpy as np
 
-from robust_gate import checkpoints, datasets, evaluate, files, models, parallel, phases, provenance
+from robust_gate import (
+  checkpoints,
+  datasets,
+  evaluate,
+  files,
+  models,
+  parallel,
+  phases,
+  provenance,
+  workdirs,
+)
 from robust_gate import data as data_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
@@ -61,7 +75,29 @@ _FLOAT_KEYS = ("lr", "dual_lr", "dro_dual_lr", "ema_decay")
 
 def check_config(config) -> None:
   """Positive sizes and step counts, finite positive learning rates, η ≥ 0, an EMA
-  decay in [0, 1), a baseline the data has."""
+  decay in [0, 1), a baseline the data has; data options in their domains, sequences
+  that fit the context, a data_dir that can be a directory. All before any work:
+  a value that reached TFDS or wordfreq would end in their traceback, not one line."""
+  data = config.data
+  dataset = datasets.make_config(data.name, **dict(data.options))
+  if isinstance(data.max_len, bool) or not isinstance(data.max_len, int) or data.max_len < 2:
+    raise InputError(f"config.data.max_len={data.max_len!r} must be an int ≥ 2.")
+  if dataset.max_tokens() > data.max_len - 1:
+    raise InputError(
+      f"config.data.max_len={data.max_len} holds {data.max_len - 1} tokens besides BOS/EOS "
+      f"but {data.name} examples have up to {dataset.max_tokens()}; set it to "
+      f"{dataset.max_tokens() + 1} or more."
+    )
+  if not isinstance(config.data_dir, str):
+    raise InputError(f"config.data_dir={config.data_dir!r} must be a path (or '').")
+  existing = config.data_dir  # the path, or the nearest of its parents that exists
+  while existing and not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if existing and not os.path.isdir(existing):
+    raise InputError(
+      f"config.data_dir={config.data_dir!r} cannot be a directory: {existing!r} is a file; "
+      f"give a directory (or '' for <workdir>/tfds)."
+    )
   phases.check_baseline(config)
   if config.dtype not in models.DTYPES:
     raise InputError(f"config.dtype={config.dtype!r} must be one of {models.DTYPES}.")
@@ -85,11 +121,15 @@ def check_config(config) -> None:
         raise InputError(f"{name}={value!r} must be an int.")
 
 
-def load_splits(config, data_dir: str) -> Splits:
+def load_splits(config, data_dir: str, log=print) -> Splits:
+  """The three splits, prepared under `data_dir` on first use (a damaged prepared
+  dataset is announced through `log` and prepared again)."""
   options = dict(config.data.options)
   return Splits(
     *(
-      data_lib.load_local(config.data.name, split, data_dir, config.data.max_len, **options)
+      data_lib.load_local(
+        config.data.name, split, data_dir, config.data.max_len, log=log, **options
+      )
       for split in datasets.SPLITS
     )
   )
@@ -98,7 +138,7 @@ def load_splits(config, data_dir: str) -> Splits:
 _SPLITS_CACHE: dict[tuple[str, str], Splits] = {}
 
 
-def _splits(config, workdir) -> Splits:
+def _splits(config, workdir, log=print) -> Splits:
   """The three splits (prepared once under the data dir; memoized per process)."""
   data_dir = config.data_dir or os.path.join(workdir, "tfds")
   key = (json.dumps(config.data.to_dict(), sort_keys=True, default=list), data_dir)
@@ -106,7 +146,7 @@ def _splits(config, workdir) -> Splits:
     _SPLITS_CACHE.clear()
     if not parallel.is_main():  # process 0 prepares the TFDS dataset, the others read it
       parallel.sync(f"data {data_dir}")
-    _SPLITS_CACHE[key] = load_splits(config, data_dir)
+    _SPLITS_CACHE[key] = load_splits(config, data_dir, log)
     if parallel.is_main():
       parallel.sync(f"data {data_dir}")
   return _SPLITS_CACHE[key]
@@ -130,7 +170,7 @@ class _Workdir:
 
   @functools.cached_property
   def splits(self) -> Splits:
-    return _splits(self.config, self.workdir)
+    return _splits(self.config, self.workdir, self.log)
 
   @functools.cached_property
   def experts(self) -> Experts:
@@ -138,7 +178,7 @@ class _Workdir:
 
   @functools.cached_property
   def caches(self) -> Caches:
-    return phases.score(self.config, self.workdir, self.splits, self.experts)
+    return phases.score(self.config, self.workdir, self.splits, self.experts, self.log)
 
   @functools.cached_property
   def gates(self) -> Gates:
@@ -167,16 +207,62 @@ _TRAINS = {
   "evaluate": (),
 }
 
+# The config section whose `steps` each model trains for.
+_SECTION = {
+  "experts": "expert",
+  "robust_gate": "gate",
+  "erm_gate": "gate",
+  "student": "distill",
+  "monolithic": "monolithic",
+  "monolithic_dro": "monolithic",
+  "monolithic_large": "monolithic_large",
+}
+
+# What the workdir builds from a model (its spec or fingerprint records the model's
+# digest): training the model further makes them refuse to load.
+_BUILT_FROM = {
+  "experts": (
+    "cache_validation.npz",
+    "cache_test.npz",
+    "robust_gate",
+    "erm_gate",
+    "student",
+    "monolithic",
+    "monolithic_dro",
+    "monolithic_large",
+  ),
+  "robust_gate": ("student",),
+}
+
+
+def _refuse_extensions(config, workdir: str, names) -> None:
+  """InputError, before any training, if one of the models `names` would train past
+  its checkpoints while something built from its finished run is in the workdir.
+
+  Extending it there would leave those unusable, and the run that built them could
+  not be repeated; elsewhere (a new workdir with a copy of its directory) it resumes.
+  """
+  for name in names:
+    steps = config[_SECTION[name]].steps
+    saved = checkpoints.saved_steps(os.path.join(workdir, name))
+    below = [s for s in saved if s < steps]
+    if steps in saved or not below:  # restored as it is, or trained from scratch
+      continue
+    built = [b for b in _BUILT_FROM.get(name, ()) if os.path.exists(os.path.join(workdir, b))]
+    if built:
+      raise InputError(
+        f"config.{_SECTION[name]}.steps={steps} would train {name} on from its checkpoint "
+        f"at step {below[-1]}, but {', '.join(built)} in {workdir} were built from it and "
+        f"would no longer load; nothing was changed. To continue {name}, copy "
+        f"{os.path.join(workdir, name)} into a new --workdir and run there."
+      )
+
 
 def _start(config, workdir, log, phase) -> _Workdir:
-  """Checks the config and the workdir, records the config, and says what runs where."""
+  """Checks the config and the workdir, and says what runs where."""
   check_config(config)
-  try:
-    if parallel.is_main():
-      os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise InputError(f"cannot use --workdir={workdir!r}: {e.strerror}.") from e
-  files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  workdirs.create(workdir)
+  _refuse_extensions(config, workdir, _TRAINS[phase])
   w = _Workdir(config, workdir, log, train=_TRAINS[phase])
   s = w.splits
   uncertainty_lib.from_config(config, s.train.num_domains)  # Λ checked before any work
@@ -195,24 +281,31 @@ def _start(config, workdir, log, phase) -> _Workdir:
   return w
 
 
+def _finished(config, workdir: str, out):
+  """`out`, once its phase has finished: the config it ran with is recorded then (a
+  run refused on the way leaves the recorded one as it was)."""
+  files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  return out
+
+
 def train_experts(config, workdir: str, log=print) -> Experts:
   """Phase 1: the K experts, expert k on domain k (resumes from checkpoints)."""
-  return _start(config, workdir, log, "train_experts").experts
+  return _finished(config, workdir, _start(config, workdir, log, "train_experts").experts)
 
 
 def train_gate(config, workdir: str, log=print) -> Gates:
   """Phase 2: caches, then the robust and the ERM gate."""
-  return _start(config, workdir, log, "train_gate").gates
+  return _finished(config, workdir, _start(config, workdir, log, "train_gate").gates)
 
 
 def distill_student(config, workdir: str, log=print) -> Student:
   """Phase 3: the student, distilled from the robust gated model with weights λ̄."""
-  return _start(config, workdir, log, "distill").student
+  return _finished(config, workdir, _start(config, workdir, log, "distill").student)
 
 
 def train_baselines(config, workdir: str, log=print) -> Monoliths:
   """Phase 4: the monolithic baselines."""
-  return _start(config, workdir, log, "train_baselines").monoliths
+  return _finished(config, workdir, _start(config, workdir, log, "train_baselines").monoliths)
 
 
 def load_models(config, workdir: str, log=print) -> TrainedModels:
@@ -229,9 +322,15 @@ def saved_config(workdir: str):
 
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise InputError(f"{workdir} has no config.json: no phase has run there.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    raise InputError(f"{workdir} has no config.json: no phase has finished there.")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+    raise InputError(
+      f"{path} is damaged ({type(e).__name__}); run any phase there again (with the "
+      f"config it ran with) to rewrite it."
+    ) from e
 
 
 def evaluate_all(config, workdir: str, log=print) -> dict:
@@ -266,21 +365,34 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
       "monolithic_large": num_params(m.monoliths.monolithic_large.params),
     },
     "provenance": provenance.collect(config).to_dict(),
+    provenance.INPUTS_KEY: provenance.models(workdir),
   }
   files.write_json(os.path.join(workdir, "results.json"), results)
   lam_history = {
-    name: checkpoints.stack_metrics(
-      checkpoints.read_metrics(os.path.join(workdir, name), up_to=steps)
-    )["lam"]
-    for name, steps in (
-      ("robust_gate", config.gate.steps),
-      ("monolithic_dro", config.monolithic.steps),
-    )
+    name: _lam_history(os.path.join(workdir, name), config[_SECTION[name]].steps, K, log)
+    for name in ("robust_gate", "monolithic_dro")
   }
   if parallel.is_main():
     evaluate.plot(results, lam_history, workdir)
   log(evaluate.format_table(results))
-  return results
+  return _finished(config, workdir, results)
+
+
+def _lam_history(directory: str, steps: int, K: int, log) -> np.ndarray:
+  """λ at every step of a model's run, [steps, K] from its metrics.jsonl: NaN (a gap in
+  the plot) at the steps whose rows the file lacks, which are announced."""
+  rows = checkpoints.read_metrics(directory, up_to=steps)
+  missing = checkpoints.missing_steps(rows, steps)
+  if missing:
+    log(
+      f"note: {os.path.join(directory, 'metrics.jsonl')} lacks the metric rows of steps "
+      f"{checkpoints.format_steps(missing)}: lambda.png leaves them out. Running its phase "
+      f"again rebuilds them where a replay reproduces the run."
+    )
+  lam_SxK = np.full((steps, K), np.nan)
+  for row in rows:
+    lam_SxK[row["step"] - 1] = row["lam"]
+  return lam_SxK
 
 
 def run(config, workdir: str, log=print) -> dict:
@@ -293,6 +405,9 @@ def run(config, workdir: str, log=print) -> dict:
     timings[name] = round(time.perf_counter() - t0, 2)
     return out
 
+  check_config(config)
+  workdirs.create(workdir)
+  _refuse_extensions(config, workdir, [n for names in _TRAINS.values() for n in names])
   timed("train_experts", train_experts)
   timed("train_gate", train_gate)
   timed("distill", distill_student)

@@ -8,8 +8,10 @@
 of one stratified minibatch (or exact expectations). Each step:
 
   1. L̂ = loss_fn(w, batch, fold_in(key, step));
-  2. primal descent with ∇_w Σ_k λ_k L̂_k(w) through any optax optimizer;
-  3. dual mirror ascent λ ← Proj^KL_Λ(λ ⊙ exp(η L̂(w))) (same L̂, simultaneous);
+  2. primal descent with ∇_w Σ_k λ_k L̂_k(w) through any optax optimizer (an
+     optimistic one, `optax.optimistic_adam_v2`, for the optimistic game of §9);
+  3. dual mirror ascent λ ← Proj^KL_Λ(λ ⊙ exp(η L̂(w))) (same L̂, simultaneous;
+     optimistic: along 2 L̂_t − L̂_{t−1});
   4. running mean λ̄ of the λ played and a debiased EMA of w.
 
 The metrics of each step are the per-domain losses L̂ and the λ played (the
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from robust_gate.dual import DualState, DualTransform
+from robust_gate.dual import AnyDualState, DualTransform
 from robust_gate.uncertainty import UncertaintySet
 
 LossFn = Callable[[Any, Any, jax.Array], jax.Array]
@@ -37,7 +39,7 @@ class GameState:
   step: jax.Array  # number of completed steps (int32).
   params: Any  # gate parameters w.
   opt_state: Any  # primal optimizer state.
-  dual_state: DualState  # log λ and the dual step count.
+  dual_state: AnyDualState  # log λ, the dual step count (and the optimistic player's L̂_{t−1}).
   lam_avg_K: jax.Array  # λ̄, the running mean of the λ played (Λ's prior at step 0).
   ema_params: Any  # debiased EMA of w_1..w_t (w itself when ema_decay = 0).
   key: jax.Array  # base PRNG key; step t uses fold_in(key, t).
@@ -146,7 +148,8 @@ def run(step_fn, state: GameState, num_steps: int, batches: Any = None, unroll: 
 
 
 class Certificate(NamedTuple):
-  """The §4 certificate on held-out losses."""
+  """The §4 upper value on held-out losses (`robust_gate.certificate` adds the lower
+  value and the duality gap, §7)."""
 
   upper: jax.Array  # U = max_{λ∈Λ} Σ_k λ_k L_k.
   lam_worst_K: jax.Array  # a maximizing λ.

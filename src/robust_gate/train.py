@@ -143,27 +143,36 @@ def fit(
   """Runs `num_steps` in lax.scan chunks, logging rate and ETA after each.
 
   With a `checkpoints.Checkpointer`, the run resumes from its newest good
-  checkpoint, and a checkpoint and the chunk's metric lines are written after
-  every chunk. A non-finite loss or λ stops the run with FloatingPointError
-  before anything is saved, so the last good checkpoint stays intact.
+  checkpoint at or before step `num_steps` (a later run's checkpoints are left as
+  they are), and a checkpoint and the chunk's metric lines are written after every
+  chunk, the last one marked final. The resumed steps' metric rows are checked
+  against the checkpoint; the missing ones are rebuilt by replaying the run from
+  `state` (`Checkpointer.metrics`). A non-finite loss or λ stops the run with
+  FloatingPointError (one line) before anything of its chunk is saved, so the last
+  good checkpoint stays intact.
 
   Returns:
-    (state, history): the final state and every step's metrics, stacked.
+    (state, history): the final state and every step's metrics, stacked (without
+    the steps whose metric rows were lost and could not be rebuilt).
   """
   rows = []
   if checkpointer is not None:
-    restored = checkpointer.restore(state)
+    saved = checkpointer.steps()
+    if saved and saved[0] > num_steps:
+      raise InputError(
+        f"{name}: its checkpoints in {checkpointer.directory} are at steps {saved}, all "
+        f"past the {num_steps} steps asked for; ask for {saved[0]} steps (or more) or use "
+        f"another workdir."
+      )
+    initial, restored = state, checkpointer.restore(state, up_to=num_steps)
     if restored is not None:
       state = restored
       log(f"{name}: resumed at step {int(state.step)} from {checkpointer.directory}")
-    rows = checkpointer.metrics(up_to=int(state.step))
-  done = int(state.step)
-  if done > num_steps:
-    raise InputError(
-      f"{name}: the checkpoint is at step {done}, past the {num_steps} "
-      f"steps asked for; ask for at least {done} steps or use another "
-      f"workdir."
+    replay = lambda: fit(
+      step_fn, initial, int(restored.step), name=name, log=lambda s: None, chunk=chunk
     )
+    rows = checkpointer.metrics(state, replay)
+  done = int(state.step)
   history = [checkpoints.stack_metrics(rows)] if rows else []
   start, first = time.perf_counter(), done
   while done < num_steps:
@@ -172,20 +181,22 @@ def fit(
     metrics = jax.tree_util.tree_map(np.asarray, metrics)
     done += n
     losses, lam = metrics["losses"][-1], metrics["lam"][-1]
-    if not (np.all(np.isfinite(metrics["losses"])) and np.all(np.isfinite(metrics["lam"]))):
-      bad = int(
-        np.argmin(
-          np.all(np.isfinite(metrics["losses"]), axis=1)
-          & np.all(np.isfinite(metrics["lam"]), axis=1)
-        )
-      )
+    finite = np.all(np.isfinite(metrics["losses"]), axis=1)
+    finite &= np.all(np.isfinite(metrics["lam"]), axis=1)
+    if not np.all(finite):
+      bad = int(np.argmin(finite))
+      values = lambda x: " ".join(f"{v:.4g}" for v in x)
+      kept = f"its checkpoint at step {done - n}" if checkpointer is not None and done > n else ""
       raise FloatingPointError(
-        f"{name}: non-finite per-domain loss or λ at step {done - n + bad + 1}: "
-        f"losses {metrics['losses'][bad]}, λ {metrics['lam'][bad]}. Nothing was "
-        f"saved for this chunk; the last good checkpoint is step {done - n}."
+        f"{name} diverged: non-finite per-domain loss or λ at step {done - n + bad + 1}: "
+        f"losses [{values(metrics['losses'][bad])}], λ [{values(metrics['lam'][bad])}]. "
+        f"Nothing of steps {done - n + 1}–{done} was saved"
+        + (f"; {kept}, the last good one, is kept" if kept else "")
+        + f": lower the learning rate of {name} (its config section's lr; dual_lr if λ "
+        "diverged) and run again."
       )
     if checkpointer is not None:
-      checkpointer.save(state, metrics)
+      checkpointer.save(state, metrics, final=done == num_steps)
     history.append(metrics)
     rate = (done - first) / (time.perf_counter() - start)
     log(

@@ -84,7 +84,8 @@ class UncertaintySet:
         np.all(lam >= np.asarray(self.lo_K) - atol) and np.all(lam <= np.asarray(self.hi_K) + atol)
       )
     if self.kind == "kl_ball":
-      ok &= _kl_np(np.clip(lam, 0, None), np.asarray(self.prior_K)) <= (float(self.radius) + atol)
+      kl = kl_np(np.clip(lam, 0, None), np.asarray(self.prior_K, np.float64))
+      ok &= bool(kl <= float(self.radius) + atol)
     return ok
 
   def vertices(self) -> np.ndarray:
@@ -202,11 +203,17 @@ def _check_vector(x, name: str) -> np.ndarray:
   return arr
 
 
-def _kl_np(p: np.ndarray, q: np.ndarray) -> float:
-  pos = p > 0
-  if np.any(q[pos] <= 0):
-    return np.inf
-  return float(np.sum(p[pos] * (np.log(p[pos]) - np.log(q[pos]))))
+def kl_np(probs_KxN: np.ndarray, q_N: np.ndarray) -> np.ndarray:
+  """KL(p_k ‖ q) of each row p_k in float64 numpy, [K] (or a scalar for one p); inf where
+  q misses p_k's mass, 0·log 0 = 0. The one KL of the package's numpy code (Λ's KL
+  ball here, the exact objectives of robust_gate.finite)."""
+  pos = probs_KxN > 0
+  q_KxN = np.broadcast_to(q_N, probs_KxN.shape)
+  with np.errstate(divide="ignore"):
+    log_ratio = np.where(
+      pos, np.log(np.where(pos, probs_KxN, 1.0)) - np.log(np.where(pos, q_KxN, 1.0)), 0.0
+    )
+  return np.sum(probs_KxN * log_ratio, axis=-1)
 
 
 def _log_kl(log_p_K, log_q_K):

@@ -46,6 +46,29 @@ def _random_data(c: BenchmarkConfig, num_per_domain: int) -> data.DomainData:
   )
 
 
+# The scan phase's ablation: primal_dual.run's own function, compiled as it is but
+# without primal_dual.COMPILER_OPTIONS (the same program; only XLA's options differ).
+serial_run = jax.jit(
+  primal_dual.run.__wrapped__,  # type: ignore[attr-defined]  # functools.wraps sets it
+  static_argnames=("step_fn", "num_steps", "unroll"),
+  donate_argnames=("state",),
+)
+
+
+def bitwise_equal(a, b) -> bool:
+  """Whether two pytrees hold the same arrays bit for bit: same structure, dtypes,
+  shapes and bytes (so −0.0 ≠ 0.0, and a NaN equals the same NaN), unlike ==."""
+
+  def same(x, y) -> bool:
+    x, y = np.asarray(x), np.asarray(y)
+    return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+  try:
+    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(same, a, b)))
+  except ValueError:  # different tree structures
+    return False
+
+
 def _scan_call(step, state, num_steps: int, unroll: int = 1):
   return threaded(lambda s: primal_dual.run(step, s, num_steps, unroll=unroll)[0], state)
 
@@ -72,7 +95,7 @@ def experts_training(c: BenchmarkConfig, tflops_per_device: float | None = None)
     dual_lr=0.0,
     seed=0,
   )
-  params = sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)) // M
+  params = experts.num_params(state.params) // M
   call = _scan_call(step, state, c.scan_steps)
   t = median_seconds(call, c.repeats) / c.scan_steps
   tokens = M * c.per_domain * c.seq_len
@@ -84,7 +107,7 @@ def experts_training(c: BenchmarkConfig, tflops_per_device: float | None = None)
     tokens_per_second=tokens / t,
     model_flops_per_step=flops,
     model_tflops=flops / t / 1e12,
-    params_per_expert=int(params),
+    params_per_expert=params,
     num_devices=num_devices,
     peak_tflops=peak,
     mfu=None
@@ -152,19 +175,11 @@ def scan(c: BenchmarkConfig) -> records.Scan:
     return s
 
   loop_t = median_seconds(threaded(loop, _gate_start(c, 0.5)[1]), c.repeats) / n
-  # Ablation: the same scan compiled without primal_dual.COMPILER_OPTIONS.
-  serial = jax.jit(
-    primal_dual.run.__wrapped__,  # type: ignore[attr-defined]  # functools.wraps sets it
-    static_argnames=("step_fn", "num_steps"),
-    donate_argnames=("state",),
-  )
-  serial_call = threaded(lambda s: serial(step, s, n)[0], _gate_start(c, 0.5)[1])
+  serial_call = threaded(lambda s: serial_run(step, s, n)[0], _gate_start(c, 0.5)[1])
   serial_t = median_seconds(serial_call, c.repeats) / n
-  a = primal_dual.run(step, _gate_start(c, 0.5)[1], n)
-  b = serial(step, _gate_start(c, 0.5)[1], n)
-  equal = all(
-    bool(np.array_equal(x, y))
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+  equal = bitwise_equal(
+    primal_dual.run(step, _gate_start(c, 0.5)[1], n),
+    serial_run(step, _gate_start(c, 0.5)[1], n),
   )
   return records.Scan(
     scan_step_seconds=scan_t,

@@ -3,9 +3,10 @@
 Each experiment is `EXPERIMENTS[name](config, workdir, log) -> dict`: it reads the
 models and caches that `launch/main.py` left in `workdir` (except `jsd`, which runs
 its own main jobs under `workdir`), prints a table, and writes
-`<workdir>/experiments/<name>.json` (with "experiment" and "provenance") and
-`<name>.png` (`reporting`). Every loss is that of a normalized model: gates are the
-causal gates of docs/math.md §2.1 (in G_1 by construction), evaluated on the test split.
+`<workdir>/experiments/<name>.json` (with "experiment", "provenance" and the provenance
+of the models and results.json it read) and `<name>.png` (`reporting`). Every loss is
+that of a normalized model: gates are the causal gates of docs/math.md §2.1 (in G_1 by
+construction), evaluated on the test split.
 
   mixtures    the loss of every method over a grid of test mixtures on the simplex
   conflict    per-domain gradient cosines over training: monolithic model vs gate

@@ -21,8 +21,17 @@ def results(workdir: str) -> dict:
       f"{workdir} has no results.json: run launch/main.py "
       f"--workdir={workdir} with this config first."
     )
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(
+      f"{path} cannot be read ({type(e).__name__}: {e}); run launch/evaluate.py "
+      f"--workdir={workdir} with this config to write it again."
+    ) from e
+  if not isinstance(out, dict):
+    raise InputError(f"{path} is not a results object; run launch/evaluate.py to write it again.")
+  return out
 
 
 def load(config, workdir: str) -> tuple[dict, TrainedModels]:

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from robust_gate import data as data_lib
-from robust_gate import datasets, evaluate, experts, finite, objectives, pipeline
+from robust_gate import datasets, evaluate, experts, finite, objectives, pipeline, uncertainty
 from robust_gate.experiments import common, reporting
 
 
@@ -79,8 +79,8 @@ def point(config, workdir: str, log=print) -> dict:
   for name, lq in logq.items():
     logq_N = np.asarray(lq, np.float64)
     q_N = np.exp(logq_N)
-    kl_k = finite.kl_np(d_KxN, q_N)  # nats per sequence
-    kl_mix = float(finite.kl_np(mix_N, q_N))
+    kl_k = uncertainty.kl_np(d_KxN, q_N)  # nats per sequence
+    kl_mix = float(uncertainty.kl_np(mix_N, q_N))
     row["models"][name] = {
       "exact_L_bits_per_token": bits(kl_k).tolist(),
       "exact_worst": float(bits(kl_k.max())),
@@ -105,6 +105,8 @@ def point(config, workdir: str, log=print) -> dict:
 def run(config, workdir: str, log=print, similarities=(0.0, 0.5, 0.8, 0.95, 1.0)) -> dict:
   """The main job and `point` at each similarity s, under `<workdir>/s=<s>`."""
   out: dict = {"similarities": list(similarities), "runs": []}
+  # The provenance of what `point` read in every sub-workdir, as "s=<s>/<input>".
+  read: dict[str, list[dict] | None] = {}
   for s in similarities:
     cfg = copy.deepcopy(config)
     with cfg.unlocked():
@@ -113,6 +115,7 @@ def run(config, workdir: str, log=print, similarities=(0.0, 0.5, 0.8, 0.95, 1.0)
     log(f"jsd: main job with similarity {s} in {sub}")
     pipeline.run(cfg, sub, log=lambda line: None)
     out["runs"].append(point(cfg, sub, log))
+    read |= {f"s={s}/{k}": v for k, v in reporting.inputs(sub).items()}
   fig, axes = reporting.plt().subplots(1, 2, figsize=(11, 4))
   x = [r["jsd_lambda_bar_bits_per_token"] for r in out["runs"]]
   for name in ("monolithic", "robust_gate"):
@@ -149,4 +152,4 @@ def run(config, workdir: str, log=print, similarities=(0.0, 0.5, 0.8, 0.95, 1.0)
     ylabel="monolithic − robust gate (bits/token)",
     title="worst-case gap",
   )
-  return reporting.write(config, workdir, "jsd", out, fig)
+  return reporting.write(config, workdir, "jsd", out, fig, read=read)

@@ -1,11 +1,13 @@
 """How every experiment reports: a table in the log, a PNG and a JSON with provenance.
 
 An experiment `name` writes `<workdir>/experiments/<name>.json` (its numbers, with
-"experiment": name and "provenance": the commit, device, command and config that
-made them; robust_gate.provenance) and `<workdir>/experiments/<name>.png`, both
-atomically (robust_gate.files).
+"experiment": name, "provenance": the commit, device, command and config that
+made them, and under provenance.INPUTS_KEY the provenance of what it read: each
+model's training runs and results.json's; robust_gate.provenance) and
+`<workdir>/experiments/<name>.png`, both atomically (robust_gate.files).
 """
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -42,10 +44,33 @@ def table(rows: Sequence[tuple[str, Sequence[Any]]], cols: Sequence[str], fmt="{
   return "\n".join(lines)
 
 
-def write(config, workdir: str, name: str, result: dict, fig=None) -> dict:
-  """Writes experiment `name`'s JSON (with "experiment" and "provenance") and its
-  figure; returns the dict written."""
-  out = {"experiment": name, **result, "provenance": provenance.collect(config).to_dict()}
+def inputs(workdir: str) -> dict[str, list[dict] | None]:
+  """The provenance of what an experiment reads in a main job's `workdir`: every model's
+  training runs (provenance.models) and the evaluation that wrote results.json (None
+  where it has none)."""
+  found = provenance.models(workdir)
+  try:
+    with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+      evaluation = json.load(f).get("provenance")
+  except (OSError, ValueError, AttributeError):
+    evaluation = None
+  found["results.json"] = [evaluation] if isinstance(evaluation, dict) else None
+  return found
+
+
+def write(config, workdir: str, name: str, result: dict, fig=None, read=None) -> dict:
+  """Writes experiment `name`'s JSON (with "experiment", "provenance" and the provenance
+  of its inputs) and its figure; returns the dict written.
+
+  `read`: the INPUTS_KEY entry, where the experiment read more than the main job in
+  `workdir` (default: `inputs(workdir)`).
+  """
+  out = {
+    "experiment": name,
+    **result,
+    "provenance": provenance.collect(config).to_dict(),
+    provenance.INPUTS_KEY: inputs(workdir) if read is None else read,
+  }
   if parallel.is_main():
     os.makedirs(os.path.join(workdir, DIRECTORY), exist_ok=True)
   files.write_json(path(workdir, name, "json"), out)

@@ -4,16 +4,19 @@
 
 Reads `<workdir>/results.json`, `<workdir>/experiments/<name>.json` (or the older
 `<workdir>/paper/`) with their PNGs, and `<bench_workdir>/benchmark.json`; every
-JSON carries the provenance of robust_gate.provenance. Each number on the pages
-sits under a header naming the commit and device that made it, marked STALE
-(`stale_reason`) where the code it depends on changed after it was made.
+JSON carries the provenance of robust_gate.provenance, and one computed from trained
+models carries theirs (provenance.INPUTS_KEY). Each number on the pages sits under a
+header naming the commit and device that made it, marked STALE (`check`) where the
+code it or any of its inputs depends on changed after they were made, and WARNING
+where that cannot be fully checked (a copied tree's unknown dirtiness).
 """
 
 import os
 
+from robust_gate import files, provenance
 from robust_gate.report import inputs, pages
 from robust_gate.report.inputs import Benchmark, Experiment, Origin, Result
-from robust_gate.report.staleness import head, stale_reason
+from robust_gate.report.staleness import Verdict, check, stale_reason
 
 __all__ = [
   "REPO",
@@ -21,12 +24,14 @@ __all__ = [
   "Experiment",
   "Origin",
   "Result",
+  "Verdict",
+  "check",
   "generate",
   "stale_reason",
 ]
 
 # The checkout this package runs from (`pip install -e .`), whose history dates results.
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = provenance.REPO
 
 
 def generate(
@@ -35,28 +40,25 @@ def generate(
   """Writes out/results.md (with out/figures/) for `workdirs` and out/performance.md for
   `bench_workdirs` (each only where given); returns the pages written.
 
-  Every input is read before anything is written, so an unreadable one (InputError)
-  leaves `out` as it was.
+  Every input (figures included) is read before anything is written, so an unreadable
+  one (InputError) leaves `out` as it was. Each file is replaced atomically; the
+  figures no page links any more are removed last, so a failure midway never leaves a
+  page without its figures.
   """
   results = inputs.read_results(workdirs, repo)
   benchmarks = inputs.read_benchmarks(bench_workdirs, repo)
-  banner = pages.banner(command, *head(repo))
-  os.makedirs(out, exist_ok=True)
-  written = []
+  banner = pages.banner(command, *provenance.repo_state(repo))
+  pending: dict[str, bytes] = {}  # path under `out`: content, figures before pages
   if workdirs:
-    pages.clear_figures(out)
-    written.append(
-      _write(os.path.join(out, "results.md"), pages.results_page(results, out, banner))
-    )
+    text, figures = pages.results_page(results, banner)
+    pending |= {rel: inputs.read_bytes(src) for rel, src in figures.items()}
+    pending["results.md"] = text.encode("utf-8")
   if bench_workdirs:
-    text = pages.performance_page(benchmarks, banner)
-    written.append(_write(os.path.join(out, "performance.md"), text))
-  return written
-
-
-def _write(path: str, text: str) -> str:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
+    pending["performance.md"] = pages.performance_page(benchmarks, banner).encode("utf-8")
+  for rel, content in pending.items():
+    path = os.path.join(out, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.atomic_write(path, content)
+  if workdirs:
+    pages.remove_unlinked_figures(out, set(pending))
+  return [os.path.join(out, p) for p in ("results.md", "performance.md") if p in pending]

@@ -7,7 +7,8 @@ import os
 from typing import Any
 
 from robust_gate.checks import InputError
-from robust_gate.report.staleness import short, stale_reason
+from robust_gate.provenance import INPUTS_KEY
+from robust_gate.report.staleness import check, short
 
 # Where experiments write `<name>.json` and `.png` in a workdir: the current location
 # first; `paper/` is where launch/paper.py wrote them before (read where no newer one is).
@@ -15,16 +16,19 @@ EXPERIMENT_DIRS = ("experiments", "paper")
 # The experiments' order on the page (robust_gate.experiments.EXPERIMENTS's); others follow by name.
 EXPERIMENT_ORDER = ("mixtures", "conflict", "jsd", "gate_size", "prior", "extend", "prune", "ema")
 # Keys that are metadata of a JSON, not its body.
-META_KEYS = ("provenance", "experiment")
+META_KEYS = ("provenance", INPUTS_KEY, "experiment")
 
 
 @dataclasses.dataclass(frozen=True)
 class Origin:
-  """Where one JSON's numbers came from: the file, its provenance, why it is stale."""
+  """Where one JSON's numbers came from: the file, its provenance and its inputs', why
+  it is stale, what cannot be checked."""
 
   path: str
   provenance: dict[str, Any] | None  # None: the JSON has none
-  stale: str | None  # stale_reason(provenance); None: current
+  inputs: dict[str, Any] | None  # its INPUTS_KEY: {input: [provenance, ...] or None}
+  stale: str | None  # staleness.check's; None: current
+  warning: str | None  # staleness.check's; None: nothing unknown
 
   def field(self, key: str) -> str:
     """A provenance field as text; "unknown" where there is none."""
@@ -81,12 +85,16 @@ def read_json(path: str) -> dict[str, Any]:
   return obj
 
 
-def _split(path: str, repo: str) -> tuple[dict[str, Any], Origin]:
+def _split(path: str, repo: str, needs_inputs: bool) -> tuple[dict[str, Any], Origin]:
+  """The JSON at `path` as (body, Origin); `needs_inputs`: it was computed from trained
+  models, whose provenance it must carry to be current."""
   obj = read_json(path)
-  prov = obj.get("provenance")
+  prov, inputs = obj.get("provenance"), obj.get(INPUTS_KEY)
   prov = prov if isinstance(prov, dict) else None
+  inputs = inputs if isinstance(inputs, dict) else None
+  verdict = check(prov, inputs, repo, needs_inputs=needs_inputs)
   body = {k: v for k, v in obj.items() if k not in META_KEYS}
-  return body, Origin(path=path, provenance=prov, stale=stale_reason(prov, repo))
+  return body, Origin(path, prov, inputs, verdict.stale, verdict.warning)
 
 
 def _experiment_key(name: str) -> tuple[int, str]:
@@ -101,7 +109,7 @@ def read_experiments(workdir: str, repo: str) -> tuple[Experiment, ...]:
       found.setdefault(os.path.splitext(os.path.basename(path))[0], path)
   out = []
   for name in sorted(found, key=_experiment_key):
-    body, origin = _split(found[name], repo)
+    body, origin = _split(found[name], repo, needs_inputs=True)
     png = os.path.splitext(found[name])[0] + ".png"
     out.append(Experiment(name, body, origin, png if os.path.isfile(png) else None))
   return tuple(out)
@@ -134,7 +142,7 @@ def read_result(workdir: str, repo: str, name: str) -> Result:
         f"run launch/main.py --workdir={workdir} first."
       )
     return Result(workdir, name, None, None, (), experiments)
-  results, origin = _split(path, repo)
+  results, origin = _split(path, repo, needs_inputs=True)
   for key in ("domains", "methods"):
     if key not in results:
       raise InputError(f"{path}: no {key!r} key; is it the results.json of launch/main.py?")
@@ -152,6 +160,15 @@ def read_benchmarks(workdirs: list[str], repo: str) -> list[Benchmark]:
   out = []
   for w in workdirs:
     _check_dir(w, "--bench_workdirs")
-    body, origin = _split(os.path.join(w, "benchmark.json"), repo)
+    body, origin = _split(os.path.join(w, "benchmark.json"), repo, needs_inputs=False)
     out.append(Benchmark(w, _unique_name(w, taken), body, origin))
   return out
+
+
+def read_bytes(path: str) -> bytes:
+  """A file's bytes (a figure to copy), or InputError naming it."""
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise InputError(f"{path}: cannot be read ({e.strerror}).") from None

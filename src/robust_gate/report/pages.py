@@ -1,23 +1,26 @@
 """The generated pages: docs/results.md, docs/performance.md and docs/figures/.
 
 Every number on a page sits under a header naming the commit and device that made
-it (from the JSON's provenance), with a STALE marker where the code changed since.
-Pages depend only on their inputs and the repository's history (no clock), so the
-same command on the same workdirs writes the same bytes.
+it (from the JSON's provenance), with a STALE marker where the code it or its inputs
+depend on changed since, and a WARNING where that cannot be fully checked. Pages
+depend only on their inputs and the repository's history (no clock), so the same
+command on the same workdirs writes the same bytes.
 """
 
 import os
 import re
-import shutil
 import urllib.parse
 from typing import Any
 
 from robust_gate.report.inputs import Benchmark, Experiment, Origin, Result
+from robust_gate.report.staleness import short
 from robust_gate.report.tables import body_tables, fmt, measurements_table, profile_table, table
 
 FIGURES = "figures"
 # The stale marker; it appears on a page once per stale JSON and nowhere else.
 STALE = "**STALE**"
+# The marker of what staleness cannot check (unknown dirtiness), once per such JSON.
+WARNING = "**WARNING**"
 # Keys of benchmark.json that are not phases (the format before `measurements`).
 _BENCH_META = ("config", "device", "backend", "num_devices", "host", "profiles")
 
@@ -28,30 +31,57 @@ def banner(command: str, commit: str, dirty: bool) -> str:
 
 
 def _heading(level: int, title: str, origin: Origin | None) -> list[str]:
-  """A heading naming commit and device, the STALE marker under it where due."""
+  """A heading naming commit and device, the STALE and WARNING markers under it where due."""
   commit = origin.commit if origin else "unknown"
   device = origin.field("device") if origin else "unknown"
   lines = [f"{'#' * level} {title} — commit `{commit}`, {device}", ""]
   if origin is not None and origin.stale:
     lines += [f"{STALE}: {origin.stale}.", ""]
+  if origin is not None and origin.warning:
+    lines += [f"{WARNING}: {origin.warning}.", ""]
   return lines
 
 
+def _dirty(prov: dict[str, Any]) -> str:
+  """The mark after a commit where the code differed from it, or may have."""
+  dirty = prov.get("dirty")
+  return " (dirty)" if dirty else " (uncommitted changes unknown)" if dirty is None else ""
+
+
+def _commit(prov: Any) -> str:
+  """A provenance's commit as `abc1234`, marked as `_dirty` says; "unknown" without one."""
+  commit = prov.get("commit") if isinstance(prov, dict) else None
+  if not isinstance(commit, str) or not commit:
+    return "unknown"
+  return f"`{short(commit)}`{_dirty(prov)}"
+
+
+def _inputs(inputs: dict[str, Any]) -> str:
+  """Which code made each input: its commits, each with the inputs made there."""
+  by_commit: dict[str, list[str]] = {}
+  for name, runs in inputs.items():
+    for run in runs if isinstance(runs, list) and runs else [None]:
+      by_commit.setdefault(_commit(run), []).append(name)
+  return "; ".join(f"{c}: {', '.join(dict.fromkeys(n))}" for c, n in by_commit.items())
+
+
 def _provenance(origin: Origin, extra: list[tuple[str, str]] | None = None) -> list[str]:
-  """The provenance as a list: command, commit, date, device, host; the JSON file."""
+  """The provenance as a list: command, commit, date, device, host, the code of its
+  inputs; the JSON file."""
   f = origin.field
   if origin.provenance is None:
     items = [("provenance", "none (the JSON predates provenance)")]
   else:
-    dirty = " (dirty)" if origin.provenance.get("dirty") else ""
     items = [
       ("command", f"`{f('command')}`"),
-      ("commit", f"`{f('commit')}`{dirty}"),
+      ("commit", f"`{f('commit')}`{_dirty(origin.provenance)}"),
       ("date", f("date")),
       ("device", f"{f('device')} ({f('platform')}, {f('process_count')} process(es))"),
       ("host", f("host")),
       ("jax", f("jax_version")),
     ]
+  if origin.inputs is not None:
+    items.append(("inputs made at", _inputs(origin.inputs)))
   items += [("file", f"`{origin.path}`"), *(extra or [])]
   return [*(f"- {k}: {v}" for k, v in items), ""]
 
@@ -64,10 +94,10 @@ def _config_name(origin: Origin) -> str:
   return f"config {os.path.basename(m.group(1))}" if m else "default config"
 
 
-def _figure(src: str, out: str, rel: str) -> list[str]:
-  """Copies a PNG to out/rel and links it from a page in `out`."""
-  os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
-  shutil.copyfile(src, os.path.join(out, rel))
+def _figure(src: str, rel: str, figures: dict[str, str]) -> list[str]:
+  """Links the PNG `src` as `rel` (under the page's folder); figures[rel] = src, for
+  the caller to copy."""
+  figures[rel] = src
   name = os.path.splitext(os.path.basename(rel))[0]
   return [f"![{name}]({urllib.parse.quote(rel)})", ""]
 
@@ -116,14 +146,15 @@ def _lambda_table(results: dict[str, Any]) -> list[str]:
   return table(["robust gate", *results["domains"]], rows) if rows else []
 
 
-def _experiment(e: Experiment, r: Result, out: str) -> list[str]:
+def _experiment(e: Experiment, r: Result, figures: dict[str, str]) -> list[str]:
   lines = _heading(3, f"Experiment `{e.name}` ({r.name})", e.origin) + _provenance(e.origin)
   if e.figure:
-    lines += _figure(e.figure, out, f"{FIGURES}/{r.name}/experiments/{e.name}.png")
+    lines += _figure(e.figure, f"{FIGURES}/{r.name}/experiments/{e.name}.png", figures)
   return lines + body_tables(e.body)
 
 
-def result_section(r: Result, out: str) -> list[str]:
+def result_section(r: Result, figures: dict[str, str]) -> list[str]:
+  """One workdir's section; the figures it links are added to `figures` (rel: source)."""
   res = r.results
   if res is None or r.origin is None:
     lines = [f"## {r.name}: experiments only (no results.json)", "", f"- workdir: `{r.workdir}`"]
@@ -149,13 +180,15 @@ def result_section(r: Result, out: str) -> list[str]:
         lines += [f"{title}:", "", *table(list(res[key]), [[fmt(v) for v in res[key].values()]])]
         lines.append("")
     for png in r.figures:
-      lines += _figure(png, out, f"{FIGURES}/{r.name}/{os.path.basename(png)}")
+      lines += _figure(png, f"{FIGURES}/{r.name}/{os.path.basename(png)}", figures)
   for e in r.experiments:
-    lines += _experiment(e, r, out)
+    lines += _experiment(e, r, figures)
   return lines
 
 
-def results_page(results: list[Result], out: str, head: str) -> str:
+def results_page(results: list[Result], head: str) -> tuple[str, dict[str, str]]:
+  """The page's text and the figures it links: {path under the page's folder: source PNG}."""
+  figures: dict[str, str] = {}
   lines = [head, "", "# Results", ""]
   lines += [
     "One section per workdir. Losses are bits per token as each JSON states; every table",
@@ -163,8 +196,8 @@ def results_page(results: list[Result], out: str, head: str) -> str:
     "",
   ]
   for r in results:
-    lines += result_section(r, out)
-  return "\n".join(lines).rstrip() + "\n"
+    lines += result_section(r, figures)
+  return "\n".join(lines).rstrip() + "\n", figures
 
 
 def _phases(body: dict[str, Any]) -> dict[str, Any]:
@@ -208,12 +241,18 @@ def performance_page(benchmarks: list[Benchmark], head: str) -> str:
   return "\n".join(lines).rstrip() + "\n"
 
 
-def clear_figures(out: str) -> None:
-  """Removes the PNGs a previous run copied (and the folders left empty), nothing else."""
+def remove_unlinked_figures(out: str, linked: set[str]) -> None:
+  """Removes the PNGs under out/figures/ that no page links any more (`linked`: their
+  paths relative to `out`), and the folders left empty; nothing else.
+
+  Run after the new figures and pages are written, so that a failure midway leaves the
+  figures the committed pages link.
+  """
   root = os.path.join(out, FIGURES)
-  for dirpath, _, files in os.walk(root, topdown=False):
-    for f in files:
-      if f.endswith(".png"):
-        os.remove(os.path.join(dirpath, f))
+  for dirpath, _, names in os.walk(root, topdown=False):
+    for n in names:
+      path = os.path.join(dirpath, n)
+      if n.endswith(".png") and os.path.relpath(path, out).replace(os.sep, "/") not in linked:
+        os.remove(path)
     if not os.listdir(dirpath):
       os.rmdir(dirpath)
