@@ -3,11 +3,12 @@ r"""The results pages, generated from workdirs (never written by hand).
   python launch/report.py --workdirs=/tmp/rg,/tmp/rg_digits,/tmp/rg_synth \
       --bench_workdirs=/tmp/bench_h100 --out=docs
 
-Writes <out>/results.md (one section per --workdirs entry: its results.json, figures
-and experiments, the PNGs copied into <out>/figures/) and <out>/performance.md (one
-per --bench_workdirs entry's benchmark.json). Each table names the commit and device
-that made it; a result whose code, or whose models' training code, changed since is
-marked STALE (robust_gate.report).
+Writes <out>/results.md (one section per --workdirs entry: its results.json, every
+number with its bootstrap interval, which differences from the robust gate exceed their
+noise and the certificate, figures and experiments, the PNGs copied into <out>/figures/)
+and <out>/performance.md (one per --bench_workdirs entry's benchmark.json). Each table
+names the commit and device that made it; a result whose code, or whose models'
+training code, changed since is marked STALE (robust_gate.report).
 """
 
 import os

@@ -12,7 +12,7 @@ root=${1:?usage: launch/reproduce.sh <root> [config ...]}
 shift
 configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(wordfreq digits synthetic jsd)
-experiments=(mixtures conflict gate_size prior extend prune ema)
+experiments=(mixtures conflict gate_size prior extend prune ema convergence)
 cd "$(dirname "$0")/.."
 mkdir -p "$root"
 # The chains compile many identical programs (a gate game per experiment point):

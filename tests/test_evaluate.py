@@ -1,14 +1,16 @@
 """robust_gate.evaluate on hand-made inputs whose answers are known exactly."""
 
+import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import optimize
 from tolerances import F32_RTOL
 
-from robust_gate import data, evaluate, uncertainty
+from robust_gate import data, evaluate, models, primal_dual, records, uncertainty
 from robust_gate.checks import InputError
 
 # Three examples, two domains: example 0 = [1, 2] and example 2 = [2, 2, 1] are
@@ -135,23 +137,28 @@ def test_gradient_conflict_concatenates_every_parameter_leaf():
   np.testing.assert_array_equal(cos, cos.T)
 
 
-def test_format_table_names_every_method_with_its_numbers():
+def _two_methods() -> dict:
+  return {
+    "robust_gate": {
+      "domain_loss": {"english": 0.5, "finnish": 0.25},
+      "mean": 0.375,
+      "worst_case": 0.5,
+    },
+    "best_response": {
+      "domain_loss": {"english": 0.0, "finnish": 2.125},
+      "mean": 1.0625,
+      "worst_case": 2.125,
+    },
+  }
+
+
+def test_format_table_of_results_without_intervals():
+  """An older workdir's results.json (the notebooks print it) prints its point estimates."""
   results = {
     "units": "bits/token",
     "baseline": "entropy",
     "domains": ["english", "finnish"],
-    "methods": {
-      "robust_gate": {
-        "domain_loss": {"english": 0.5, "finnish": 0.25},
-        "mean": 0.375,
-        "worst_case": 0.5,
-      },
-      "expert:english": {
-        "domain_loss": {"english": 0.0, "finnish": 2.125},
-        "mean": 1.0625,
-        "worst_case": 2.125,
-      },
-    },
+    "methods": _two_methods(),
     "lambda_bar": {"english": 0.75, "finnish": 0.25},
   }
   lines = evaluate.format_table(results).splitlines()
@@ -159,6 +166,137 @@ def test_format_table_names_every_method_with_its_numbers():
   assert lines[1].split() == ["method", "english", "finnish", "mean", "worst"]
   assert set(lines[2]) == {"-"}
   assert lines[3].split() == ["robust_gate", "0.5000", "0.2500", "0.3750", "0.5000"]
-  assert lines[4].split() == ["expert:english", "0.0000", "2.1250", "1.0625", "2.1250"]
+  # Aligned with the other rows: λ̄ is λ and a combining bar, one column.
+  assert lines[4] == "best response to λ̄" + " " * 4 + "    0.0000    2.1250    1.0625    2.1250"
   assert lines[5] == "λ̄ (robust gate): english=0.750, finnish=0.250"
   assert len(lines) == 6
+
+
+def test_format_table_shows_the_worst_case_interval_and_the_certificate():
+  methods = _two_methods()
+  methods["robust_gate"]["intervals"] = {"worst_case": [0.4875, 0.51]}
+  methods["best_response"]["intervals"] = {"worst_case": [2.0, 2.25]}
+  results = {
+    "units": "bits/token",
+    "baseline": "expert",
+    "domains": ["english", "finnish"],
+    "methods": methods,
+    "lambda_bar": {"english": 0.75, "finnish": 0.25},
+    "bootstrap": {"resamples": 1000, "level": 0.95, "over": "test sequences", "seed": 0},
+    "certificate": {
+      "upper": [0.5, 0.4875, 0.51],
+      "lower": [0.4, 0.39, 0.41],
+      "gap": [0.1, 0.0875, 0.12],
+      "lower_is_estimate": True,
+    },
+    "lambda_rank_correlation": -0.5,
+  }
+  lines = evaluate.format_table(results).splitlines()
+  assert lines[0].endswith("; intervals over test sequences (1000 resamples)")
+  assert lines[1].split()[-2:] == ["95%", "interval"]
+  assert lines[3].endswith("0.3750    0.5000  [0.4875, 0.5100]")
+  assert lines[4].endswith("2.1250  [2.0000, 2.2500]")
+  assert lines[6] == (
+    "certificate of the robust gate, bits/token: upper 0.5000 [0.4875, 0.5100], "
+    "lower (estimate) 0.4000 [0.3900, 0.4100], gap 0.1000 [0.0875, 0.1200]"
+  )
+  assert lines[7] == "rank correlation (Spearman) of λ̄ with the robust gate's L_k: -0.500"
+  results["lambda_rank_correlation"] = None
+  assert evaluate.format_table(results).endswith("L_k: undefined (a constant λ̄ or L)")
+
+
+# Tiny models for methods_on_test: a gate and a transformer of DATA's vocabulary and length.
+GATE_CFG = models.GateConfig(num_experts=2, vocab_size=3, max_len=5, hidden=4, pos_embed=2)
+LM_CFG = models.LMConfig(vocab_size=3, max_len=5, d_model=8, num_layers=1, num_heads=2, d_ff=8)
+
+
+def _trained_models(cache_NxTxM, baseline_K) -> records.TrainedModels:
+  """The records methods_on_test reads, built directly; what it does not read is None."""
+
+  def gate(seed):
+    params = models.init_gate(GATE_CFG, jax.random.PRNGKey(seed))
+    state = primal_dual.GameState(None, params, None, None, jnp.full(2, 0.5), params, None)
+    return records.Gate(GATE_CFG, state, loss_fn=None)
+
+  def lm(seed):
+    return models.init_lm(LM_CFG, jax.random.PRNGKey(seed))
+
+  names = [f.name for f in dataclasses.fields(records.Gates)]
+  test = records.Scored(DATA, cache_NxTxM, baseline_K)
+  unread = {f.name: None for f in dataclasses.fields(records.Caches)}
+  return records.TrainedModels(
+    splits=None,
+    caches=records.Caches(**(unread | {"test": test})),
+    gates=records.Gates(**{n: gate(i) for i, n in enumerate(names)}),
+    student=records.Student(LM_CFG, lm(10), init_from=0),
+    monoliths=records.Monoliths(
+      **{n: records.Monolithic(LM_CFG, lm(11 + i), None) for i, n in enumerate(MONOLITHS)}
+    ),
+  )
+
+
+MONOLITHS = ("monolithic", "monolithic_dro", "monolithic_large")
+
+
+@pytest.fixture(scope="module")
+def scored():
+  """methods_on_test on DATA with a random cache of two experts (one per domain)."""
+  rng = np.random.default_rng(0)
+  cache = np.log(rng.dirichlet(np.ones(3), size=(3, 5)))[..., :2].astype(np.float32)
+  baseline_K = np.array([evaluate.domain_ce(cache[..., k], DATA)[k] for k in range(2)])
+  m = _trained_models(cache, baseline_K)
+  return m, cache, evaluate.methods_on_test(m, "expert")
+
+
+def test_methods_on_test_scores_every_method_per_sequence(scored):
+  m, cache, (scores, use) = scored
+  gates = [name for name, _ in m.gates.items()]
+  assert "best_response" in gates
+  assert list(scores.nll_N) == [
+    *gates,
+    "uniform_mixture",
+    "posterior_gate",
+    "monolithic",
+    "monolithic_large",
+    "monolithic_dro",
+    "student",
+    "expert:a",
+    "expert:b",
+  ]
+  assert list(use) == [*gates, "posterior_gate"]
+  np.testing.assert_array_equal(scores.tokens_N, [3, 2, 4])
+  np.testing.assert_array_equal(scores.domain_N, DATA.domain_N)
+  for name, nll_N in scores.nll_N.items():
+    assert nll_N.shape == (3,) and nll_N.dtype == np.float64 and np.all(nll_N > 0), name
+  # Per-sequence sums over the real tokens only, and the per-domain CE they give.
+  expert_a = -np.array([cache[0, :3, 0].sum(), cache[1, :2, 0].sum(), cache[2, :4, 0].sum()])
+  np.testing.assert_allclose(scores.nll_N["expert:a"], expert_a, rtol=1e-6)
+  for name, logp in (("expert:b", cache[..., 1]), ("student", _lm_logp(m.student.params))):
+    np.testing.assert_allclose(scores.domain_ce(name), evaluate.domain_ce(logp, DATA), rtol=1e-6)
+  mixture_NxT = np.logaddexp(cache[..., 0], cache[..., 1]) - np.log(2)
+  np.testing.assert_allclose(
+    scores.domain_ce("uniform_mixture"), evaluate.domain_ce(mixture_NxT, DATA), rtol=1e-5
+  )
+
+
+def _lm_logp(params):
+  return evaluate.lm_logprobs(LM_CFG, params, DATA)
+
+
+def test_methods_on_test_keeps_the_expert_baseline_per_sequence(scored):
+  """With the "expert" baseline, each sequence's NLL under its own domain's expert (a:
+  sequences 0 and 2, expert 0; b: sequence 1, expert 1), whose sums are b_k."""
+  m, _, (scores, _) = scored
+  own_N = [scores.nll_N["expert:a"][0], scores.nll_N["expert:b"][1], scores.nll_N["expert:a"][2]]
+  np.testing.assert_array_equal(scores.baseline_nll_N, own_N)
+  K = 2
+  own_K = np.bincount(scores.domain_N, scores.baseline_nll_N, K) / np.bincount(
+    scores.domain_N, scores.tokens_N, K
+  )
+  np.testing.assert_allclose(own_K, m.caches.test.baseline_K, rtol=1e-12)
+  nll_N, b_K = scores.resampled("robust_gate")
+  np.testing.assert_array_equal(nll_N, scores.nll_N["robust_gate"] - scores.baseline_nll_N)
+  np.testing.assert_array_equal(b_K, [0.0, 0.0])
+  fixed, _ = evaluate.methods_on_test(m, "entropy")
+  assert fixed.baseline_nll_N is None
+  assert fixed.resampled("robust_gate")[1] is fixed.baseline_K

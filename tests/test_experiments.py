@@ -1,7 +1,11 @@
 """The paper's experiments (robust_gate.experiments) on a tiny main job: each runs,
-writes its JSON (with provenance) and PNG, and what can be checked exactly is (grid
-maxima, λ̄-losses, the §3 identity, warm starts, the pruning path, the EMA refit)."""
+writes its JSON (with provenance, its seeds and mean ± sd over them) and PNG, and what
+can be checked exactly is (grid maxima, λ̄-losses, the §3 identity, warm starts, the
+pruning path chosen on validation, the EMA refit, weak duality along the game)."""
 
+import copy
+import dataclasses
+import glob
 import itertools
 import json
 import math
@@ -15,12 +19,16 @@ import numpy as np
 import pytest
 from tolerances import F32_RTOL
 
-from robust_gate import config_files, models, pipeline, provenance, sampling
-from robust_gate.experiments import EXPERIMENTS, extend, jsd, mixtures
+from robust_gate import config_files, evaluate, models, pipeline, provenance, sampling
+from robust_gate.checks import InputError
+from robust_gate.experiments import EXPERIMENTS, common, convergence, extend, jsd, mixtures, prune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "launch", "configs")
 QUIET = lambda s: None
+# Seeds the experiments repeat their training over here: fewer than the launcher's
+# (`test_the_launcher_repeats_every_experiment_over_at_least_three_seeds`), to stay fast.
+TEST_SEEDS = 2
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +42,8 @@ def tiny(tmp_path_factory):
   config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
   workdir = str(tmp_path_factory.mktemp("experiments"))
   pipeline.run(config, workdir, log=QUIET)
+  config = copy.deepcopy(config)
+  config.experiment_seeds = TEST_SEEDS
   return config, workdir
 
 
@@ -56,8 +66,46 @@ def _run(tiny, name, **kwargs) -> dict:
     assert inputs["results.json"] == [_results(workdir)["provenance"]]
   flat = json.dumps(out)
   assert "NaN" not in flat and "Infinity" not in flat
+  if name == "mixtures":  # it trains nothing: the main job's one run, and it says so
+    assert written["seeds"] == [config.seed] and written["seeds_note"].startswith("1 seed")
+  else:
+    assert written["seeds"] == common.seeds(config) and len(written["seeds"]) >= TEST_SEEDS
+    assert written["seeds_note"]
+    found = list(_spreads(written))
+    assert found, f"{name} reports no mean ± sd"
+    for s in found:  # a mean and sample sd of its per-seed values, one per seed
+      per_seed = np.asarray(s["per_seed"])
+      assert len(per_seed) == len(written["seeds"])
+      np.testing.assert_allclose(s["mean"], per_seed.mean(0), rtol=1e-12, atol=1e-12)
+      np.testing.assert_allclose(s["sd"], per_seed.std(0, ddof=1), rtol=1e-12, atol=1e-12)
   assert pathlib.Path(workdir, "experiments", f"{name}.png").stat().st_size > 1000
   return out
+
+
+def _spreads(tree):
+  """Every {"mean", "sd", "per_seed"} record in a JSON tree."""
+  if isinstance(tree, dict):
+    if set(tree) == {"mean", "sd", "per_seed"}:
+      yield tree
+      return
+    tree = list(tree.values())
+  if isinstance(tree, list):
+    for v in tree:
+      yield from _spreads(v)
+
+
+def test_the_launcher_repeats_every_experiment_over_at_least_three_seeds():
+  """Every main-job config the launcher reads gives ≥ 3 seeds (the tests use fewer)."""
+  paths = sorted(glob.glob(os.path.join(CONFIGS, "*.py")))
+  configs = [c for c in map(config_files.load, paths) if "gate" in c and "expert" in c]
+  assert len(configs) >= 5
+  for config in configs:
+    seeds = common.seeds(config)
+    assert len(seeds) >= 3 and seeds[0] == config.seed and len(set(seeds)) == len(seeds)
+  config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
+  config.experiment_seeds = 1
+  with pytest.raises(InputError, match="experiment_seeds"):
+    common.seeds(config)
 
 
 def test_every_experiment_has_tests_of_its_own_here():
@@ -110,10 +158,16 @@ def test_conflict_cosines_over_training(tiny):
   for name, steps in (("monolithic", config.monolithic.steps), ("gate", config.gate.steps)):
     r = out["models"][name]
     assert r["steps"] == [0, steps // 2, steps]
-    for c in r["matrices"]:
+    for c in r["matrices_mean_over_seeds"]:
       np.testing.assert_allclose(np.diag(c), 1.0, atol=1e-5)
       np.testing.assert_allclose(c, np.transpose(c), atol=1e-6)
-    assert all(0 <= f <= 1 for f in r["negative_fraction"])
+    negative = np.array(r["negative_fraction"]["per_seed"])
+    assert np.all((negative >= 0) & (negative <= 1))
+    assert r["final_mean_off_diagonal"]["per_seed"] == [
+      s[-1] for s in r["mean_off_diagonal"]["per_seed"]
+    ]
+    # The seeds train different models: their cosines differ after step 0.
+    assert len({s[-1] for s in r["mean_off_diagonal"]["per_seed"]}) == TEST_SEEDS
 
 
 def test_jsd_is_zero_for_identical_domains_and_positive_otherwise():
@@ -138,41 +192,52 @@ def test_jsd_identity_holds_exactly_for_the_trained_models(tiny):
     assert m["linearized_at_lambda_bar"] >= run["jsd_lambda_bar_bits_per_token"] - 1e-9
 
 
-def test_jsd_run_trains_and_scores_a_main_job_per_similarity(tiny):
-  """`run` at one similarity: identical domains (JSD 0), a main job of that similarity in
-  `s=<s>/`, and the provenance of what it read there."""
+def test_jsd_run_trains_and_scores_a_main_job_per_similarity_and_seed(tiny):
+  """`run` at one similarity: identical domains (JSD 0), a main job of that similarity
+  for each seed in `s=<s>/seed=<seed>/`, and the provenance of what it read there."""
   config, workdir = tiny
   out = _run(tiny, "jsd", similarities=(1.0,))
   assert out["similarities"] == [1.0] and len(out["runs"]) == 1
   row = out["runs"][0]
-  assert row["similarity"] == 1.0 and abs(row["jsd_lambda_bar_bits_per_token"]) < 1e-6
-  sub = _results(os.path.join(workdir, "s=1.0"))
-  assert sub["provenance"]["config"]["data"]["options"]["similarity"] == 1.0
-  for name, m in row["models"].items():
-    assert m["test_worst"] == sub["methods"][name]["worst_case"]  # the sub-job's, not tiny's
-    assert abs(m["identity_residual_nats"]) < 1e-6
+  assert row["similarity"] == 1.0
+  assert max(map(abs, row["jsd_lambda_bar_bits_per_token"]["per_seed"])) < 1e-6
+  names = [f"s=1.0/seed={seed}" for seed in out["seeds"]]
+  subs = [_results(os.path.join(workdir, n)) for n in names]
+  for seed, sub in zip(out["seeds"], subs):
+    assert sub["provenance"]["config"]["data"]["options"]["similarity"] == 1.0
+    assert sub["provenance"]["config"]["seed"] == seed
+  for name, m in row["models"].items():  # each seed's sub-job's, not tiny's
+    assert m["test_worst"]["per_seed"] == [sub["methods"][name]["worst_case"] for sub in subs]
+    assert max(map(abs, m["identity_residual_nats"]["per_seed"])) < 1e-6
+  assert len(set(row["models"]["robust_gate"]["exact_worst"]["per_seed"])) == TEST_SEEDS
   inputs = out[provenance.INPUTS_KEY]
-  assert list(inputs) == [f"s=1.0/{n}" for n in (*provenance.MODEL_DIRS, "results.json")]
-  assert inputs["s=1.0/results.json"] == [sub["provenance"]]
+  read = (*provenance.MODEL_DIRS, "results.json")
+  assert list(inputs) == [f"{n}/{r}" for n in names for r in read]
+  assert [inputs[f"{n}/results.json"] for n in names] == [[sub["provenance"]] for sub in subs]
   assert config.data.options.get("similarity", 0.0) == 0.0  # the caller's config unchanged
+  assert config.seed == out["seeds"][0]
 
 
 def test_gate_size_runs_every_width_on_every_fraction(tiny):
   out = _run(tiny, "gate_size", hiddens=(4, 16), fractions=(0.5, 1.0))
   runs = {(r["hidden"], r["fraction"]): r for r in out["runs"]}
   assert set(runs) == {(4, 0.5), (16, 0.5), (4, 1.0), (16, 1.0)}
-  assert runs[(4, 1.0)]["examples"] == 120  # every validation sequence (3 × 40)
-  assert runs[(4, 0.5)]["examples"] == 60
+  # Validation's fit part: 3 domains × 40 sequences, half of each held out for the dual.
+  assert tiny[0].gate.dual_holdout == 0.5
+  assert runs[(4, 1.0)]["examples"] == 60
+  assert runs[(4, 0.5)]["examples"] == 30
   assert runs[(4, 1.0)]["params"] < runs[(16, 1.0)]["params"]
   for r in out["runs"]:
-    assert r["test_worst_final"] == pytest.approx(max(r["curve"][-1]["test"]))
+    assert len(r["curves"]) == TEST_SEEDS
+    assert r["test_worst_final"]["per_seed"] == [max(c[-1]["test"]) for c in r["curves"]]
 
 
 def test_prior_worst_over_the_simplex_bounds_every_smaller_set(tiny):
   out = _run(tiny, "prior")
   assert set(out["trained_on"]) == {"simplex", "box", "kl_ball"}
-  for r in out["trained_on"].values():  # the simplex contains box and KL ball
-    assert r["worst_in_simplex"] >= max(r["worst_in_box"], r["worst_in_kl_ball"]) - 1e-6
+  for r in out["trained_on"].values():  # the simplex contains box and KL ball, for every seed
+    within = np.maximum(r["worst_in_box"]["per_seed"], r["worst_in_kl_ball"]["per_seed"])
+    assert np.all(np.array(r["worst_in_simplex"]["per_seed"]) >= within - 1e-6)
 
 
 def test_extend_expanded_gate_keeps_the_old_experts_relative_weights():
@@ -195,18 +260,39 @@ def test_extend_adds_the_last_domain_to_a_gate_on_the_others(tiny):
   assert out["new_domain"] == "chain_2" and out["old_domains"] == ["chain_0", "chain_1"]
   assert set(out["runs"]) == {"warm start", "from scratch"}
   for r in out["runs"].values():
-    steps = [s for s, _ in r["curve"]]
-    assert steps[0] == 0 and steps[-1] == tiny[0].gate.steps
-  # Scratch reaches its own late mean, by definition of that mean's second half.
-  assert out["runs"]["from scratch"]["first_step_at_or_below_scratch_late_mean"] is not None
+    assert r["steps"][0] == 0 and r["steps"][-1] == tiny[0].gate.steps
+    assert len(r["worst"]["mean"]) == len(r["steps"])
+  # On every seed, scratch reaches its own late mean, by definition of that mean's second half.
+  hits = out["runs"]["from scratch"]["first_step_at_or_below_scratch_late_mean"]
+  assert len(hits) == TEST_SEEDS and None not in hits
 
 
-def test_prune_path_drops_the_least_used_expert_first(tiny):
+def test_prune_path_drops_the_least_used_expert_on_validation_first(tiny, monkeypatch):
+  """The order is the gate's mass on validation. Here one expert other than validation's
+  least used explains test 20 nats per token worse, so that test usage (and results.json's,
+  recomputed on that test) puts it last: the path must not follow test."""
+  config, workdir = tiny
+  results, m = common.load(config, workdir)
+  gate = m.gates.robust_gate
+  on_validation = prune.expert_mass(gate, common.gate_data(m.caches).selection)
+  unused = (int(np.argmin(on_validation)) + 1) % 3  # unused on test only
+  te = m.caches.test
+  worse_M = np.where(np.arange(3) == unused, 20.0, 0.0).astype(te.cache_NxTxM.dtype)
+  test = dataclasses.replace(te, cache_NxTxM=te.cache_NxTxM - worse_M)
+  results["gate_usage"]["robust_gate"] = evaluate.gate_logprobs_and_usage(
+    gate.cfg, gate.params, test.data, test.cache_NxTxM
+  )[1].tolist()
+  changed = dataclasses.replace(m, caches=dataclasses.replace(m.caches, test=test))
+  monkeypatch.setattr(common, "load", lambda config, workdir: (results, changed))
+  assert np.argmin(prune.expert_mass(gate, test)) == unused  # else this test could not fail
+  names = list(test.data.domains)
   out = _run(tiny, "prune")
   path, mass = out["path"], out["mass_under_lambda_bar"]
+  np.testing.assert_allclose(list(mass.values()), on_validation, rtol=F32_RTOL)
+  assert "validation" in out["order_chosen_on"]
   assert [len(p["experts"]) for p in path] == [3, 2, 1]
   dropped = [next(iter(set(a["experts"]) - set(b["experts"]))) for a, b in itertools.pairwise(path)]
-  assert dropped[0] == min(mass, key=mass.get)
+  assert dropped == [names[j] for j in np.argsort(on_validation)[:2]]
   assert path[-1]["expert_flops_per_token"] == pytest.approx(path[0]["expert_flops_per_token"] / 3)
 
 
@@ -214,14 +300,42 @@ def test_ema_at_the_config_decay_refits_the_main_jobs_gate(tiny):
   """The config's decay and seed refit the main job's robust gate; decay 0 (the last
   iterate) reports another gate."""
   config = tiny[0]
-  out = _run(tiny, "ema", decays=(config.gate.ema_decay, 0.0), seeds=(0, 1), points=4)
+  decays = (config.gate.ema_decay, 0.0)
+  out = _run(tiny, "ema", decays=decays, points=4)
   averaged, last = out["runs"][:2]
   assert (averaged["seed"], averaged["ema_decay"]) == (config.seed, config.gate.ema_decay)
   assert averaged["test_worst_final"] == pytest.approx(
-    _results(tiny[1])["methods"]["robust_gate"]["worst_case"], rel=1e-5
+    _results(tiny[1])["methods"]["robust_gate"]["worst_case"], rel=F32_RTOL
   )
   assert last["test_worst_final"] != pytest.approx(averaged["test_worst_final"], rel=1e-5)
-  assert [s["ema_decay"] for s in out["summary"]] == [config.gate.ema_decay, 0.0]
+  assert list(out["summary"]) == [f"decay {d}" for d in decays]
+  # The choice is validation's, whatever test says.
+  late = {d: out["summary"][f"decay {d}"]["validation_worst_late"]["mean"] for d in decays}
+  assert out["decay_chosen_on_validation"] == min(decays, key=lambda d: late[d])
+
+
+def test_convergence_lower_is_at_most_upper_at_every_point(tiny):
+  """Weak duality along every game, on validation and test; the constant-step game at the
+  main job's seed is the main job's robust gate; the variant reported is validation's."""
+  config, workdir = tiny
+  out = _run(tiny, "convergence", points=4)
+  curves, final = out["curves"], out["final"]
+  assert curves["steps"] == [0, 10, 20, 30, 40] and set(final) == set(convergence.VARIANTS)
+  for name in convergence.VARIANTS:
+    for split in ("validation", "test"):
+      upper, lower, gap = (np.array(curves[name][split][v]["per_seed"]) for v in convergence.VALUES)
+      assert upper.shape == (TEST_SEEDS, 5)
+      assert np.all(lower <= upper + 1e-6)
+      np.testing.assert_allclose(gap, upper - lower, atol=1e-6)
+      assert final[name][f"{split}_gap"]["per_seed"] == gap[:, -1].tolist()
+  assert config.gate.dual_timescale == 0 and not config.gate.optimistic  # the main job's game
+  assert final["constant"]["test_worst_case"]["per_seed"][0] == pytest.approx(
+    _results(workdir)["methods"]["robust_gate"]["worst_case"], rel=F32_RTOL
+  )
+  for key in ("validation_gap", "validation_worst_case"):
+    mean = {n: final[n][key]["mean"] for n in convergence.VARIANTS}
+    assert out[f"smallest_final_{key}"] == min(mean, key=lambda n: mean[n])
+  assert out["lower_is_estimate"] is True
 
 
 def test_launcher_runs_an_experiment_by_name(tiny):

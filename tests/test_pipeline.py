@@ -25,6 +25,7 @@ TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
 METHODS = [
   "robust_gate",
   "erm_gate",
+  "best_response",
   "uniform_mixture",
   "posterior_gate",
   "monolithic",
@@ -127,6 +128,7 @@ def test_rerun_resumes_everything_and_refuses_another_config(tiny_run):
     "experts",
     "robust_gate",
     "erm_gate",
+    "best_response",
     "student",
     "monolithic",
     "monolithic_dro",

@@ -153,3 +153,27 @@ def test_a_decreasing_dual_step_converges():
   gaps = [_exact_game(1, optax.sgd(3.0), decaying, steps)[1] for steps in (30, 3000)]
   _, constant = _exact_game(1, optax.sgd(3.0), dual.mirror_ascent(3.0, lam_set), 3000)
   assert gaps[0] > 0.02 and gaps[1] < 1e-3 and constant > 0.02, (gaps, constant)
+
+
+def test_the_dual_ascends_along_its_own_losses_at_the_primal_point():
+  """With dual_loss_fn, λ moves along those losses (evaluated at w_t, from a key stream
+  of their own), the primal step is the one without it, and both are in the metrics."""
+  K = 3
+  weights_K = jnp.array([1.0, 2.0, 3.0])
+  loss_fn = lambda w, batch, key: w * weights_K + jax.random.uniform(key, (K,))
+  dual_loss_fn = lambda w, key: w * weights_K[::-1] + jax.random.uniform(key, (K,))
+  opt, d = optax.sgd(0.1), dual.mirror_ascent(0.5, uncertainty.simplex(K))
+  state = primal_dual.init_state(jnp.ones(()), opt, d, jax.random.PRNGKey(0))
+  held_step = primal_dual.make_step(loss_fn, opt, d, dual_loss_fn=dual_loss_fn)
+  held, metrics = jax.jit(held_step)(state, None)
+  plain, plain_metrics = jax.jit(primal_dual.make_step(loss_fn, opt, d))(state, None)
+  np.testing.assert_array_equal(held.params, plain.params)  # both played λ_0
+  np.testing.assert_array_equal(metrics["losses"], plain_metrics["losses"])
+  assert "dual_losses" not in plain_metrics
+  dual_K = np.asarray(metrics["dual_losses"])
+  step_key = jax.random.fold_in(state.key, 0)
+  np.testing.assert_allclose(dual_K, dual_loss_fn(state.params, jax.random.fold_in(step_key, 1)))
+  assert not np.allclose(dual_K - weights_K[::-1], metrics["losses"] - weights_K)  # own stream
+  want_K = jax.nn.softmax(jnp.log(state.lam_K) + 0.5 * dual_K)
+  np.testing.assert_allclose(held.lam_K, want_K, rtol=F32_RTOL)
+  assert not np.allclose(plain.lam_K, want_K, rtol=1e-3)

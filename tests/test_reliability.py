@@ -25,8 +25,8 @@ from test_pipeline import ENV
 from robust_gate import checkpoints, cli, phases, pipeline, provenance, workdirs
 
 EVERYTHING_BUILT_FROM_EXPERTS = (
-  "cache_validation.npz, cache_test.npz, robust_gate, erm_gate, student, monolithic, "
-  "monolithic_dro, monolithic_large"
+  "cache_validation.npz, cache_test.npz, robust_gate, erm_gate, best_response, student, "
+  "monolithic, monolithic_dro, monolithic_large"
 )
 
 
@@ -76,7 +76,7 @@ def _results(workdir) -> dict:
   "field, steps, model, phase, built",
   [
     ("expert.steps", 50, "experts", pipeline.train_experts, EVERYTHING_BUILT_FROM_EXPERTS),
-    ("gate.steps", 80, "robust_gate", pipeline.train_gate, "student"),
+    ("gate.steps", 80, "robust_gate", pipeline.train_gate, "best_response, student"),
   ],
 )
 def test_extending_a_model_others_were_built_from_is_refused_up_front(

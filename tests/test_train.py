@@ -1,11 +1,14 @@
 import glob
 import os
+import re
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from robust_gate import config_files, data, models, pipeline, train
+from robust_gate import dual as dual_lib
 from robust_gate.checks import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,3 +80,51 @@ def test_a_batch_that_does_not_divide_across_devices_is_refused(monkeypatch):
   ):
     train.expert_loss_fn(cfg, d, 12)
   train.expert_loss_fn(cfg, d, 16)  # a multiple of 8 is fine
+
+
+def test_the_dual_step_follows_its_schedule_and_optimism_switches_both_players():
+  """Constant held-out losses [1, 0]: log(λ_1/λ_2) grows by η_t each step, η_t = η with
+  dual_timescale 0 and η/√(1 + t/τ) with τ > 0; an optimistic step along 2L − L = L
+  is the same, with both players' states the optimistic ones."""
+  loss_fn = lambda params, batch, key: params["w"] * jax.numpy.ones(2)
+  held_K = jax.numpy.array([1.0, 0.0])
+
+  def log_ratio(**kwargs):
+    step, state = train.make_game(
+      loss_fn,
+      {"w": jax.numpy.ones(())},
+      num_domains=2,
+      lr=0.1,
+      dual_lr=0.3,
+      seed=0,
+      dual_loss_fn=lambda params, key: held_K,
+      **kwargs,
+    )
+    state, _ = train.fit(step, state, 10, name="g", log=lambda s: None, chunk=10)
+    return float(np.diff(-np.asarray(state.dual_state.log_lam_K))[0]), state
+
+  constant, _ = log_ratio()
+  decaying, _ = log_ratio(dual_timescale=4.0)
+  optimistic, state = log_ratio(optimistic=True)
+  np.testing.assert_allclose(constant, 3.0, rtol=1e-5)
+  np.testing.assert_allclose(decaying, sum(0.3 / np.sqrt(1 + t / 4) for t in range(10)), rtol=1e-5)
+  np.testing.assert_allclose(optimistic, 3.0, rtol=1e-5)
+  assert isinstance(state.dual_state, dual_lib.OptimisticDualState)
+  like = optax.optimistic_adam_v2(0.1).init({"w": jax.numpy.ones(())})
+  assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(like)
+
+
+@pytest.mark.parametrize(
+  "field, value, want",
+  [
+    ("dual_holdout", 1.0, "must be in [0, 1)"),
+    ("dual_holdout", -0.25, "must be in [0, 1)"),
+    ("dual_timescale", -1.0, "must be finite and ≥ 0"),
+    ("optimistic", 2, "must be 0 or 1"),
+  ],
+)
+def test_new_gate_fields_are_checked_in_one_line(field, value, want):
+  config = config_files.load(os.path.join(ROOT, "launch", "configs", "tiny.py"))
+  config.gate[field] = value
+  with pytest.raises(InputError, match=re.escape(f"config.gate.{field}={value!r} {want}.")):
+    pipeline.check_config(config)

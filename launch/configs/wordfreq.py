@@ -6,6 +6,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds model init, sampling and the game
+  # Seeds seed, seed+1, ... that every experiment repeats its training over
+  # (launch/experiment.py); reported as mean ± sd. At least 3.
+  c.experiment_seeds = 3
   c.data_dir = ""  # TFDS data dir; "" = <workdir>/tfds
   c.baseline = "expert"  # b_k (docs/math.md §3): "expert", "entropy" (markov only), "none"
   c.uncertainty = "simplex"  # Λ: "simplex", "box" or "kl_ball"
@@ -38,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.monolithic.steps = 1200  # steps of the expert-sized monolithic models
   c.monolithic.lr = 3e-3  # their Adam learning rate
   c.monolithic.per_domain = 32  # sequences per domain per step (K× an expert's batch)
-  c.monolithic.dro_dual_lr = 0.5  # group-DRO dual step size η
+  c.monolithic.dro_dual_lr = 0.5  # group-DRO dual step size η (its dual sees the
+  # model's losses on validation's gate.dual_holdout part)
 
   c.monolithic_large = ml_collections.ConfigDict()  # about all experts' parameters
   c.monolithic_large.d_model = 128
@@ -55,7 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.gate.steps = 1500  # primal-dual steps
   c.gate.lr = 3e-3  # Adam learning rate of the gate
   c.gate.dual_lr = 0.5  # mirror-ascent step size η of the robust gate
-  c.gate.per_domain = 64  # cached sequences per domain per step
+  c.gate.dual_timescale = 0.0  # τ > 0: η_t = η/√(1 + t/τ); 0: η constant (docs/math.md §9.1)
+  c.gate.optimistic = 0  # 1: optimistic dual, optimistic Adam for every gate (docs/math.md §9.2)
+  c.gate.dual_holdout = 0.5  # fraction of each domain's validation sequences held out
+  # from every gate's fit; the dual players (robust gate, group DRO) see losses on it
+  # (0: the robust gate's dual sees its training losses, DRO's its train losses)
+  c.gate.per_domain = 64  # cached sequences per domain per step (fit and holdout alike)
   c.gate.ema_decay = 0.99  # EMA of w: the gate reported (0: the last iterate; BUILD_NOTES)
 
   c.distill = ml_collections.ConfigDict()

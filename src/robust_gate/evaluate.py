@@ -1,20 +1,58 @@
-"""Evaluation: per-domain held-out losses of every method, tables, plots (docs/math.md §6).
+"""Evaluation: held-out losses of every method with their error bars, the robust gate's
+certificate, tables, plots (docs/math.md §6–§8).
 
 Losses are reported in bits per token. `domain_loss` is L_k = CE(D_k, model) − b_k
 with the same baseline the game used (default: b_k = the domain's own expert's
 held-out cross-entropy, so L_k is the excess over that expert); `domain_ce` is
 the raw cross-entropy. The worst case is `max_{λ∈Λ} Σ_k λ_k L_k`.
+
+Every method is scored once per test sequence (`SequenceScores`); the point estimates
+and their bootstrap intervals (`robust_gate.bootstrap`, §8) are computed from those
+sums. One key, from the config's seed, draws the resamples of every interval, so every
+method, every paired difference and the certificate see the same resamples.
 """
 
+import dataclasses
+import functools
+import math
 import os
+import unicodedata
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import experts, files, gating, models, objectives, parallel, records
+from robust_gate import (
+  bootstrap,
+  certificate,
+  experts,
+  files,
+  gating,
+  models,
+  objectives,
+  parallel,
+  records,
+)
 from robust_gate.checks import InputError
 from robust_gate.data import DomainData
+
+# Resamples and coverage of every interval in results.json (docs/math.md §8).
+RESAMPLES = 1000
+LEVEL = 0.95
+# What the intervals resample, as results.json states it.
+RESAMPLED_OVER = "test sequences, resampled within each domain"
+# The stream of config.seed the bootstrap draws from (the phases' initializations use 1–3).
+_BOOTSTRAP_STREAM = 8
+# The method every other is compared with, and the gate trained at λ fixed to its λ̄.
+REFERENCE = "robust_gate"
+BEST_RESPONSE = "best_response"
+# How tables name a method where its key in results.json does not say what it is.
+_LABELS = {BEST_RESPONSE: "best response to λ̄"}
+
+
+def method_label(name: str) -> str:
+  """The name of method `name` on tables and pages."""
+  return _LABELS.get(name, name)
 
 
 def domain_mean(values_NxT, data: DomainData) -> np.ndarray:
@@ -64,16 +102,17 @@ def gate_logprobs_and_usage(
   config: models.GateConfig, params, data: DomainData, cache_NxTxM
 ) -> tuple[np.ndarray, np.ndarray]:
   """The gated model's log-probs [N, T] and mean gate weights per domain [K, M]."""
-
-  @jax.jit
-  def fn(p, x, c, m):
-    prefix = models.prefix_loglik(c, m)
-    log_gate = models.gate_log_weights(config, p, x, prefix)
-    return gating.causal_mixture_logp(log_gate, c), jnp.exp(log_gate)
-
   rows, n = parallel.put_rows(data.inputs_NxT, cache_NxTxM, data.mask_NxT)
-  logp, gate = fn(params, *rows)
+  logp, gate = _gated(config, params, *rows)
   return parallel.fetch(logp)[:n], usage(parallel.fetch(gate)[:n], data)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gated(config: models.GateConfig, params, inputs_NxT, cache_NxTxM, mask_NxT):
+  """(log-probs, gate weights) of a gate; compiled once for every gate of one config."""
+  prefix = models.prefix_loglik(cache_NxTxM, mask_NxT)
+  log_gate = models.gate_log_weights(config, params, inputs_NxT, prefix)
+  return gating.causal_mixture_logp(log_gate, cache_NxTxM), jnp.exp(log_gate)
 
 
 def fixed_gate_logprobs(log_gate_NxTxM, cache_NxTxM) -> np.ndarray:
@@ -85,7 +124,46 @@ def usage(gate_NxTxM: np.ndarray, data: DomainData) -> np.ndarray:
   return domain_mean(gate_NxTxM, data)
 
 
+def sequence_nll(logp_NxT, data: DomainData) -> np.ndarray:
+  """−Σ_t log p over each sequence's real target tokens, nats, [N] (float64)."""
+  return -np.where(data.mask_NxT, np.asarray(logp_NxT), 0.0).sum(axis=1).astype(np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceScores:
+  """Every method scored on the test split, one sum per sequence: what the point
+  estimates and their bootstrap intervals are computed from (docs/math.md §8)."""
+
+  nll_N: dict[str, np.ndarray]  # method: `sequence_nll`, nats
+  tokens_N: np.ndarray  # real target tokens per sequence
+  domain_N: np.ndarray  # domain ids in [0, K)
+  domains: tuple[str, ...]
+  baseline_K: np.ndarray  # b_k, nats per token (docs/math.md §3)
+  # Where b_k is measured on these same sequences (the "expert" baseline: b_k is domain
+  # k's expert's cross-entropy on them), each sequence's NLL under it; None for a b_k
+  # that is a constant ("entropy", "none").
+  baseline_nll_N: np.ndarray | None
+
+  def domain_ce(self, name: str) -> np.ndarray:
+    """Method `name`'s cross-entropy per domain, Σ NLL / Σ tokens, nats per token, [K]."""
+    K = len(self.domains)
+    totals_K = np.bincount(self.domain_N, self.nll_N[name], K)
+    return totals_K / np.bincount(self.domain_N, self.tokens_N, K)
+
+  def resampled(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(nll_N, b_K) the bootstrap resamples for method `name`.
+
+    A b_k measured on the test sequences is noisy too: passing nll_N − baseline_nll_N
+    with b = 0 gives the same L_k and resamples the baseline with the losses
+    (docs/math.md §8).
+    """
+    if self.baseline_nll_N is None:
+      return self.nll_N[name], self.baseline_K
+    return self.nll_N[name] - self.baseline_nll_N, np.zeros_like(self.baseline_K)
+
+
 def method_entry(ce_nats_K, baseline_nats_K, uncertainty, domains) -> dict:
+  """The point estimates of one method: L_k and CE_k per domain, mean, worst case (bits)."""
   loss_K = excess_bits(ce_nats_K, baseline_nats_K)
   worst, _ = uncertainty.max_linear(jnp.asarray(loss_K, jnp.float32))
   return {
@@ -96,34 +174,187 @@ def method_entry(ce_nats_K, baseline_nats_K, uncertainty, domains) -> dict:
   }
 
 
-def methods_on_test(m: records.TrainedModels, uncertainty) -> tuple[dict, dict]:
-  """Every method of docs/math.md §6 on the test split.
+def methods_on_test(
+  m: records.TrainedModels, baseline: str
+) -> tuple[SequenceScores, dict[str, np.ndarray]]:
+  """Every method of docs/math.md §6 scored on the test split, per sequence.
 
-  Returns ({method: `method_entry`}, {gate: `usage`, [K, M]}) for the two trained
-  gates, the uniform mixture, the posterior gate, the monolithic models, the
-  student and each expert alone.
+  Args:
+    m: the trained models: the gates (robust, ERM, best response to λ̄), the monolithic
+      models, the student and the experts, whose cache also gives the uniform mixture
+      and the posterior gate.
+    baseline: config.baseline, the kind of `m.caches.test.baseline_K`.
+
+  Returns:
+    (SequenceScores, {gate: `usage`, [K, M]}) for the trained gates and the posterior gate.
   """
   te, cache, baseline_K = m.caches.test.data, m.caches.test.cache_NxTxM, m.caches.test.baseline_K
-  K, domains = te.num_domains, te.domains
-  entry = lambda logp: method_entry(domain_ce(logp, te), baseline_K, uncertainty, domains)
-  methods, use = {}, {}
+  K = te.num_domains
+  nll_N, use = {}, {}
   for name, gate in m.gates.items():
     logp, use[name] = gate_logprobs_and_usage(gate.cfg, gate.params, te, cache)
-    methods[name] = entry(logp)
+    nll_N[name] = sequence_nll(logp, te)
   uniform = np.full(cache.shape, -np.log(K), np.float32)
-  methods["uniform_mixture"] = entry(fixed_gate_logprobs(uniform, cache))
+  nll_N["uniform_mixture"] = sequence_nll(fixed_gate_logprobs(uniform, cache), te)
   prefix_NxTxM = models.prefix_loglik(jnp.asarray(cache), jnp.asarray(te.mask_NxT))
   posterior = np.asarray(gating.posterior_log_gate(jnp.zeros(K), prefix_NxTxM.reshape(-1, K)))
   posterior = posterior.reshape(cache.shape)
-  methods["posterior_gate"] = entry(fixed_gate_logprobs(posterior, cache))
+  nll_N["posterior_gate"] = sequence_nll(fixed_gate_logprobs(posterior, cache), te)
   use["posterior_gate"] = usage(np.exp(posterior), te)
   for name in ("monolithic", "monolithic_large", "monolithic_dro"):
     mono = getattr(m.monoliths, name)
-    methods[name] = entry(lm_logprobs(mono.lm_cfg, mono.params, te))
-  methods["student"] = entry(lm_logprobs(m.student.lm_cfg, m.student.params, te))
-  for j, d in enumerate(domains):
-    methods[f"expert:{d}"] = entry(cache[..., j])
-  return methods, use
+    nll_N[name] = sequence_nll(lm_logprobs(mono.lm_cfg, mono.params, te), te)
+  nll_N["student"] = sequence_nll(lm_logprobs(m.student.lm_cfg, m.student.params, te), te)
+  for j, d in enumerate(te.domains):
+    nll_N[f"expert:{d}"] = sequence_nll(cache[..., j], te)
+  own_NxT = np.take_along_axis(cache, te.domain_N[:, None, None], axis=-1)[..., 0]
+  scores = SequenceScores(
+    nll_N=nll_N,
+    tokens_N=te.mask_NxT.sum(axis=1),
+    domain_N=te.domain_N,
+    domains=tuple(te.domains),
+    baseline_K=np.asarray(baseline_K),
+    baseline_nll_N=sequence_nll(own_NxT, te) if baseline == "expert" else None,
+  )
+  return scores, use
+
+
+def bootstrap_key(seed: int) -> jax.Array:
+  """The one key every interval of an evaluation draws its resamples from."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), _BOOTSTRAP_STREAM)
+
+
+def results_on_test(
+  scores: SequenceScores,
+  lam_bar_K,
+  uncertainty,
+  seed: int,
+  *,
+  num_resamples: int = RESAMPLES,
+  level: float = LEVEL,
+) -> dict:
+  """results.json's held-out numbers, each with its interval (docs/math.md §6–§8).
+
+  Args:
+    scores: every method on test, with "robust_gate" and "best_response" among them.
+    lam_bar_K: the robust gate's λ̄ (renormalized here; a point of Λ).
+    uncertainty: Λ.
+    seed: config.seed; `bootstrap_key(seed)` draws every resample.
+    num_resamples, level: of every interval.
+
+  Returns:
+    {"methods": {method: `method_entry` with "intervals" and "vs_robust_gate"},
+    "bootstrap": how the intervals were drawn, "certificate": {"upper", "lower", "gap"
+    as [point, lo, hi], "lower_is_estimate", "lambda_bar", "lambda_worst"},
+    "lambda_rank_correlation": Spearman's ρ of λ̄ with the robust gate's L_k (None
+    where either is constant)}, every loss in bits per token.
+
+  Raises:
+    InputError: without the robust gate or the best response among the scores, or
+      with a λ̄ outside Λ.
+  """
+  missing = [n for n in (REFERENCE, BEST_RESPONSE) if n not in scores.nll_N]
+  if missing:
+    raise InputError(f"results_on_test needs the methods {missing} among {list(scores.nll_N)}.")
+  key = bootstrap_key(seed)
+  lam_bar = certificate.check_in_set(lam_bar_K, uncertainty, "lam_bar_K")
+  kwargs = {"num_resamples": num_resamples, "level": level}
+  methods = {
+    name: method_entry(scores.domain_ce(name), scores.baseline_K, uncertainty, scores.domains)
+    | _interval_entry(key, scores, name, uncertainty, **kwargs)
+    for name in scores.nll_N
+  }
+  rho = rank_correlation(lam_bar, list(methods[REFERENCE]["domain_loss"].values()))
+  return {
+    "methods": methods,
+    "bootstrap": {
+      "resamples": num_resamples,
+      "level": level,
+      "over": RESAMPLED_OVER,
+      "seed": seed,
+    },
+    "certificate": _certificate_entry(key, scores, lam_bar, uncertainty, **kwargs),
+    "lambda_rank_correlation": rho if math.isfinite(rho) else None,
+  }
+
+
+def _interval_entry(key, scores: SequenceScores, name: str, uncertainty, **kwargs) -> dict:
+  """Method `name`'s intervals, and its paired difference from the robust gate, in bits.
+
+  {"intervals": {"domain_loss": {domain: [lo, hi]}, "mean": [lo, hi], "worst_case":
+  [lo, hi]}, "vs_robust_gate": {"worst_case": [point, lo, hi], "mean": [point, lo,
+  hi]}}: the difference is this method's number minus the robust gate's on the same
+  resamples (positive: the robust gate is better); it exceeds the test set's noise
+  where its interval excludes 0. `kwargs`: num_resamples and level.
+  """
+  nll_N, b_K = scores.resampled(name)
+  reference_N, _ = scores.resampled(REFERENCE)
+  args = (scores.tokens_N, scores.domain_N, b_K, uncertainty)
+  own = bootstrap.loss_intervals(key, nll_N, *args, **kwargs)
+  diff = bootstrap.paired(key, nll_N, reference_N, *args, **kwargs)
+  low_K, high_K = _bits(own.domain.low), _bits(own.domain.high)
+  return {
+    "intervals": {
+      "domain_loss": {d: [lo, hi] for d, lo, hi in zip(scores.domains, low_K, high_K)},
+      "mean": _bits(own.mean[1:]),
+      "worst_case": _bits(own.worst_case[1:]),
+    },
+    "vs_robust_gate": {"worst_case": _bits(diff.worst_case), "mean": _bits(diff.mean)},
+  }
+
+
+def _certificate_entry(key, scores: SequenceScores, lam_bar_K, uncertainty, **kwargs) -> dict:
+  """The robust gate's duality-gap certificate against the best response to λ̄
+  (docs/math.md §7), each value as [point, lo, hi] in bits on the resamples of `key`.
+
+  The lower value comes from a trained best response scored on test sequences, so it
+  is an estimate (§7.1); `lower ≤ upper` on the sample and on every resample.
+  `lambda_worst` is a λ attaining the upper value. `kwargs`: num_resamples and level.
+  """
+  nll_N, b_K = scores.resampled(REFERENCE)
+  best_N, _ = scores.resampled(BEST_RESPONSE)
+  found = bootstrap.certificate_intervals(
+    key, nll_N, best_N, scores.tokens_N, scores.domain_N, b_K, lam_bar_K, uncertainty, **kwargs
+  )
+  loss_K, best_loss_K = (
+    jnp.asarray(scores.domain_ce(n) - scores.baseline_K, jnp.float32)
+    for n in (REFERENCE, BEST_RESPONSE)
+  )
+  lam_K = jnp.asarray(lam_bar_K, jnp.float32)
+  point = certificate.duality_gap(loss_K, best_loss_K, lam_K, uncertainty)
+  named = lambda lam_K: dict(zip(scores.domains, map(float, np.asarray(lam_K))))
+  return {
+    "upper": _bits(found.upper),
+    "lower": _bits(found.lower),
+    "gap": _bits(found.gap),
+    "lower_is_estimate": point.lower_is_estimate,
+    "lambda_bar": named(lam_bar_K),
+    "lambda_worst": named(point.lam_worst_K),
+  }
+
+
+def rank_correlation(x_K, y_K) -> float:
+  """Spearman's ρ: the correlation of the ranks, tied values at their average rank.
+
+  Whether λ̄ ranks the domains as their held-out losses do. NaN where either input is
+  constant (its ranks have no spread), as scipy.stats.spearmanr.
+  """
+  rx_K, ry_K = (_average_ranks(np.asarray(v, np.float64)) for v in (x_K, y_K))
+  rx_K, ry_K = rx_K - rx_K.mean(), ry_K - ry_K.mean()
+  norm = math.sqrt(float(rx_K @ rx_K) * float(ry_K @ ry_K))
+  return float(rx_K @ ry_K) / norm if norm > 0 else math.nan
+
+
+def _average_ranks(x_K: np.ndarray) -> np.ndarray:
+  """Ranks 1…K of `x_K`; a group of c ties ending at rank e shares e − (c − 1)/2."""
+  _, group_K, counts = np.unique(x_K, return_inverse=True, return_counts=True)
+  ends = np.cumsum(counts)
+  return (ends - (counts - 1) / 2.0)[group_K]
+
+
+def _bits(values) -> list[float]:
+  """Nats per token (an Interval, or arrays) as a list of floats in bits per token."""
+  return [float(v) for v in objectives.nats_to_bits(np.asarray(values, np.float64))]
 
 
 def gradient_conflict(loss_fn, params, key) -> np.ndarray:
@@ -138,29 +369,58 @@ def gradient_conflict(loss_fn, params, key) -> np.ndarray:
 
 
 def format_table(results: dict) -> str:
-  domains = results["domains"]
+  """The printed summary of results.json: every method's L_k, mean and worst case with
+  the worst case's interval, λ̄, the certificate with its intervals and λ̄'s rank
+  correlation. Results written before intervals (an older workdir) print without them."""
+  domains, units = results["domains"], results["units"]
+  boot = results.get("bootstrap")
+  title = f"per-domain loss L_k, {units} (baseline: {results['baseline']})"
   head = (
     f"{'method':22s}" + "".join(f"{d[:9]:>10s}" for d in domains) + f"{'mean':>10s}{'worst':>10s}"
   )
-  lines = [
-    f"per-domain loss L_k, {results['units']} (baseline: {results['baseline']})",
-    head,
-    "-" * len(head),
-  ]
+  if boot:
+    title += f"; intervals over {boot['over']} ({boot['resamples']} resamples)"
+    head += f"  {100 * boot['level']:g}% interval"
+  lines = [title, head, "-" * len(head)]
   for name, m in results["methods"].items():
+    worst = m.get("intervals", {}).get("worst_case")
     lines.append(
-      f"{name:22s}"
+      _padded(method_label(name), 22)
       + "".join(f"{m['domain_loss'][d]:10.4f}" for d in domains)
       + f"{m['mean']:10.4f}{m['worst_case']:10.4f}"
+      + (f"  {_bracket(worst)}" if worst else "")
     )
   lines.append(
     "λ̄ (robust gate): " + ", ".join(f"{d}={w:.3f}" for d, w in results["lambda_bar"].items())
   )
+  if "certificate" in results:
+    c = results["certificate"]
+    lower = "lower (estimate)" if c["lower_is_estimate"] else "lower"
+    values = [("upper", c["upper"]), (lower, c["lower"]), ("gap", c["gap"])]
+    lines.append(
+      f"certificate of the robust gate, {units}: "
+      + ", ".join(f"{k} {v[0]:.4f} {_bracket(v[1:])}" for k, v in values)
+    )
+  if "lambda_rank_correlation" in results:
+    rho = results["lambda_rank_correlation"]
+    lines.append(
+      "rank correlation (Spearman) of λ̄ with the robust gate's L_k: "
+      + ("undefined (a constant λ̄ or L)" if rho is None else f"{rho:+.3f}")
+    )
   return "\n".join(lines)
 
 
+def _padded(text: str, width: int) -> str:
+  """`text` left-aligned in `width` columns; combining marks (the bar of λ̄) take none."""
+  return text + " " * (width - sum(not unicodedata.combining(c) for c in text))
+
+
+def _bracket(low_high) -> str:
+  return f"[{low_high[0]:.4f}, {low_high[1]:.4f}]"
+
+
 def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:
-  """PNG plots: λ over training, per-domain loss by method, gate usage."""
+  """PNG plots: λ over training, per-domain loss by method with intervals, gate usage."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -185,14 +445,18 @@ def plot(results: dict, lam_history: dict, workdir: str) -> list[str]:
   fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(groups) + 4), 4))
   width = 0.8 / len(methods)
   for i, name in enumerate(methods):
-    m = results["methods"][name]
+    m, x = results["methods"][name], np.arange(len(groups)) + i * width
     vals = [m["domain_loss"][d] for d in domains] + [m["worst_case"]]
-    ax.bar(np.arange(len(groups)) + i * width, vals, width, label=name)
+    ax.bar(x, vals, width, label=method_label(name))
+    iv = m["intervals"]
+    low, high = zip(*[iv["domain_loss"][d] for d in domains], iv["worst_case"])
+    ax.vlines(x, low, high, color="k", lw=0.8)
   ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
   ax.axhline(0.0, color="k", lw=0.5)
+  level = results["bootstrap"]["level"]
   ax.set(
     ylabel=f"L_k ({results['units']}, baseline {results['baseline']})",
-    title="held-out loss per domain by method",
+    title=f"held-out loss per domain by method, with {100 * level:g}% intervals",
   )
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()

@@ -1,6 +1,6 @@
 """The main job's models, each a `Game` that one function trains or restores.
 
-Every trained model of the job (the experts, the two gates, the student, the three
+Every trained model of the job (the experts, the three gates, the student, the three
 monolithic baselines) is built the same way: a `Game` (its step function, initial
 state, step count and spec) from the config and the records of the models it
 depends on, then `run_or_restore`, which trains it (resuming from its checkpoints)
@@ -42,6 +42,7 @@ from robust_gate.records import (
   Experts,
   Gate,
   Gates,
+  LossFn,
   Monolithic,
   Monoliths,
   Scored,
@@ -60,6 +61,8 @@ class Training:
   seed: int  # the game's PRNG key (batches) and the parameters' initialization
   dual_lr: float = 0.0  # η of the dual player; 0: λ stays where it starts
   ema_decay: float = 0.0  # EMA of the parameters; 0: the EMA is the last iterate
+  dual_timescale: float = 0.0  # τ > 0: η_t = η/√(1 + t/τ); 0: η constant (docs/math.md §9.1)
+  optimistic: bool = False  # optimistic steps for both players (docs/math.md §9.2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +117,21 @@ def gate_game(
   t: Training,
   uncertainty: uncertainty_lib.UncertaintySet | None,
   params=None,
+  *,
+  dual_on: Scored | None = None,
+  lam_K=None,
 ):
   """(step, initial state, loss_fn) of a causal gate over `train`'s cached experts.
 
   `params` defaults to a fresh gate from `t.seed`; `uncertainty` None is the
-  simplex (with dual_lr 0: λ fixed at the uniform mixture, the ERM gate).
+  simplex (with dual_lr 0: λ fixed at `lam_K`, by default the uniform mixture: the
+  ERM gate). With `dual_on`, the dual player sees the gate's losses on minibatches of
+  that split (held out from `train`) rather than its training losses (docs/math.md §4).
   """
-  loss_fn = train_lib.gate_loss_fn(
-    cfg, train.data, train.cache_NxTxM, t.per_domain, jnp.asarray(train.baseline_K, jnp.float32)
-  )
+  loss_fn = _gate_loss_fn(cfg, train, t.per_domain)
+  dual_loss_fn = None
+  if dual_on is not None:
+    dual_loss_fn = _dual_loss_fn(_gate_loss_fn(cfg, dual_on, t.per_domain))
   if params is None:
     params = models.init_gate(cfg, _init_key(t.seed, 2))
   step, state = train_lib.make_game(
@@ -133,9 +142,26 @@ def gate_game(
     dual_lr=t.dual_lr,
     seed=t.seed,
     uncertainty=uncertainty,
+    lam_K=lam_K,
     ema_decay=t.ema_decay,
+    dual_loss_fn=dual_loss_fn,
+    dual_timescale=t.dual_timescale,
+    optimistic=t.optimistic,
   )
   return step, state, loss_fn
+
+
+def _gate_loss_fn(cfg: models.GateConfig, on: Scored, per_domain: int) -> LossFn:
+  return train_lib.gate_loss_fn(cfg, on.data, on.cache_NxTxM, per_domain, _baseline_K(on))
+
+
+def _baseline_K(on: Scored) -> jax.Array:
+  return jnp.asarray(on.baseline_K, jnp.float32)
+
+
+def _dual_loss_fn(loss_fn: LossFn) -> primal_dual.DualLossFn:
+  """A loss function that samples its own minibatches, as the dual player's."""
+  return lambda params, key: loss_fn(params, None, key)
 
 
 def _init_key(seed: int, phase: int) -> jax.Array:
@@ -174,7 +200,16 @@ def gate_config(config, num_experts: int, vocab_size: int, hidden=None) -> model
 
 def gate_training(config, dual_lr: float) -> Training:
   gc = config.gate
-  return Training(gc.steps, gc.lr, gc.per_domain, config.seed, dual_lr, gc.ema_decay)
+  return Training(
+    gc.steps,
+    gc.lr,
+    gc.per_domain,
+    config.seed,
+    dual_lr,
+    gc.ema_decay,
+    gc.dual_timescale,
+    bool(gc.optimistic),
+  )
 
 
 def _section(config, name):
@@ -212,14 +247,50 @@ def train_experts(config, splits: Splits, run: Runner) -> Experts:
 
 def score(config, workdir: str, splits: Splits, trained: Experts, log=print) -> Caches:
   """Every expert's log-probs on validation and test (cached in the workdir; a damaged
-  cache is announced through `log` and rebuilt), and b_k."""
+  cache is announced through `log` and rebuilt), b_k, and validation's two parts
+  (`dual_holdout`), each with its own b_k."""
   scored = {}
   for split in ("validation", "test"):
     d = getattr(splits, split)
     path = os.path.join(workdir, f"cache_{split}.npz")
     cache = experts.cached_scores(path, [trained.group], d, log=log)
     scored[split] = Scored(d, cache, baseline(config, cache, d))
-  return Caches(experts=trained, **scored)
+  va = scored["validation"]
+  held_N = dual_holdout(config, va.data)
+  part = lambda keep_N: _rescored(config, va, np.flatnonzero(keep_N))
+  return Caches(
+    experts=trained, fit=part(~held_N), holdout=part(held_N) if held_N.any() else None, **scored
+  )
+
+
+def _rescored(config, scored: Scored, idx) -> Scored:
+  """The examples `idx` of a scored split, with b_k measured on them."""
+  part = scored.subset(idx)
+  return dataclasses.replace(part, baseline_K=baseline(config, part.cache_NxTxM, part.data))
+
+
+def dual_holdout(config, d: DomainData) -> np.ndarray:
+  """Which validation sequences the dual players see and no gate is fitted to, [N] bool:
+  `config.gate.dual_holdout` of each domain's, drawn from config.seed (docs/math.md §4).
+
+  The same for every gate, so that they are fitted to the same data and comparable.
+  A fraction that leaves a domain with no sequence on one side is an InputError.
+  """
+  fraction, rng = config.gate.dual_holdout, np.random.default_rng(config.seed)
+  held_N = np.zeros(len(d.domain_N), bool)
+  if fraction == 0:
+    return held_N
+  for k, name in enumerate(d.domains):
+    idx = np.flatnonzero(d.domain_N == k)
+    n = round(fraction * len(idx))
+    if not 0 < n < len(idx):
+      raise InputError(
+        f"config.gate.dual_holdout={fraction} holds out {n} of domain {name}'s {len(idx)} "
+        f"validation sequences: each side needs at least one; choose a fraction in "
+        f"(0, 1) nearer 0.5, or 0 for the in-sample dual."
+      )
+    held_N[rng.permutation(idx)[:n]] = True
+  return held_N
 
 
 def check_baseline(config) -> None:
@@ -247,29 +318,48 @@ def baseline(config, cache_NxTxM, d: DomainData) -> np.ndarray:
 
 
 def train_gates(config, caches: Caches, run: Runner) -> Gates:
-  """The robust gate and the ERM gate, on the validation cache.
+  """The robust gate, the ERM gate and the best response to the robust gate's λ̄, each
+  fitted to `caches.fit`; the robust gate's dual player sees `caches.holdout`.
 
   The gate evaluated, distilled and reported is the EMA of w (`Gate.params`,
   `config.gate.ema_decay`; docs/math.md §4); at decay 0 it is the last iterate.
   """
-  va = caches.validation.data
-  cfg = gate_config(config, va.num_domains, va.vocab_size)
-  lam_set = uncertainty_lib.from_config(config, va.num_domains)
-  gates = {}
-  for name, dual_lr in (("robust_gate", config.gate.dual_lr), ("erm_gate", 0.0)):
-    # ERM: Λ's simplex, λ fixed at the uniform mixture.
-    step, state, loss_fn = gate_game(
-      cfg, caches.validation, gate_training(config, dual_lr), lam_set if dual_lr else None
-    )
-    spec = {
-      **_common_spec(config),
-      "experts": caches.experts.digest,
-      "baseline": config.baseline,
-      "gate": {**_section(config, "gate"), "dual_lr": dual_lr},
-      **(_uncertainty_spec(config) if dual_lr else {}),
-    }
-    gates[name] = Gate(cfg, run(Game(name, step, state, config.gate.steps, spec)), loss_fn)
-  return Gates(**gates)
+  fit = caches.fit
+  cfg = gate_config(config, fit.data.num_domains, fit.data.vocab_size)
+  lam_set = uncertainty_lib.from_config(config, fit.data.num_domains)
+  spec = {
+    **_common_spec(config),
+    "experts": caches.experts.digest,
+    "baseline": config.baseline,
+  }
+
+  def gate(name, dual_lr, extra_spec, **game):
+    step, state, loss_fn = gate_game(cfg, fit, gate_training(config, dual_lr), **game)
+    gate_spec = {**spec, "gate": {**_section(config, "gate"), "dual_lr": dual_lr}, **extra_spec}
+    return Gate(cfg, run(Game(name, step, state, config.gate.steps, gate_spec)), loss_fn)
+
+  dual_lr = config.gate.dual_lr  # 0: the robust gate is trained as the ERM gate
+  robust = gate(
+    "robust_gate",
+    dual_lr,
+    _uncertainty_spec(config) if dual_lr else {},
+    uncertainty=lam_set if dual_lr else None,
+    dual_on=caches.holdout,
+  )
+  erm = gate("erm_gate", 0.0, {}, uncertainty=None)  # Λ's simplex, λ fixed at uniform
+  # The lower value's best response (docs/math.md §7.1): λ fixed at λ̄, warm-started
+  # from the robust gate's EMA; its spec holds the robust gate's digest, so a changed
+  # robust gate retrains it.
+  lam_bar_K = robust.state.lam_avg_K
+  best_response = gate(
+    "best_response",
+    0.0,
+    {"robust_gate": experts.params_fingerprint(robust.state)},
+    uncertainty=None,
+    params=robust.params,
+    lam_K=lam_bar_K / jnp.sum(lam_bar_K),
+  )
+  return Gates(robust_gate=robust, erm_gate=erm, best_response=best_response)
 
 
 def distill_student(config, splits: Splits, caches: Caches, robust: Gate, run: Runner) -> Student:
@@ -298,7 +388,11 @@ def distill_student(config, splits: Splits, caches: Caches, robust: Gate, run: R
 
 
 def train_monoliths(config, splits: Splits, caches: Caches, run: Runner) -> Monoliths:
-  """The monolithic baselines: an expert's size (ERM and group DRO) and all experts' size."""
+  """The monolithic baselines: an expert's size (ERM and group DRO) and all experts' size.
+
+  Group DRO's dual player sees what the robust gate's does: the model's losses on
+  minibatches of `caches.holdout`, with its b_k (docs/math.md §4), not its own.
+  """
   tr = splits.train
   K = tr.num_domains
   mc, lc = config.monolithic, config.monolithic_large
@@ -311,9 +405,13 @@ def train_monoliths(config, splits: Splits, caches: Caches, run: Runner) -> Mono
     ("monolithic_dro", expert_size, mc, mc.dro_dual_lr),
     ("monolithic_large", large, lc, 0.0),
   ):
-    loss_fn = train_lib.monolithic_loss_fn(
-      cfg, tr, mc.per_domain, jnp.asarray(caches.validation.baseline_K, jnp.float32)
-    )
+    loss_fn = train_lib.monolithic_loss_fn(cfg, tr, mc.per_domain, _baseline_K(caches.validation))
+    dual_loss_fn = None
+    if dual_lr and caches.holdout is not None:
+      held = caches.holdout
+      dual_loss_fn = _dual_loss_fn(
+        train_lib.monolithic_loss_fn(cfg, held.data, mc.per_domain, _baseline_K(held))
+      )
     step, state = train_lib.make_game(
       loss_fn,
       models.init_lm(cfg, _init_key(config.seed, 3)),
@@ -322,6 +420,7 @@ def train_monoliths(config, splits: Splits, caches: Caches, run: Runner) -> Mono
       dual_lr=dual_lr,
       seed=config.seed,
       uncertainty=lam_set if dual_lr else None,
+      dual_loss_fn=dual_loss_fn,
     )
     spec = {
       **_common_spec(config),
@@ -331,7 +430,9 @@ def train_monoliths(config, splits: Splits, caches: Caches, run: Runner) -> Mono
       "lr": section.lr,
       "dual_lr": dual_lr,
       "per_domain": mc.per_domain,
-      **(_uncertainty_spec(config) if dual_lr else {}),
+      **(
+        {**_uncertainty_spec(config), "dual_holdout": config.gate.dual_holdout} if dual_lr else {}
+      ),
     }
     state = run(Game(name, step, state, section.steps, spec))
     out[name] = Monolithic(lm_cfg=cfg, params=state.params, loss_fn=loss_fn)

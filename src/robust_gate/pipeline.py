@@ -1,8 +1,9 @@
 """The main job as phases that read what the previous ones wrote in the workdir.
 
     train_experts   K experts (one per domain, stacked, one compiled program) on train
-    train_gate      the expert caches on validation/test; the robust gate (the game
-                    of docs/math.md §4) and the ERM gate (λ fixed) on the validation cache
+    train_gate      the expert caches on validation/test; on validation's fit part, the
+                    robust gate (the game of docs/math.md §4, its dual player on the
+                    other part), the ERM gate (λ fixed) and the best response to λ̄ (§7.1)
     distill         the robust gated model → one expert-sized student (docs/math.md §5)
     train_baselines the monolithic models: expert-sized, all experts' size, group DRO
     evaluate        every method of docs/math.md §6 on test: results.json, table, plots
@@ -70,14 +71,15 @@ __all__ = [
   "train_gate",
 ]
 
-_FLOAT_KEYS = ("lr", "dual_lr", "dro_dual_lr", "ema_decay")
+_FLOAT_KEYS = ("lr", "dual_lr", "dro_dual_lr", "ema_decay", "dual_holdout", "dual_timescale")
 
 
 def check_config(config) -> None:
   """Positive sizes and step counts, finite positive learning rates, η ≥ 0, an EMA
-  decay in [0, 1), a baseline the data has; data options in their domains, sequences
-  that fit the context, a data_dir that can be a directory. All before any work:
-  a value that reached TFDS or wordfreq would end in their traceback, not one line."""
+  decay and a dual holdout in [0, 1), a dual timescale ≥ 0, optimism 0 or 1, a
+  baseline the data has; data options in their domains, sequences that fit the
+  context, a data_dir that can be a directory. All before any work: a value that
+  reached TFDS or wordfreq would end in their traceback, not one line."""
   data = config.data
   dataset = datasets.make_config(data.name, **dict(data.options))
   if isinstance(data.max_len, bool) or not isinstance(data.max_len, int) or data.max_len < 2:
@@ -109,9 +111,11 @@ def check_config(config) -> None:
       name = f"config.{section}.{key}"
       if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{name}={value!r} must be a number.")
-      if key == "ema_decay":
+      if key in ("ema_decay", "dual_holdout"):
         ok, want = 0 <= value < 1, "in [0, 1)"
-      elif key.endswith("dual_lr") or key == "token_embed":
+      elif key == "optimistic":
+        ok, want = value in (0, 1), "0 or 1"
+      elif key.endswith("dual_lr") or key in ("token_embed", "dual_timescale"):
         ok, want = value >= 0, "finite and ≥ 0"
       else:
         ok, want = value > 0, "finite and > 0"
@@ -201,7 +205,7 @@ class _Workdir:
 # The models each phase trains (the directories it writes in the workdir).
 _TRAINS = {
   "train_experts": ("experts",),
-  "train_gate": ("robust_gate", "erm_gate"),
+  "train_gate": ("robust_gate", "erm_gate", "best_response"),
   "distill": ("student",),
   "train_baselines": ("monolithic", "monolithic_dro", "monolithic_large"),
   "evaluate": (),
@@ -212,6 +216,7 @@ _SECTION = {
   "experts": "expert",
   "robust_gate": "gate",
   "erm_gate": "gate",
+  "best_response": "gate",
   "student": "distill",
   "monolithic": "monolithic",
   "monolithic_dro": "monolithic",
@@ -226,12 +231,13 @@ _BUILT_FROM = {
     "cache_test.npz",
     "robust_gate",
     "erm_gate",
+    "best_response",
     "student",
     "monolithic",
     "monolithic_dro",
     "monolithic_large",
   ),
-  "robust_gate": ("student",),
+  "robust_gate": ("best_response", "student"),
 }
 
 
@@ -266,6 +272,7 @@ def _start(config, workdir, log, phase) -> _Workdir:
   w = _Workdir(config, workdir, log, train=_TRAINS[phase])
   s = w.splits
   uncertainty_lib.from_config(config, s.train.num_domains)  # Λ checked before any work
+  phases.dual_holdout(config, s.validation)  # and the dual holdout
   if config.gate.dual_lr == 0 and phase == "train_gate":
     log(
       "note: config.gate.dual_lr=0, so the robust gate is trained as the ERM gate "
@@ -294,7 +301,7 @@ def train_experts(config, workdir: str, log=print) -> Experts:
 
 
 def train_gate(config, workdir: str, log=print) -> Gates:
-  """Phase 2: caches, then the robust and the ERM gate."""
+  """Phase 2: caches, then the robust gate, the ERM gate and the best response."""
   return _finished(config, workdir, _start(config, workdir, log, "train_gate").gates)
 
 
@@ -334,12 +341,14 @@ def saved_config(workdir: str):
 
 
 def evaluate_all(config, workdir: str, log=print) -> dict:
-  """Phase 5: every method on test → results.json, the table and the plots."""
+  """Phase 5: every method on test with its intervals, the robust gate's certificate
+  → results.json, the table and the plots (docs/math.md §6–§8)."""
   m = _start(config, workdir, log, "evaluate").models()
   domains, K = m.splits.test.domains, m.splits.test.num_domains
   lam_set = uncertainty_lib.from_config(config, K)
   robust, mono = m.gates.robust_gate, m.monoliths.monolithic
-  methods, use = evaluate.methods_on_test(m, lam_set)
+  scores, use = evaluate.methods_on_test(m, config.baseline)
+  on_test = evaluate.results_on_test(scores, robust.state.lam_avg_K, lam_set, config.seed)
   conflict_key = jax.random.PRNGKey(config.seed + 17)
   results = {
     "units": "bits/token",
@@ -350,7 +359,7 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
     "experts": list(domains),
     "lambda_bar": dict(zip(domains, map(float, robust.state.lam_avg_K))),
     "lambda_last": dict(zip(domains, map(float, robust.state.lam_K))),
-    "methods": methods,
+    **on_test,  # methods, bootstrap, certificate, lambda_rank_correlation
     "gate_usage": {k: v.tolist() for k, v in use.items()},
     "gradient_conflict": {
       "monolithic": evaluate.gradient_conflict(mono.loss_fn, mono.params, conflict_key).tolist(),

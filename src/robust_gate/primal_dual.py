@@ -10,12 +10,13 @@ of one stratified minibatch (or exact expectations). Each step:
   1. L̂ = loss_fn(w, batch, fold_in(key, step));
   2. primal descent with ∇_w Σ_k λ_k L̂_k(w) through any optax optimizer (an
      optimistic one, `optax.optimistic_adam_v2`, for the optimistic game of §9);
-  3. dual mirror ascent λ ← Proj^KL_Λ(λ ⊙ exp(η L̂(w))) (same L̂, simultaneous;
-     optimistic: along 2 L̂_t − L̂_{t−1});
+  3. dual mirror ascent λ ← Proj^KL_Λ(λ ⊙ exp(η L̂'(w))) (simultaneous; optimistic:
+     along 2 L̂'_t − L̂'_{t−1}), where L̂' = L̂, or, with `dual_loss_fn(params, key)`,
+     the losses at the same w on data held out from the primal step;
   4. running mean λ̄ of the λ played and a debiased EMA of w.
 
 The metrics of each step are the per-domain losses L̂ and the λ played (the
-objective Σ_k λ_k L̂_k is their dot product).
+objective Σ_k λ_k L̂_k is their dot product), and the dual's L̂' when it has its own.
 """
 
 import functools
@@ -32,6 +33,8 @@ from robust_gate.dual import AnyDualState, DualTransform
 from robust_gate.uncertainty import UncertaintySet
 
 LossFn = Callable[[Any, Any, jax.Array], jax.Array]
+# The dual player's per-domain losses on data of its own: (params, key) -> losses [K].
+DualLossFn = Callable[[Any, jax.Array], jax.Array]
 
 
 @struct.dataclass
@@ -76,8 +79,16 @@ def make_step(
   dual: DualTransform,
   *,
   ema_decay: float = 0.0,
+  dual_loss_fn: DualLossFn | None = None,
 ):
-  """Builds the pure step `(state, batch) -> (state, metrics)` of §4."""
+  """Builds the pure step `(state, batch) -> (state, metrics)` of §4.
+
+  With `dual_loss_fn`, the dual player ascends along its losses at the same w (the
+  state's, as the primal step's) instead of the primal's: losses on data the primal
+  step is not fitted to, so that λ grows where w generalizes worst rather than where
+  it fits worst (docs/math.md §4). Its key is folded from the step's, a stream the
+  primal's batch never uses.
+  """
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
 
@@ -93,7 +104,12 @@ def make_step(
     grads, losses_K = jax.grad(objective, has_aux=True)(state.params)
     updates, opt_state = primal_opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    _, dual_state = dual.update(jax.lax.stop_gradient(losses_K), state.dual_state)
+    metrics, dual_losses_K = {"losses": losses_K, "lam": lam_K}, losses_K
+    if dual_loss_fn is not None:
+      dual_losses_K = dual_loss_fn(state.params, jax.random.fold_in(key, 1))
+      chex.assert_shape(dual_losses_K, lam_K.shape)
+      metrics["dual_losses"] = dual_losses_K
+    _, dual_state = dual.update(jax.lax.stop_gradient(dual_losses_K), state.dual_state)
     # Debiased: the average of w_1..w_t with weights ∝ decay^(t−s), so w_0 (the init)
     # carries no weight however short the run; α_1 = 1, and decay 0 gives w exactly.
     decay, t = jnp.float32(ema_decay), (state.step + 1).astype(jnp.float32)
@@ -109,7 +125,7 @@ def make_step(
       lam_avg_K=lam_avg_K / jnp.sum(lam_avg_K),
       ema_params=ema_params,
     )
-    return new_state, {"losses": losses_K, "lam": lam_K}
+    return new_state, metrics
 
   return step
 

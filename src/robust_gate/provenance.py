@@ -38,6 +38,7 @@ MODEL_DIRS = (
   "experts",
   "robust_gate",
   "erm_gate",
+  "best_response",
   "student",
   "monolithic",
   "monolithic_dro",

@@ -3,9 +3,10 @@
     Splits        the three data splits
     Experts       the K trained experts, stacked, and their digest
     Scored        one split with every expert's log-probs (the cache) and b_k
-    Caches        the experts with their validation and test caches
+    Caches        the experts with their validation and test caches, and validation's
+                  two parts: what the gates fit, what the dual players see
     Gate          a trained gate: config, GameState, loss function
-    Gates         the robust gate and the ERM gate
+    Gates         the robust gate, the ERM gate and the best response to λ̄
     Student       the distilled student
     Monolithic    one monolithic baseline model: config, parameters, loss function
     Monoliths     the three monolithic baselines
@@ -75,8 +76,16 @@ class Scored:
 
 @dataclasses.dataclass(frozen=True)
 class Caches:
+  """The experts' caches. Validation is split, per domain and from config.seed, into
+  `fit`, what every gate is fitted to, and `holdout` (config.gate.dual_holdout of
+  each domain's sequences), what the dual players of the robust gate and the group
+  DRO model see, so that λ moves on held-out losses (docs/math.md §4). Each part has
+  its own b_k. Only the evaluation phase reads `test`."""
+
   experts: Experts
-  validation: Scored  # what the gates are trained on
+  validation: Scored  # the whole split (b_k on all of it)
+  fit: Scored  # validation less `holdout`: what the gates are trained on
+  holdout: Scored | None  # what the duals see; None (dual_holdout 0): their own losses
   test: Scored  # what every method is evaluated on
 
 
@@ -84,7 +93,7 @@ class Caches:
 class Gate:
   cfg: models.GateConfig
   state: primal_dual.GameState  # the whole game: w, λ, λ̄, EMA of w, optimizer, key
-  loss_fn: LossFn  # per-domain losses on validation minibatches (what it was trained on)
+  loss_fn: LossFn  # per-domain losses on minibatches of what it was fitted to (Caches.fit)
 
   @property
   def params(self) -> Any:
@@ -96,6 +105,7 @@ class Gate:
 class Gates:
   robust_gate: Gate  # trained against the worst case over Λ
   erm_gate: Gate  # λ fixed at the uniform mixture
+  best_response: Gate  # λ fixed at the robust gate's λ̄, from its EMA (docs/math.md §7.1)
 
   def items(self) -> Iterator[tuple[str, Gate]]:
     """(name, gate): the names are their directories in the workdir."""

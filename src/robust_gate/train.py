@@ -6,8 +6,8 @@ that returns per-domain losses from a stratified minibatch drawn inside jit.
 * experts: K stacked models, model k scored on domain k, λ fixed (dual step 0);
 * monolithic models: one model on every domain, λ fixed (ERM on the uniform
   mixture) or moved by the dual player (group DRO);
-* gates: a causal gate over the cached expert log-probs, λ fixed (ERM gate) or
-  robust (the game).
+* gates: a causal gate over the cached expert log-probs, λ fixed (the ERM gate, the
+  best response to λ̄) or robust (the game, its dual player on held-out losses).
 
 `fit` runs the steps in `lax.scan` chunks and prints progress with rate and ETA.
 """
@@ -119,13 +119,30 @@ def make_game(
   weight_decay: float = 0.0,
   lam_K=None,
   ema_decay: float = 0.0,
+  dual_loss_fn: primal_dual.DualLossFn | None = None,
+  dual_timescale: float = 0.0,
+  optimistic: bool = False,
 ):
   """(step_fn, initial GameState): Adam(W) primal, mirror-ascent dual from `lam_K`,
-  an EMA of the parameters with `ema_decay` (0: the EMA is the last iterate)."""
+  an EMA of the parameters with `ema_decay` (0: the EMA is the last iterate).
+
+  The dual ascends along `dual_loss_fn`'s losses when given, the primal's otherwise
+  (docs/math.md §4); its step is `dual_lr`, or `dual_lr/√(1 + t/dual_timescale)` when
+  `dual_timescale` > 0 (§9.1). `optimistic`: both players take the optimistic step,
+  optax.optimistic_adam_v2 and optimistic mirror ascent (§9.2).
+  """
   uncertainty = uncertainty or uncertainty_lib.simplex(num_domains)
-  primal = optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
-  dual = dual_lib.mirror_ascent(dual_lr, uncertainty)
-  step = primal_dual.make_step(loss_fn, primal, dual, ema_decay=ema_decay)
+  if optimistic and weight_decay:
+    raise ValueError("the optimistic primal (optimistic_adam_v2) has no weight decay.")
+  if optimistic:
+    primal = optax.optimistic_adam_v2(lr)
+  else:
+    primal = optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
+  eta = dual_lib.inverse_sqrt_schedule(dual_lr, dual_timescale) if dual_timescale else dual_lr
+  dual = dual_lib.mirror_ascent(eta, uncertainty, optimistic=optimistic)
+  step = primal_dual.make_step(
+    loss_fn, primal, dual, ema_decay=ema_decay, dual_loss_fn=dual_loss_fn
+  )
   state = primal_dual.init_state(params, primal, dual, jax.random.PRNGKey(seed), lam_K)
   return step, parallel.replicate(state)
 
@@ -199,10 +216,13 @@ def fit(
       checkpointer.save(state, metrics, final=done == num_steps)
     history.append(metrics)
     rate = (done - first) / (time.perf_counter() - start)
+    held = metrics.get("dual_losses")  # what the dual player saw, if not the losses
     log(
       f"{name}: step {done}/{num_steps}  {rate:.1f} steps/s  "
       f"ETA {(num_steps - done) / rate:.0f}s  loss max {losses.max():.4f} "
-      f"mean {losses.mean():.4f}  λ [{' '.join(f'{x:.3f}' for x in lam)}]"
+      f"mean {losses.mean():.4f}  "
+      + ("" if held is None else f"dual's max {held[-1].max():.4f}  ")
+      + f"λ [{' '.join(f'{x:.3f}' for x in lam)}]"
     )
   if not history:
     return state, {}

@@ -6,21 +6,38 @@ its own main jobs under `workdir`), prints a table, and writes
 `<workdir>/experiments/<name>.json` (with "experiment", "provenance" and the provenance
 of the models and results.json it read) and `<name>.png` (`reporting`). Every loss is
 that of a normalized model: gates are the causal gates of docs/math.md §2.1 (in G_1 by
-construction), evaluated on the test split.
+construction).
 
-  mixtures    the loss of every method over a grid of test mixtures on the simplex
-  conflict    per-domain gradient cosines over training: monolithic model vs gate
-  jsd         synthetic domains of controlled Jensen-Shannon divergence (exact)
-  gate_size   robust gates of increasing width on increasing data: held-out vs train
-  prior       box and KL-ball Λ against the simplex: worst case inside and outside Λ
-  extend      a new domain's expert added to a fitted gate: warm start vs scratch
-  prune       experts with little gate mass under λ̄ dropped: worst case and cost
-  ema         the reported gate as an EMA of w, several decays, against the last iterate
+What an experiment trains it trains once per seed of `common.seeds`
+(`config.experiment_seeds`, 3 by default) and reports as mean ± sd over them with the
+per-seed values; its JSON's "seeds" and "seeds_note" say which seeds and what they vary.
+Whatever an experiment chooses (an order, a variant) it chooses on validation; test
+numbers are outcomes, never used to choose.
+
+  mixtures     the loss of every method over a grid of test mixtures on the simplex
+  conflict     per-domain gradient cosines over training: monolithic model vs gate
+  jsd          synthetic domains of controlled Jensen-Shannon divergence (exact)
+  gate_size    robust gates of increasing width on increasing data: held-out vs train
+  prior        box and KL-ball Λ against the simplex: worst case inside and outside Λ
+  extend       a new domain's expert added to a fitted gate: warm start vs scratch
+  prune        experts with little gate mass under λ̄ dropped: worst case and cost
+  ema          the reported gate as an EMA of w, several decays, against the last iterate
+  convergence  the duality gap over training: constant, decreasing and optimistic dual steps
 """
 
 from collections.abc import Callable
 
-from robust_gate.experiments import conflict, ema, extend, gate_size, jsd, mixtures, prior, prune
+from robust_gate.experiments import (
+  conflict,
+  convergence,
+  ema,
+  extend,
+  gate_size,
+  jsd,
+  mixtures,
+  prior,
+  prune,
+)
 
 EXPERIMENTS: dict[str, Callable[..., dict]] = {
   "mixtures": mixtures.run,
@@ -31,4 +48,5 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
   "extend": extend.run,
   "prune": prune.run,
   "ema": ema.run,
+  "convergence": convergence.run,
 }

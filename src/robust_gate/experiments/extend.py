@@ -42,73 +42,89 @@ def restrict(s: Scored, domains: list[int]) -> Scored:
 
 
 def run(config, workdir: str, log=print, new_domain: int = -1) -> dict:
+  """For every seed: a gate on the other domains, then the gate on all of them fitted
+  from it (warm start) and from that seed's fresh initialization (from scratch)."""
   _, m = common.load(config, workdir)
-  va, te = m.caches.validation, m.caches.test
-  K, V = va.data.num_domains, va.data.vocab_size
+  data, te = common.gate_data(m.caches), m.caches.test
+  K, V = te.data.num_domains, te.data.vocab_size
   new = new_domain % K
   old = [k for k in range(K) if k != new]
   order = [*old, new]  # the new expert and domain last
-  t = common.gate_training(config)
-  fit = lambda cfg, train, test, **kw: common.fit_gate(
-    t, cfg, train, {"test": test}, chunk=config.checkpoint_every, log=log, **kw
-  )
   old_cfg, new_cfg = phases.gate_config(config, K - 1, V), phases.gate_config(config, K, V)
-  st_old, curve_old = fit(
-    old_cfg, restrict(va, old), restrict(te, old), name=f"gate on {K - 1} domains"
-  )
-  fresh = models.init_gate(new_cfg, jax.random.fold_in(jax.random.PRNGKey(t.seed), 2))
-  runs: dict[str, dict[str, Any]] = {}
-  for name, init in (
-    ("warm start", expand_gate(st_old.ema_params, fresh)),
-    ("from scratch", fresh),
-  ):
-    _, curve = fit(
-      new_cfg,
-      restrict(va, order),
-      restrict(te, order),
-      name=f"gate on {K} domains, {name}",
-      params=init,
-    )
-    runs[name] = {
-      "curve": [(c["step"], max(c["test"])) for c in curve],
-      "late_worst": common.late(curve, "test"),
-    }
-  target = runs["from scratch"]["late_worst"][0]
-  for r in runs.values():
-    hit = [s for s, v in r["curve"] if v <= target]
-    r["first_step_at_or_below_scratch_late_mean"] = hit[0] if hit else None
-  domains = va.data.domains
-  out = {
-    "new_domain": domains[new],
-    "old_domains": [domains[k] for k in old],
-    "gate_on_old_domains_late_worst": common.late(curve_old, "test"),
-    "runs": runs,
+  out: dict[str, Any] = {
+    **common.seeded(config),
+    "new_domain": te.data.domains[new],
+    "old_domains": [te.data.domains[k] for k in old],
   }
+
+  def fit(t, cfg, domains, **kw):
+    part = data.restrict(lambda s: restrict(s, domains))
+    test = {"test": restrict(te, domains)}
+    chunk = config.checkpoint_every
+    return common.fit_gate(t, cfg, part.fit, test, chunk=chunk, log=log, dual_on=part.dual, **kw)
+
+  per_seed: list[dict[str, Any]] = []  # {"old_gate_late_worst": late, run name: curve}
+  for seed in out["seeds"]:
+    t = common.gate_training(config, seed)
+    st_old, curve_old = fit(t, old_cfg, old, name=f"gate on {K - 1} domains seed={seed}")
+    fresh = models.init_gate(new_cfg, jax.random.fold_in(jax.random.PRNGKey(seed), 2))
+    runs: dict[str, Any] = {"old_gate_late_worst": common.late(curve_old, "test")[0]}
+    for name, init in (
+      ("warm start", expand_gate(st_old.ema_params, fresh)),
+      ("from scratch", fresh),
+    ):
+      label = f"gate on {K} domains, {name}, seed={seed}"
+      runs[name] = fit(t, new_cfg, order, name=label, params=init)[1]
+    per_seed.append(runs)
+  out["gate_on_old_domains_late_worst"] = common.spread(
+    [r["old_gate_late_worst"] for r in per_seed]
+  )
+  out["runs"] = {}
+  for name in ("warm start", "from scratch"):
+    curves = [r[name] for r in per_seed]
+    targets = [common.late(r["from scratch"], "test")[0] for r in per_seed]
+    hits = [
+      next((c["step"] for c in curve if max(c["test"]) <= target), None)
+      for curve, target in zip(curves, targets)
+    ]
+    out["runs"][name] = {
+      "steps": [c["step"] for c in curves[0]],
+      "late_worst": common.spread([common.late(c, "test")[0] for c in curves]),
+      "worst": common.spread([common.worst_curve(c, "test") for c in curves]),
+      # Per seed: the first evaluation at or below that seed's from-scratch late mean.
+      "first_step_at_or_below_scratch_late_mean": hits,
+    }
+  runs = out["runs"]
   rows = [
     (
       n,
       [
-        r["curve"][0][1],
-        r["curve"][1][1],
-        r["late_worst"][0],
-        str(r["first_step_at_or_below_scratch_late_mean"]),
+        r["worst"]["mean"][0],
+        r["worst"]["mean"][1],
+        r["late_worst"]["mean"],
+        r["late_worst"]["sd"],
+        " ".join(map(str, r["first_step_at_or_below_scratch_late_mean"])),
       ],
     )
     for n, r in runs.items()
   ]
+  first = runs["warm start"]["steps"][1]
   log(
-    f"extend (add {domains[new]}; worst-case bits/token on all {K} domains):\n"
+    f"extend (add {out['new_domain']}; worst-case bits/token on all {K} domains, mean over "
+    f"{len(out['seeds'])} seeds):\n"
     + reporting.table(
-      rows, ["at step 0", f"step {r['curve'][1][0]}", "late mean", "first ≤ scratch"]
+      rows, ["at step 0", f"step {first}", "late mean", "late sd", "first ≤ scratch"]
     )
   )
   fig, ax = reporting.plt().subplots(figsize=(6, 4))
   for n, r in runs.items():
-    ax.plot(*zip(*r["curve"]), "o-", label=n)
+    mean, sd = np.asarray(r["worst"]["mean"]), np.asarray(r["worst"]["sd"])
+    ax.plot(r["steps"], mean, "o-", label=n)
+    ax.fill_between(r["steps"], mean - sd, mean + sd, alpha=0.2)
   ax.set(
     xlabel="gate steps after adding the domain",
     ylabel="test worst-case L_k (bits/token)",
-    title=f"adding {domains[new]}'s expert",
+    title=f"adding {out['new_domain']}'s expert (mean ± sd over {len(out['seeds'])} seeds)",
     yscale="log",
   )
   ax.legend()

@@ -1,8 +1,9 @@
 """Monolithic model vs robust gate as the domains' Jensen-Shannon divergence
 shrinks, on Markov domains small enough to enumerate every sequence (exact quantities).
 
-For each similarity s (every chain's transition rows pulled toward shared rows) the
-main job runs under `<workdir>/s=<s>`; `point` then scores every possible sequence.
+For each similarity s (every chain's transition rows pulled toward shared rows) and
+seed of `common.seeds` the main job runs under `<workdir>/s=<s>/seed=<seed>`; `point`
+then scores every possible sequence, and each number is reported as mean ± sd over seeds.
 """
 
 import copy
@@ -14,6 +15,11 @@ import numpy as np
 from robust_gate import data as data_lib
 from robust_gate import datasets, evaluate, experts, finite, objectives, pipeline, uncertainty
 from robust_gate.experiments import common, reporting
+
+SEEDS_NOTE = (
+  "seeds vary each similarity's whole main job (experts, gates, monolithic models, student: "
+  "initialization and minibatches); the domains and their samples are fixed by data.options"
+)
 
 
 def enumerate_markov(options: dict):
@@ -91,10 +97,11 @@ def point(config, workdir: str, log=print) -> dict:
       "mass_on_length_T": float(np.exp(finite.logsumexp_np(logq_N, 0))),
     }
   g, mo = row["models"]["robust_gate"], row["models"]["monolithic"]
+  row["monolithic_minus_robust_worst"] = mo["exact_worst"] - g["exact_worst"]
   log(
     f"jsd s={row['similarity']}: JSD_λ̄ {row['jsd_lambda_bar_bits_per_token']:.4f} "
     f"bits/token; exact worst mono {mo['exact_worst']:.4f} gate {g['exact_worst']:.4f} "
-    f"(gap {mo['exact_worst'] - g['exact_worst']:+.4f}); KL(D_λ̄‖q) mono "
+    f"(gap {row['monolithic_minus_robust_worst']:+.4f}); KL(D_λ̄‖q) mono "
     f"{mo['mixture_kl_at_lambda_bar']:.4f} gate {g['mixture_kl_at_lambda_bar']:.4f}; "
     f"identity residual "
     f"{max(abs(mo['identity_residual_nats']), abs(g['identity_residual_nats'])):.1e} nats"
@@ -103,48 +110,58 @@ def point(config, workdir: str, log=print) -> dict:
 
 
 def run(config, workdir: str, log=print, similarities=(0.0, 0.5, 0.8, 0.95, 1.0)) -> dict:
-  """The main job and `point` at each similarity s, under `<workdir>/s=<s>`."""
-  out: dict = {"similarities": list(similarities), "runs": []}
-  # The provenance of what `point` read in every sub-workdir, as "s=<s>/<input>".
+  """The main job and `point` at each similarity s and seed, under `<workdir>/s=<s>/seed=<seed>`."""
+  out: dict = {
+    **common.seeded(config, SEEDS_NOTE),
+    "similarities": list(similarities),
+    "runs": [],
+  }
+  # The provenance of what `point` read in every sub-workdir, as "s=<s>/seed=<seed>/<input>".
   read: dict[str, list[dict] | None] = {}
   for s in similarities:
-    cfg = copy.deepcopy(config)
-    with cfg.unlocked():
-      cfg.data.options.similarity = float(s)
-    sub = os.path.join(workdir, f"s={s}")
-    log(f"jsd: main job with similarity {s} in {sub}")
-    pipeline.run(cfg, sub, log=lambda line: None)
-    out["runs"].append(point(cfg, sub, log))
-    read |= {f"s={s}/{k}": v for k, v in reporting.inputs(sub).items()}
+    points = []
+    for seed in out["seeds"]:
+      cfg = copy.deepcopy(config)
+      with cfg.unlocked():
+        cfg.data.options.similarity = float(s)
+        cfg.seed = seed
+      name = f"s={s}/seed={seed}"
+      sub = os.path.join(workdir, name)
+      log(f"jsd: main job with similarity {s}, seed {seed} in {sub}")
+      pipeline.run(cfg, sub, log=lambda line: None)
+      points.append(point(cfg, sub, log))
+      read |= {f"{name}/{k}": v for k, v in reporting.inputs(sub).items()}
+    per_seed = [{k: v for k, v in p.items() if k != "similarity"} for p in points]
+    out["runs"].append({"similarity": float(s), **common.across_seeds(per_seed)})
   fig, axes = reporting.plt().subplots(1, 2, figsize=(11, 4))
-  x = [r["jsd_lambda_bar_bits_per_token"] for r in out["runs"]]
+  x = [r["jsd_lambda_bar_bits_per_token"]["mean"] for r in out["runs"]]
+  model = lambda name, key: [r["models"][name][key] for r in out["runs"]]
   for name in ("monolithic", "robust_gate"):
-    axes[0].plot(
-      x,
-      [r["models"][name]["exact_worst"] for r in out["runs"]],
-      "o-",
-      label=f"{name}: worst-case L_k",
-    )
-    axes[0].plot(
-      x,
-      [r["models"][name]["mixture_kl_at_lambda_bar"] for r in out["runs"]],
-      "s--",
-      label=f"{name}: KL(D_λ̄ ‖ q)",
-    )
+    for key, fmt, label in (
+      ("exact_worst", "o-", f"{name}: worst-case L_k"),
+      ("mixture_kl_at_lambda_bar", "s--", f"{name}: KL(D_λ̄ ‖ q)"),
+    ):
+      axes[0].errorbar(
+        x,
+        [v["mean"] for v in model(name, key)],
+        yerr=[v["sd"] for v in model(name, key)],
+        fmt=fmt,
+        capsize=3,
+        label=label,
+      )
   axes[0].plot(x, x, "k:", label="JSD_λ̄ (the identity's floor for Σλ̄L)")
   axes[0].set(
-    xlabel="JSD_λ̄ of the domains (bits/token)",
+    xlabel="JSD_λ̄ of the domains (bits/token, seed mean)",
     ylabel="bits/token",
-    title="exact losses vs domain divergence",
+    title=f"exact losses vs domain divergence (mean ± sd over {len(out['seeds'])} seeds)",
   )
   axes[0].legend(fontsize=7)
-  axes[1].plot(
+  axes[1].errorbar(
     x,
-    [
-      r["models"]["monolithic"]["exact_worst"] - r["models"]["robust_gate"]["exact_worst"]
-      for r in out["runs"]
-    ],
-    "o-",
+    [r["monolithic_minus_robust_worst"]["mean"] for r in out["runs"]],
+    yerr=[r["monolithic_minus_robust_worst"]["sd"] for r in out["runs"]],
+    fmt="o-",
+    capsize=3,
   )
   axes[1].axhline(0, color="k", lw=0.5)
   axes[1].set(

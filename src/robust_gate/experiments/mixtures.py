@@ -6,6 +6,11 @@ import numpy as np
 
 from robust_gate.experiments import common, reporting
 
+ONE_SEED = (
+  "1 seed: the main job's models as results.json scores them; this experiment trains "
+  "nothing (the other experiments repeat what they train over seeds)"
+)
+
 
 def simplex_grid(K: int, n: int) -> np.ndarray:
   """Every λ on the simplex with coordinates in {0, 1/n, ..., 1}, [G, K]."""
@@ -27,6 +32,8 @@ def run(config, workdir: str, log=print, resolution: int = 4) -> dict:
   }
   robust = grid @ methods["robust_gate"]
   out = {
+    "seeds": [config.seed],
+    "seeds_note": ONE_SEED,
     "domains": domains,
     "grid_points": len(grid),
     "resolution": resolution,

@@ -33,15 +33,19 @@ def plt():
 
 
 def table(rows: Sequence[tuple[str, Sequence[Any]]], cols: Sequence[str], fmt="{:10.4f}") -> str:
-  """Rows (name, values) under column headers; floats with `fmt`, anything else as text."""
-  head = f"{'':24s}" + "".join(f"{c[:12]:>13s}" for c in cols)
-  lines = [head]
-  for name, vals in rows:
-    lines.append(
-      f"{name[:24]:24s}"
-      + "".join(f"{fmt.format(v):>13s}" if isinstance(v, float) else f"{v!s:>13s}" for v in vals)
-    )
+  """Rows (name, values) under column headers; floats with `fmt`, anything else as text
+  (`pm`'s "mean ± sd"); a column as wide as its widest cell."""
+  cells = [[fmt.format(v) if isinstance(v, float) else str(v) for v in vals] for _, vals in rows]
+  widths = [max([13] + [len(r[i]) + 1 for r in cells]) for i in range(len(cols))]
+  lines = [f"{'':24s}" + "".join(f"{c[:12]:>{w}s}" for c, w in zip(cols, widths))]
+  for (name, _), r in zip(rows, cells):
+    lines.append(f"{name[:24]:24s}" + "".join(f"{c:>{w}s}" for c, w in zip(r, widths)))
   return "\n".join(lines)
+
+
+def pm(spread: dict[str, Any]) -> str:
+  """A `common.spread` of a number as "mean ± sd" for `table`."""
+  return f"{spread['mean']:.4f} ± {spread['sd']:.4f}"
 
 
 def inputs(workdir: str) -> dict[str, list[dict] | None]:

@@ -5,10 +5,12 @@
 Reads `<workdir>/results.json`, `<workdir>/experiments/<name>.json` (or the older
 `<workdir>/paper/`) with their PNGs, and `<bench_workdir>/benchmark.json`; every
 JSON carries the provenance of robust_gate.provenance, and one computed from trained
-models carries theirs (provenance.INPUTS_KEY). Each number on the pages sits under a
-header naming the commit and device that made it, marked STALE (`check`) where the
-code it or any of its inputs depends on changed after they were made, and WARNING
-where that cannot be fully checked (a copied tree's unknown dirtiness).
+models carries theirs (provenance.INPUTS_KEY). A main job's numbers carry their
+bootstrap intervals and the number of training seeds behind them (`held_out`). Each
+number on the pages sits under a header naming the commit and device that made it,
+marked STALE (`check`) where the code it or any of its inputs depends on changed after
+they were made, and WARNING where that cannot be fully checked (a copied tree's unknown
+dirtiness).
 """
 
 import os

@@ -14,7 +14,17 @@ from robust_gate.report.staleness import check, short
 # first; `paper/` is where launch/paper.py wrote them before (read where no newer one is).
 EXPERIMENT_DIRS = ("experiments", "paper")
 # The experiments' order on the page (robust_gate.experiments.EXPERIMENTS's); others follow by name.
-EXPERIMENT_ORDER = ("mixtures", "conflict", "jsd", "gate_size", "prior", "extend", "prune", "ema")
+EXPERIMENT_ORDER = (
+  "mixtures",
+  "conflict",
+  "jsd",
+  "gate_size",
+  "prior",
+  "extend",
+  "prune",
+  "ema",
+  "convergence",
+)
 # Keys that are metadata of a JSON, not its body.
 META_KEYS = ("provenance", INPUTS_KEY, "experiment")
 

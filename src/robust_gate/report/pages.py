@@ -12,6 +12,7 @@ import re
 import urllib.parse
 from typing import Any
 
+from robust_gate.report import held_out
 from robust_gate.report.inputs import Benchmark, Experiment, Origin, Result
 from robust_gate.report.staleness import short
 from robust_gate.report.tables import body_tables, fmt, measurements_table, profile_table, table
@@ -102,50 +103,6 @@ def _figure(src: str, rel: str, figures: dict[str, str]) -> list[str]:
   return [f"![{name}]({urllib.parse.quote(rel)})", ""]
 
 
-def _seeds(results: dict[str, Any]) -> int:
-  seeds = results.get("seeds", results.get("num_seeds", 1))
-  return len(seeds) if isinstance(seeds, list) else int(seeds)
-
-
-def _interval(entry: dict[str, Any], metric: str, domain: str | None) -> Any:
-  """The interval the JSON gives for `metric` (`intervals[metric]` or `<metric>_interval`)."""
-  for found in ((entry.get("intervals") or {}).get(metric), entry.get(f"{metric}_interval")):
-    if isinstance(found, dict) and domain is not None:
-      found = found.get(domain)
-    if isinstance(found, list) and len(found) == 2:
-      return found
-  return None
-
-
-def _value(entry: dict[str, Any], metric: str, domain: str | None = None) -> str:
-  v = entry[metric] if domain is None else entry[metric][domain]
-  text = f"{v:.4f}"
-  iv = _interval(entry, metric, domain)
-  return text + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
-
-
-_SUMMARY = ("mean", "worst_case")
-
-
-def method_table(results: dict[str, Any]) -> list[str]:
-  """Every method's L_k per domain, mean and worst case over Λ (with intervals if given)."""
-  domains = results["domains"]
-  rows = [
-    [name, *(_value(m, "domain_loss", d) for d in domains), *(_value(m, k) for k in _SUMMARY)]
-    for name, m in results["methods"].items()
-  ]
-  return table(["method", *(f"L_k {d}" for d in domains), "mean", "worst case over Λ"], rows)
-
-
-def _lambda_table(results: dict[str, Any]) -> list[str]:
-  rows = [
-    [label, *(f"{results[key][d]:.4f}" for d in results["domains"])]
-    for key, label in (("lambda_bar", "λ̄ (average)"), ("lambda_last", "λ (last iterate)"))
-    if isinstance(results.get(key), dict)
-  ]
-  return table(["robust gate", *results["domains"]], rows) if rows else []
-
-
 def _experiment(e: Experiment, r: Result, figures: dict[str, str]) -> list[str]:
   lines = _heading(3, f"Experiment `{e.name}` ({r.name})", e.origin) + _provenance(e.origin)
   if e.figure:
@@ -167,14 +124,12 @@ def result_section(r: Result, figures: dict[str, str]) -> list[str]:
       o,
       [
         ("workdir", f"`{r.workdir}`"),
-        ("seeds", str(_seeds(res))),
+        ("seeds", str(held_out.seeds(res))),
         ("Λ", str(res.get("uncertainty", "unknown"))),
         ("baseline b_k", str(res.get("baseline", "unknown"))),
       ],
     )
-    units = res.get("units", "unknown units")
-    lines += [f"Held-out loss L_k = CE − b_k per domain, {units}:", "", *method_table(res), ""]
-    lines += [*_lambda_table(res), ""]
+    lines += held_out.section_body(res)
     for key, title in (("num_params", "Parameters"), ("seconds", "Seconds per phase")):
       if isinstance(res.get(key), dict) and res[key]:
         lines += [f"{title}:", "", *table(list(res[key]), [[fmt(v) for v in res[key].values()]])]
@@ -192,7 +147,9 @@ def results_page(results: list[Result], head: str) -> tuple[str, dict[str, str]]
   lines = [head, "", "# Results", ""]
   lines += [
     "One section per workdir. Losses are bits per token as each JSON states; every table",
-    "sits under a header naming the commit and device that produced it.",
+    "sits under a header naming the commit and device that produced it. Each number of a",
+    "main job carries its bootstrap interval over the test sequences where its results.json",
+    "has one, and each section says how many training seeds are behind it.",
     "",
   ]
   for r in results:
