@@ -12,7 +12,8 @@ root=${1:?usage: launch/reproduce.sh <root> [config ...]}
 shift
 configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(wordfreq digits synthetic jsd)
-experiments=(mixtures conflict gate_size prior extend prune ema convergence)
+# Most telling first, so a run cut short by a time limit has them.
+experiments=(convergence ema prune mixtures prior gate_size extend conflict)
 cd "$(dirname "$0")/.."
 mkdir -p "$root"
 # The chains compile many identical programs (a gate game per experiment point):
@@ -24,11 +25,14 @@ chain() {
   local name=$1 config=launch/configs/$1.py workdir=$root/$1
   # shellcheck disable=SC2086  # RG_FLAGS is a list of flags
   if [ "$name" = jsd ]; then
+    [ -e "$workdir/experiments/jsd.json" ] && return
     python3 launch/experiment.py --experiment=jsd --config="$config" --workdir="$workdir" ${RG_FLAGS:-}
     return
   fi
   python3 launch/main.py --config="$config" --workdir="$workdir" ${RG_FLAGS:-}
   for e in "${experiments[@]}"; do
+    # An experiment already written is kept: started again, the script continues.
+    [ -e "$workdir/experiments/$e.json" ] && continue
     python3 launch/experiment.py --experiment="$e" --config="$config" --workdir="$workdir" ${RG_FLAGS:-}
   done
 }
