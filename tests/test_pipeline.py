@@ -124,16 +124,7 @@ def test_rerun_resumes_everything_and_refuses_another_config(tiny_run):
   out = _main(workdir)
   assert out.returncode == 0, out.stderr[-3000:]
   assert os.path.getmtime(workdir / "cache_test.npz") == stamp  # reused, not rebuilt
-  for model in (
-    "experts",
-    "robust_gate",
-    "erm_gate",
-    "best_response",
-    "student",
-    "monolithic",
-    "monolithic_dro",
-    "monolithic_large",
-  ):
+  for model in provenance_lib.MODEL_DIRS:
     assert f"{model}: resumed at step" in out.stdout
   assert "steps/s" not in out.stdout  # nothing trained again
   assert _results(workdir) == before

@@ -4,24 +4,12 @@ model's record of the runs that trained it."""
 import dataclasses
 import json
 import os
-import subprocess
 
 import pytest
+from test_report import _git  # a git command in a throwaway repo, with an author set
 
 from robust_gate import provenance
 from robust_gate.checks import InputError
-
-
-def _git(repo, *args) -> str:
-  env = {
-    **os.environ,
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@t",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@t",
-  }
-  out = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
-  return out.stdout.decode().strip()
 
 
 @pytest.fixture
