@@ -1,0 +1,43 @@
+"""Pre-trained experts from local Hugging Face checkpoints (GPT-2, Llama), in JAX.
+
+    import robust_gate.hf as hf
+    experts, tok = hf.load_experts({"code": "ckpt/gpt2-code", "law": "ckpt/llama-law"})
+    val = hf.tokenizer.encode_domains(tok, texts, labels, ["code", "law"],
+                                      vocab_size=experts[0].vocab_size, max_len=256)
+
+No PyTorch: the forward passes are written here from the architectures'
+definitions, the weights read with safetensors' numpy API.
+"""
+
+from robust_gate.hf import checkpoint, gpt2, llama, tokenizer
+from robust_gate.hf.model import (
+  DTYPES,
+  FAMILIES,
+  Model,
+  expert,
+  fingerprint,
+  load,
+  load_expert,
+  load_experts,
+  load_models,
+  next_token_logprobs,
+  token_logprobs,
+)
+
+__all__ = [
+  "DTYPES",
+  "FAMILIES",
+  "Model",
+  "checkpoint",
+  "expert",
+  "fingerprint",
+  "gpt2",
+  "llama",
+  "load",
+  "load_expert",
+  "load_experts",
+  "load_models",
+  "next_token_logprobs",
+  "token_logprobs",
+  "tokenizer",
+]

@@ -1,0 +1,137 @@
+"""A pre-trained checkpoint as an expert: loading, log-probabilities in data ids.
+
+`load(path)` reads a local Hugging Face checkpoint directory (config.json, its
+safetensors, tokenizer.json) of a supported family into a `Model`: a pytree whose
+only leaves are the parameters, so `jax.jit(token_logprobs)(model, x, y)` traces
+them as arguments. `next_token_logprobs` and `token_logprobs` take and give data
+ids (robust_gate.hf.tokenizer: 0 is BOS as an input and EOS as a target); `expert`
+wraps a model as an `experts.Expert`, and `load_experts` loads several and refuses
+them unless they share a tokenizer.
+"""
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+
+from robust_gate import experts
+from robust_gate.checks import InputError
+from robust_gate.hf import checkpoint, gpt2, llama
+from robust_gate.hf import tokenizer as tokenizer_lib
+
+FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama}  # by config.json's model_type
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  params: dict  # the family's parameters, layers stacked on a leading axis
+  family: str  # a key of FAMILIES
+  config: gpt2.Config | llama.Config
+  tokenizer: tokenizer_lib.Tokenizer
+  path: str
+
+
+jax.tree_util.register_dataclass(
+  Model, data_fields=["params"], meta_fields=["family", "config", "tokenizer", "path"]
+)
+
+
+def load(path: str, dtype: str = "float32") -> Model:
+  """The checkpoint in directory `path`, parameters cast to `dtype` (float32, or
+  bfloat16 for accelerators: half the memory, matmuls at bfloat16 precision)."""
+  if dtype not in DTYPES:
+    raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
+  raw = checkpoint.read_config(path)
+  model_type = raw.get("model_type")
+  if model_type not in FAMILIES:
+    raise InputError(
+      f"{path}/config.json: model_type {model_type!r} is not supported; "
+      f"supported: {', '.join(FAMILIES)}."
+    )
+  family = FAMILIES[model_type]
+  config = family.config_from_json(raw, path)
+  tok = tokenizer_lib.load(path, raw)
+  if tok.size > config.vocab_size:
+    raise InputError(
+      f"checkpoint {path}: its tokenizer has {tok.size} tokens, its model {config.vocab_size}."
+    )
+  params = checkpoint.read_params(path, family.spec(config), jnp.dtype(dtype))
+  return Model(jax.tree.map(jnp.asarray, params), model_type, config, tok, path)
+
+
+def _checkpoint_ids(data_ids, eos_id: int, zero_as: int) -> jax.Array:
+  """Data ids as the checkpoint's: 0 becomes `zero_as` (BOS for inputs, EOS for
+  targets), the data's `eos_id` the checkpoint's token 0."""
+  data_ids = jnp.asarray(data_ids)
+  return jnp.where(data_ids == 0, zero_as, jnp.where(data_ids == eos_id, 0, data_ids))
+
+
+def _checkpoint_logprobs(model: Model, inputs_BxT) -> jax.Array:
+  """log-softmax of the logits, float32, in the checkpoint's own id order."""
+  tok = model.tokenizer
+  ids_BxT = _checkpoint_ids(inputs_BxT, tok.eos_id, zero_as=tok.bos_id)
+  logits = FAMILIES[model.family].logits(model.config, model.params, ids_BxT)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def next_token_logprobs(model: Model, inputs_BxT) -> jax.Array:
+  """Full next-token log-distributions over data ids, [B, T, V] float32 (V: the
+  model's output width); the distillation teacher and `sampling.sample` take these."""
+  logp_BxTxV = _checkpoint_logprobs(model, inputs_BxT)
+  eos = model.tokenizer.eos_id
+  if eos == 0:
+    return logp_BxTxV
+  swapped = logp_BxTxV[..., jnp.array([eos, 0])]  # data id 0 is EOS; data id eos is token 0
+  return logp_BxTxV.at[..., jnp.array([0, eos])].set(swapped)
+
+
+def token_logprobs(model: Model, inputs_BxT, targets_BxT) -> jax.Array:
+  """log p(target_t | x_≤t) of data-id targets, [B, T] float32."""
+  logp_BxTxV = _checkpoint_logprobs(model, inputs_BxT)
+  eos = model.tokenizer.eos_id
+  ids_BxT = _checkpoint_ids(targets_BxT, eos, zero_as=eos)
+  return jnp.take_along_axis(logp_BxTxV, ids_BxT[..., None], axis=-1)[..., 0]
+
+
+def fingerprint(model: Model) -> str:
+  """Identifies the function the model computes: family, config, BOS/EOS, parameters."""
+  tok = model.tokenizer
+  head = repr((model.family, model.config, tok.bos_id, tok.eos_id, tok.model_digest))
+  return hashlib.sha1((head + experts.params_fingerprint(model.params)).encode()).hexdigest()
+
+
+def expert(model: Model, name: str) -> experts.Expert:
+  """`model` as one expert named `name`."""
+  return experts.Expert(
+    names=(name,),
+    vocab_size=model.config.vocab_size,
+    logprob_fn=lambda x, y: token_logprobs(model, x, y),
+    fingerprint=fingerprint(model),
+  )
+
+
+def load_expert(path: str, name: str, dtype: str = "float32") -> experts.Expert:
+  """The checkpoint in `path` as one expert named `name`."""
+  return expert(load(path, dtype), name)
+
+
+def load_models(paths: Mapping[str, str], dtype: str = "float32") -> dict[str, Model]:
+  """Checkpoints by expert name; InputError unless they share one tokenizer."""
+  if not paths:
+    raise InputError("no checkpoints given.")
+  loaded = {name: load(path, dtype) for name, path in paths.items()}
+  tokenizer_lib.check_same({name: m.tokenizer for name, m in loaded.items()})
+  return loaded
+
+
+def load_experts(
+  paths: Mapping[str, str], dtype: str = "float32"
+) -> tuple[list[experts.Expert], tokenizer_lib.Tokenizer]:
+  """Experts by name from checkpoints that share a tokenizer, and that tokenizer
+  (to encode the data)."""
+  loaded = load_models(paths, dtype)
+  return [expert(m, name) for name, m in loaded.items()], next(iter(loaded.values())).tokenizer
