@@ -1,12 +1,16 @@
-"""Checkpoints resume bitwise, corrupt ones are detected, specs never mix, NaN saves
-nothing, finished checkpoints outlive longer runs, damaged metric files are announced
-and rebuilt."""
+"""Checkpoints resume bitwise, damaged ones are moved aside (and only they), specs never
+mix, NaN saves nothing, finished checkpoints outlive longer runs, damaged metric files are
+announced and rebuilt."""
 
+import dataclasses
+import errno
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from robust_gate import checkpoints, train
@@ -86,6 +90,99 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_used(tmp_path, referenc
 
 def _steps(directory):
   return sorted(int(p.name) for p in (directory / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _garble_manifests(checkpoint):  # the arrays' index: tensorstore's DATA_LOSS
+  for f in checkpoint.rglob("manifest.ocdbt"):
+    f.write_bytes(b"\x00garbage" + f.read_bytes()[8:])
+
+
+def _other_digest(checkpoint):  # whole files, other bytes than the run saved
+  (checkpoint / "meta" / "metadata").write_text(json.dumps({"digest": "0" * 40, "step": 30}))
+
+
+DAMAGE = {
+  "arrays": _garble_manifests,
+  "metadata-missing": lambda checkpoint: (checkpoint / "state" / "_METADATA").unlink(),
+  "record-not-utf8": lambda checkpoint: (checkpoint / "meta" / "metadata").write_bytes(b"\xff{"),
+  "record-missing": lambda checkpoint: shutil.rmtree(checkpoint / "meta"),
+  "digest": _other_digest,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_each_kind_of_damage_is_moved_aside_and_the_previous_used(tmp_path, damage):
+  """A finished run's final checkpoint too: damaged, it is no longer the run's end."""
+  _fit(tmp_path, 30)
+  DAMAGE[damage](tmp_path / "checkpoints" / "30")
+  logs = []
+  ckpt = checkpoints.Checkpointer(str(tmp_path), {"a": 1}, name="toy", log=logs.append)
+  assert int(ckpt.restore(_game()[1]).step) == 20
+  assert any("toy: checkpoint at step 30 is corrupt" in s for s in logs), logs
+  assert [p.name[:3] for p in (tmp_path / "corrupt").iterdir()] == ["30-"]
+  assert _steps(tmp_path) == [20]
+
+
+@pytest.mark.parametrize(
+  "params, difference",
+  [
+    ({"w": jnp.zeros((2, 4), jnp.int32)}, "params.w: saved float32[2, 4], now int32[2, 4]"),
+    ({"w": jnp.zeros((2, 4)), "b": jnp.zeros(3)}, "params.b: saved absent, now float32[3]"),
+  ],
+  ids=["dtype", "leaf"],
+)
+def test_a_state_of_another_structure_is_one_line_and_moves_nothing(tmp_path, params, difference):
+  """Other code's checkpoints (a changed GameState or parameter dtype) are not damaged:
+  the finished run's checkpoints stay where they are."""
+  _fit(tmp_path, 30)
+  like = dataclasses.replace(_game()[1], params=params)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), {"a": 1}, name="toy", log=pytest.fail)
+  with pytest.raises(InputError) as info:
+    ckpt.restore(like)
+  message = str(info.value)
+  assert "\n" not in message and difference in message
+  assert message.startswith(f"toy: the checkpoint at step 30 in {tmp_path} holds a state of")
+  assert (
+    f"It is left as it is: run that code, use another --workdir, or delete {tmp_path}" in message
+  )
+  assert _steps(tmp_path) == [20, 30] and not (tmp_path / "corrupt").exists()
+
+
+def _raised_from(cause):
+  """An error re-raised from `cause`, as orbax re-raises tensorstore's read errors."""
+  try:
+    raise Exception("Encountered error while reading array index: ().") from cause
+  except Exception as e:
+    return e
+
+
+@pytest.mark.parametrize(
+  "error",
+  [
+    jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4.00GiB."),
+    MemoryError(),
+    OSError(errno.EIO, "Input/output error"),
+    _raised_from(ValueError("RESOURCE_EXHAUSTED: the byte limit of reads is exceeded")),
+  ],
+  ids=["device-oom", "host-oom", "EIO", "tensorstore-resource"],
+)
+def test_a_failure_without_damage_propagates_and_moves_nothing(tmp_path, monkeypatch, error):
+  _fit(tmp_path, 30)
+  restore = ocp.CheckpointManager.restore
+
+  def failing(self, step, *, args):
+    if "state" in args:
+      raise error
+    return restore(self, step, args=args)
+
+  ckpt = checkpoints.Checkpointer(str(tmp_path), {"a": 1}, name="toy", log=pytest.fail)
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.CheckpointManager, "restore", failing)
+    with pytest.raises(type(error)) as info:
+      ckpt.restore(_game()[1])
+  assert info.value is error
+  assert _steps(tmp_path) == [20, 30] and not (tmp_path / "corrupt").exists()
+  assert int(ckpt.restore(_game()[1]).step) == 30  # the error gone, the final one restores
 
 
 def test_torn_metric_lines_are_dropped_and_announced(tmp_path, reference):

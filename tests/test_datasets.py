@@ -1,6 +1,9 @@
+import errno
+import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -76,20 +79,62 @@ def test_bad_options_are_errors(name, opts, match):
 TINY_MARKOV = dict(num_domains=2, num_states=3, seq_len=4, examples_per_split=(20, 10, 10))
 
 
+def _record_file(prepared):
+  (record,) = pathlib.Path(prepared).glob("*-train.array_record-*")
+  return record
+
+
 def _flip_record_bytes(prepared):
   """Bytes flipped inside the train split's record file (its chunk hashes fail)."""
-  (record,) = pathlib.Path(prepared).glob("*-train.array_record-*")
+  record = _record_file(prepared)
   raw = bytearray(record.read_bytes())
   raw[100:140] = bytes(b ^ 0xFF for b in raw[100:140])
   record.write_bytes(bytes(raw))
+
+
+def _cut_record(prepared):
+  record = _record_file(prepared)
+  record.write_bytes(record.read_bytes()[:1000])
+
+
+def _delete_record(prepared):
+  _record_file(prepared).unlink()
 
 
 def _break_info(prepared):
   (pathlib.Path(prepared) / "dataset_info.json").write_text('{"name": ')
 
 
-@pytest.mark.parametrize("damage", [_flip_record_bytes, _break_info])
-def test_a_damaged_prepared_dataset_is_announced_and_prepared_again(tmp_path, damage):
+def _garble_info(prepared):
+  (pathlib.Path(prepared) / "dataset_info.json").write_bytes(b"\xff\xfe\x00garbage")
+
+
+def _delete_info(prepared):
+  (pathlib.Path(prepared) / "dataset_info.json").unlink()
+
+
+def _overcount_info(prepared):
+  """dataset_info.json counts more train examples than its record file holds."""
+  path = pathlib.Path(prepared) / "dataset_info.json"
+  info = json.loads(path.read_text())
+  (train,) = [s for s in info["splits"] if s["name"] == "train"]
+  train["shardLengths"] = [str(int(train["shardLengths"][0]) + 5)]
+  path.write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize(
+  "damage, evidence",
+  [
+    (_flip_record_bytes, "RuntimeError: Corrupted Riegeli/records file"),
+    (_cut_record, "RuntimeError: ArrayRecord file should be at least"),
+    (_delete_record, "No such file or directory"),
+    (_overcount_info, "out of bound"),
+    (_break_info, "dataset_info.json does not parse"),
+    (_garble_info, "dataset_info.json does not parse"),
+    (_delete_info, "dataset_info.json is missing"),
+  ],
+)
+def test_a_damaged_prepared_dataset_is_announced_and_prepared_again(tmp_path, damage, evidence):
   load = lambda log: data.load_local("markov", "train", str(tmp_path), 8, log=log, **TINY_MARKOV)
   fresh = load(pytest.fail)  # prepared now: nothing to announce
   prepared = datasets.prepared_dir("markov", str(tmp_path), **TINY_MARKOV)
@@ -97,10 +142,88 @@ def test_a_damaged_prepared_dataset_is_announced_and_prepared_again(tmp_path, da
   lines = []
   again = load(lines.append)
   assert len(lines) == 1, lines
-  assert lines[0].startswith(f"markov: the prepared dataset {prepared} cannot be read (")
-  assert lines[0].endswith("deleting it and preparing it again.")
+  assert lines[0].startswith(f"markov: the prepared dataset {prepared} is damaged (")
+  assert evidence in lines[0] and lines[0].endswith("); preparing it again.")
   assert again.fingerprint() == fresh.fingerprint()
   assert load(pytest.fail).fingerprint() == fresh.fingerprint()  # whole again: read as is
+
+
+def _files(directory):
+  return {p: p.read_bytes() for p in sorted(pathlib.Path(directory).rglob("*")) if p.is_file()}
+
+
+def _prepared(tmp_path):
+  """(load(log), the data as prepared, its directory)."""
+  load = lambda log: data.load_local("markov", "train", str(tmp_path), 8, log=log, **TINY_MARKOV)
+  return load, load(pytest.fail), datasets.prepared_dir("markov", str(tmp_path), **TINY_MARKOV)
+
+
+@pytest.mark.parametrize(
+  "error",
+  [
+    OSError(errno.EIO, "Input/output error"),
+    OSError(errno.ESTALE, "Stale file handle"),
+    RuntimeError("read failed: errno=5"),  # array_record's form of an I/O error
+  ],
+  ids=["EIO", "ESTALE", "array_record-EIO"],
+)
+def test_a_read_error_without_damage_deletes_nothing(tmp_path, monkeypatch, error):
+  """A filesystem error, or another job changing the files, is one line naming the
+  directory; the files stay for the other readers, and read once the error is gone."""
+  import tensorflow_datasets as tfds
+
+  load, fresh, prepared = _prepared(tmp_path)
+  before = _files(tmp_path)
+
+  def failing(self, split):
+    raise error
+
+  with monkeypatch.context() as patch:
+    patch.setattr(tfds.core.DatasetBuilder, "as_data_source", failing)
+    with pytest.raises(InputError) as info:
+      load(pytest.fail)
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith(
+    f"markov: cannot read the prepared dataset {prepared} ({type(error).__name__}: "
+  )
+  assert "left as it is (no sign of damage)" in message and f"delete {prepared} to" in message
+  assert _files(tmp_path) == before
+  assert load(pytest.fail).fingerprint() == fresh.fingerprint()
+
+
+def test_a_bug_while_reading_keeps_its_traceback_and_deletes_nothing(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds
+
+  load, _, _ = _prepared(tmp_path)
+  before = _files(tmp_path)
+
+  def buggy(self, split):
+    raise TypeError("a bug")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", buggy)
+  with pytest.raises(TypeError, match="a bug"):
+    load(pytest.fail)
+  assert _files(tmp_path) == before
+
+
+def test_only_process_0_prepares_a_damaged_dataset_again(tmp_path, monkeypatch):
+  """Another process that finds damage after process 0 read the files says so in one
+  line and deletes nothing: the others may be reading them."""
+  load, fresh, prepared = _prepared(tmp_path)
+  _flip_record_bytes(prepared)
+  damaged = _files(tmp_path)
+  with monkeypatch.context() as patch:
+    patch.setattr(jax, "process_index", lambda *args: 1)
+    with pytest.raises(InputError) as info:
+      load(pytest.fail)
+  message = str(info.value)
+  assert "\n" not in message
+  assert f"cannot read the prepared dataset {prepared} (RuntimeError: Corrupted Riegeli" in message
+  assert "left as it is (process 0 read it; only it rebuilds)" in message
+  assert _files(tmp_path) == damaged
+  lines = []  # process 0 prepares it again
+  assert load(lines.append).fingerprint() == fresh.fingerprint() and len(lines) == 1
 
 
 def test_a_damaged_catalog_dataset_names_the_directory_to_delete(tmp_path, monkeypatch):

@@ -7,13 +7,15 @@ A training phase owns one directory:
                            (params, optimizer, λ, λ̄, PRNG key: the key and the step
                            are the data position, since batches are drawn from them)
     <dir>/metrics.jsonl    one JSON line per step: losses, λ, objective, grad norm
-    <dir>/corrupt/         checkpoints that failed to restore, moved aside
+    <dir>/corrupt/         checkpoints found damaged, moved aside
 
 Writes are atomic: orbax commits a checkpoint by renaming a finished temporary
 directory; spec.json is replaced whole (`files.atomic_write`); metric lines are
 appended one chunk per write, and a line cut short is dropped (announced). Every
-checkpoint carries a digest of its arrays: a checkpoint that fails to restore or
-whose digest differs is reported, moved to <dir>/corrupt/, and the previous one used.
+checkpoint carries a digest of its arrays: one with evidence of damage (a digest that
+differs, a file missing or that does not decode) is reported, moved to <dir>/corrupt/,
+and the previous one used. Any other failure moves nothing: a state of another
+structure than the code's is one line, and memory exhausted or an I/O error propagates.
 
 Which checkpoints stay: the final checkpoint of every run that finished (its last
 step, `save(final=True)`), so a phase asked for fewer steps than a later run went
@@ -32,6 +34,7 @@ executes the same compiled chunks on the same state as an uninterrupted one
 
 import json
 import os
+import pathlib
 import shutil
 import time
 from collections.abc import Callable
@@ -48,6 +51,46 @@ from robust_gate.files import atomic_write
 def _plain(obj):
   """JSON-comparable form of a spec (tuples as lists, numpy scalars as numbers)."""
   return json.loads(json.dumps(obj, default=lambda x: np.asarray(x).tolist()))
+
+
+class _Damage(Exception):
+  """Evidence that a checkpoint's files are damaged (what is wrong in the message)."""
+
+
+# What damaged files raise as orbax reads them (orbax 0.12, tensorstore): a file
+# missing, JSON metadata that is not UTF-8 or does not parse, tensorstore's status for
+# bytes that fail to decode or a key that is gone (orbax re-raises those `from` them).
+# Nothing else is evidence: device or host memory exhausted, an I/O error such as EIO,
+# a bug say nothing about the files, and a checkpoint that is whole must stay.
+_DAMAGE_TYPES = (_Damage, FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)
+_DAMAGE_STATUS = ("DATA_LOSS:", "NOT_FOUND:")
+
+
+def _damaged(error: BaseException | None) -> bool:
+  """Whether `error`, or an error it was raised from, is evidence of damage."""
+  while error is not None:
+    if isinstance(error, _DAMAGE_TYPES):
+      return True
+    if isinstance(error, ValueError) and str(error).startswith(_DAMAGE_STATUS):
+      return True
+    error = error.__cause__
+  return False
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """{leaf path: (shape, dtype)} of arrays, abstract arrays or orbax's array metadata."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {
+    jax.tree_util.keystr(p, simple=True, separator="."): (tuple(x.shape), str(x.dtype))
+    for p, x in flat
+  }
+
+
+def _difference(saved: dict, wanted: dict) -> str:
+  """The first leaf where two `_shapes` differ, as "path: saved …, now …"."""
+  show = lambda v: "absent" if v is None else f"{v[1]}{list(v[0])}"
+  key = min(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+  return f"{key}: saved {show(saved.get(key))}, now {show(wanted.get(key))}"
 
 
 def saved_steps(directory: str) -> list[int]:
@@ -118,7 +161,7 @@ class Checkpointer:
     if os.path.isdir(corrupt) and (n := len(os.listdir(corrupt))):
       self.log(
         f"{self.name}: {corrupt} holds {n} quarantined checkpoint(s), moved aside when "
-        f"they failed to restore; delete it once you no longer need them."
+        f"found damaged; delete it once you no longer need them."
       )
 
   def _open(self) -> ocp.CheckpointManager:
@@ -134,28 +177,53 @@ class Checkpointer:
     """The newest good checkpoint (at or before step `up_to`; or the one at `step`)
     shaped like `like`.
 
-    Returns None when there is none. Corrupt checkpoints are reported and moved
-    aside; the previous good one is used.
+    Returns None when there is none. A checkpoint with evidence of damage
+    (`_damaged`) is reported and moved aside, and the previous one used. A state of
+    another structure than `like` is an InputError; any other failure (memory
+    exhausted, an I/O error, a bug) propagates: neither moves anything.
     """
     for s in reversed(self.steps()):
       if (step is not None and s != step) or (up_to is not None and s > up_to):
         continue
-      abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
       try:
-        restored = self._manager.restore(
-          s,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-          ),
-        )
-        digest = experts.params_fingerprint(restored.state)
-        if digest != restored.meta["digest"]:
-          raise ValueError(f"digest {digest[:12]}… != saved {restored.meta['digest'][:12]}…")
+        return self._restore(s, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like))
       except Exception as e:
+        if not _damaged(e):
+          raise
         self._quarantine(s, e)
-        continue
-      return restored.state
     return None
+
+  def _restore(self, step: int, abstract):
+    """The state at `step`: its structure checked against `abstract` (before anything
+    else, so that other code's checkpoint is never taken for a damaged one), its record,
+    its arrays, and their digest checked against the record's."""
+    path = os.path.join(self.directory, "checkpoints", str(step), "state")
+    saved = _shapes(ocp.StandardCheckpointHandler().metadata(pathlib.Path(path)).tree)
+    if saved != (wanted := _shapes(abstract)):
+      raise InputError(
+        f"{self.name}: the checkpoint at step {step} in {self.directory} holds a state of "
+        f"another structure than this code trains ({_difference(saved, wanted)}): other "
+        f"code wrote it. It is left as it is: run that code, use another --workdir, or "
+        f"delete {self.directory} to train {self.name} again."
+      )
+    record = self._record(step)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    state = self._manager.restore(step, args=args).state
+    digest = experts.params_fingerprint(state)
+    if digest != record["digest"]:  # same shapes and dtypes: the bytes differ
+      raise _Damage(f"digest {digest[:12]}… != saved {record['digest'][:12]}…")
+    return state
+
+  def _record(self, step: int) -> dict:
+    """The checkpoint's record (digest, step, final); _Damage when it is missing."""
+    args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+    try:
+      record = self._manager.restore(step, args=args).meta
+    except KeyError as e:  # orbax: no such item in the step's directory
+      raise _Damage(f"its record is missing ({e})") from e
+    if not (isinstance(record, dict) and isinstance(record.get("digest"), str)):
+      raise _Damage(f"its record {str(record)[:80]!r} holds no digest")
+    return record
 
   def _quarantine(self, step: int, error: Exception) -> None:
     corrupt = os.path.join(self.directory, "corrupt")
@@ -199,10 +267,9 @@ class Checkpointer:
 
   def _final(self, step: int) -> bool:
     """Whether the checkpoint at `step` ended a run; one whose record cannot be read
-    counts as final (never deleted unread: `restore` moves it aside if corrupt)."""
+    counts as final (never deleted unread: `restore` moves it aside if damaged)."""
     try:
-      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-      return bool(meta.meta.get("final", False))
+      return bool(self._record(step).get("final", False))
     except Exception:
       return True
 

@@ -15,6 +15,7 @@ examples of every domain without host round trips.
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import checks
+from robust_gate import checks, parallel
 from robust_gate.checks import InputError
 
 BOS = EOS = 0
@@ -231,10 +232,10 @@ def load_local(
 ) -> DomainData:
   """Prepares (once) and loads a split of a local dataset (robust_gate.datasets).
 
-  A prepared dataset that cannot be read back (a damaged or missing record file,
-  a damaged dataset_info.json) is announced in `log`, deleted and prepared again:
-  local datasets are made from installed packages, so nothing is lost. If the
-  fresh one cannot be read either, that error propagates.
+  A prepared dataset whose read fails with evidence of damage (`_damage`) is announced,
+  deleted and prepared again by process 0 (made from installed packages: nothing is
+  lost); other failures delete nothing: one line (OSError, array_record's errors) or a
+  traceback (a bug). Process 0 loads first, the others after a barrier (pipeline._splits).
   """
   from robust_gate import datasets
 
@@ -245,12 +246,17 @@ def load_local(
   except InputError:
     raise
   except Exception as e:
-    if not existed:  # a preparation made now: not damage, a bug or the system
-      raise
-    log(
-      f"{name}: the prepared dataset {prepared} cannot be read ({_first_line(e)}); "
-      f"deleting it and preparing it again."
-    )
+    damage = _damage(e, prepared, split) if existed else None
+    if damage is None and (not existed or not isinstance(e, (OSError, RuntimeError))):
+      raise  # a preparation made now failed (a bug or the system), or a bug
+    if damage is None or not parallel.is_main():  # never delete what others may read
+      why = "no sign of damage" if damage is None else "process 0 read it; only it rebuilds"
+      raise InputError(
+        f"{name}: cannot read the prepared dataset {prepared} ({damage or _first_line(e)}); "
+        f"left as it is ({why}): run again once the filesystem is healthy and no other job "
+        f"changes it, or delete {prepared} to prepare it again."
+      ) from e
+    log(f"{name}: the prepared dataset {prepared} is damaged ({damage}); preparing it again.")
     shutil.rmtree(prepared)
     builder, examples = _read_local(name, split, data_dir, log, builder_overrides)
   domains = builder.info.features["domain"].names
@@ -265,6 +271,33 @@ def _read_local(name, split, data_dir, log, overrides):
   builder = datasets.build(name, data_dir, log=log, **overrides)
   source = builder.as_data_source(split)
   return builder, [source[i] for i in range(len(source))]
+
+
+# array_record raises RuntimeError for damage and I/O errors alike. Damage: a record file
+# failing a checksum or its format, cut below the format's size, missing, or holding fewer
+# records than dataset_info.json counts. An I/O error ("read failed: errno=5") is none.
+_DAMAGED_RECORDS = ("Riegeli/records file", "should be at least", "No such file", "out of bound")
+
+
+def _damage(error: Exception, prepared: str, split: str) -> str | None:
+  """The evidence that `error`, raised reading a prepared dataset, comes from damaged
+  files, or None. Its dataset_info.json is checked here (TFDS's errors for it range
+  from KeyError to protobuf's ParseError); an I/O error reading it is no evidence."""
+  path = os.path.join(prepared, "dataset_info.json")
+  try:
+    with open(path, "rb") as f:
+      info = json.loads(f.read().decode("utf-8"))
+  except (FileNotFoundError, ValueError) as e:  # ValueError: not UTF-8, or not JSON
+    return f"{path} {'is missing' if isinstance(e, OSError) else 'does not parse'}"
+  except OSError:
+    return None
+  splits = info.get("splits") if isinstance(info, dict) else None
+  names = [s.get("name") for s in splits if isinstance(s, dict)] if isinstance(splits, list) else []
+  if split not in names:
+    return f"{path} lists no split {split!r}"
+  if isinstance(error, RuntimeError) and any(m in str(error) for m in _DAMAGED_RECORDS):
+    return _first_line(error)
+  return None
 
 
 def _first_line(error: Exception) -> str:

@@ -11,11 +11,13 @@ and the file records who holds it (pid, host, start, command) for the messages.
     across hosts)       → refused, naming its pid, host and command;
     a record left by a run that ended on this host (killed)
                         → taken over, announced;
-    a record from another host (whose process this host cannot check)
-                        → refused, naming host and pid and how to clear it.
+    a record from another host (whose process this host cannot check), or one that
+    cannot be read (not UTF-8 JSON: it names no host to check)
+                        → refused, naming what it says and how to clear it.
 
 A run releases the lock by emptying the file: an empty file is a free lock. In a
-multi-host job, process 0 takes the lock for all and tells the others whether it did.
+multi-host job, process 0 takes the lock for all and tells the others whether it did,
+whatever stopped it (a bug included), so no process waits for the others forever.
 """
 
 import contextlib
@@ -48,14 +50,15 @@ def create(workdir: str) -> None:
 
 
 def _record(f) -> dict | None:
-  """Who the lock file names: None when it is empty (free); {} when it cannot be read."""
+  """Who the lock file names: None when it is empty (free); {} when it cannot be read
+  (not UTF-8, not JSON, or not a JSON object)."""
   f.seek(0)
-  text = f.read()
-  if not text:
+  raw = f.read()
+  if not raw:
     return None
   try:
-    holder = json.loads(text)
-  except json.JSONDecodeError:
+    holder = json.loads(raw.decode("utf-8"))
+  except ValueError:  # UnicodeDecodeError, JSONDecodeError
     return {}
   return holder if isinstance(holder, dict) else {}
 
@@ -73,7 +76,7 @@ def _acquire(workdir: str, log):
   """The lock file of `workdir`, opened and flocked, with this run's record in it."""
   create(workdir)
   path = os.path.join(workdir, LOCK)
-  f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+  f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:
@@ -90,6 +93,13 @@ def _acquire(workdir: str, log):
       f"use another --workdir."
     ) from None
   holder, host = _record(f), socket.gethostname()
+  if holder == {}:
+    f.close()
+    raise InputError(
+      f"{path} holds no readable record of the run that took this workdir (damaged, or "
+      f"written by another program), so this host cannot check whether that run is alive "
+      f"elsewhere: if no run is using the workdir, delete {path} and run again."
+    )
   if holder and holder.get("host") != host:
     f.close()
     raise InputError(
@@ -107,7 +117,7 @@ def _acquire(workdir: str, log):
   }
   f.seek(0)
   f.truncate()
-  f.write(json.dumps(mine))
+  f.write(json.dumps(mine).encode())
   f.flush()
   os.fsync(f.fileno())
   return f
@@ -124,13 +134,14 @@ def _on_every_process(ok: bool) -> bool:
 def lock(workdir: str, log=print) -> Iterator[None]:
   """Holds `workdir` for this run (creating it): InputError when another run holds it.
 
-  Process 0 takes the lock; every process raises when it could not.
+  Process 0 takes the lock; every process raises when it could not: process 0 its own
+  error (a bug keeps its traceback), the others one line.
   """
   f, error = None, None
   if parallel.is_main():
     try:
       f = _acquire(workdir, log)
-    except (InputError, OSError) as e:
+    except Exception as e:  # told to the others whatever it is, or they would wait forever
       error = e
   if not _on_every_process(error is None):
     raise error or InputError(f"process 0 could not take the lock of {workdir}; see its output.")
