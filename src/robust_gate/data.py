@@ -260,7 +260,7 @@ def load_local(
     shutil.rmtree(prepared)
     builder, examples = _read_local(name, split, data_dir, log, builder_overrides)
   domains = builder.info.features["domain"].names
-  vocab = BYTE_VOCAB if name == "wordfreq" else _token_vocab(name, builder)
+  vocab = BYTE_VOCAB if name in ("wordfreq", "source") else _token_vocab(name, builder)
   return from_data_source(examples, domains=domains, vocab_size=vocab, max_len=max_len)
 
 

@@ -13,9 +13,14 @@ Three builders, prepared locally from data that ships inside PyPI packages:
 * `RobustGateMarkov`: synthetic first-order Markov chains (domain = chain), whose
   exact per-token entropy `markov_entropy` makes KL exact.
 
-Every example has `tokens` (int32, values ≥ 1; 0 is reserved for BOS/EOS) and
-`domain` (a ClassLabel); wordfreq also has `text`. `build(name, data_dir, ...)`
-prepares one and returns the builder; `robust_gate.data` loads them.
+A fourth, `RobustGateSource` (`robust_gate.datasets_source`), cuts byte windows
+from the installed Python environment's source and documentation files (domain =
+kind of file), and records which files in its manifest.
+
+Every example of the first three has `tokens` (int32, values ≥ 1; 0 is reserved
+for BOS/EOS) and `domain` (a ClassLabel); wordfreq also has `text`.
+`build(name, data_dir, ...)` prepares one and returns the builder;
+`robust_gate.data` loads them.
 """
 
 import abc
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from robust_gate import checks
+from robust_gate import checks, datasets_source
 from robust_gate.checks import InputError
 
 SPLITS = ("train", "validation", "test")
@@ -232,10 +237,12 @@ class RobustGateMarkov(_DomainBuilder):
         yield f"{k}_{i}", {"domain": k, "tokens": x + 1}
 
 
-BUILDERS = {
+# (builder, its config class); annotated: the builders share no base class here.
+BUILDERS: dict[str, tuple[type[tfds.core.GeneratorBasedBuilder], type[tfds.core.BuilderConfig]]] = {
   "wordfreq": (RobustGateWordfreq, WordfreqConfig),
   "digits": (RobustGateDigits, DigitsConfig),
   "markov": (RobustGateMarkov, MarkovConfig),
+  "source": (datasets_source.RobustGateSource, datasets_source.SourceConfig),
 }
 
 
@@ -272,6 +279,8 @@ _SCALAR_OPTIONS: dict[str, Callable[[Any, str], Any]] = {
   "num_domains": checks.check_int,
   "num_states": checks.check_int,
   "seq_len": checks.check_int,
+  "max_bytes_per_domain": checks.check_int,
+  "max_bytes_per_file": checks.check_int,
   "seed": lambda v, name: checks.check_int(v, name, 0),
   "frequency_power": lambda v, name: checks.check_real(v, name, low_open=True),
   "concentration": lambda v, name: checks.check_real(v, name, low_open=True),
@@ -303,6 +312,8 @@ def _check_options(name: str, values: dict) -> None:
   fractions = values.get("split_fractions", (0,))
   if sum(fractions) > 1 + 1e-9:
     raise InputError(f"{name} dataset option split_fractions={fractions} sums to more than 1.")
+  if name == "source":  # its kinds, roots, and what its options imply together
+    datasets_source.check_options(values)
 
 
 def _check_languages(value, option: str) -> None:
