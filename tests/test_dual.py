@@ -31,6 +31,27 @@ def test_zero_learning_rate_keeps_lambda_fixed():
   np.testing.assert_allclose(lam, [0.1, 0.2, 0.3, 0.4], rtol=F32_RTOL)
 
 
+@pytest.mark.parametrize(
+  "lam_set",
+  [uncertainty.box([0.5, 0.1, 0.1], [0.8, 0.4, 0.4]), uncertainty.kl_ball([0.7, 0.2, 0.1], 0.05)],
+  ids=["box", "kl_ball"],
+)
+def test_lambda_starts_in_a_set_without_the_uniform_mixture_and_stays_at_eta_0(lam_set):
+  """Where Λ excludes the uniform mixture, λ starts at Λ's prior, or at the KL projection
+  of a λ given outside Λ: a point of Λ from step 0, which η = 0 keeps."""
+  assert not lam_set.contains(np.full(3, 1 / 3))
+  d = dual.mirror_ascent(0.0, lam_set)
+  for start, expected in ((None, lam_set.prior_K), (jnp.full(3, 1 / 3), None)):
+    state = d.init(start)
+    lam = jnp.exp(state.log_lam_K)
+    assert lam_set.contains(lam)
+    if expected is not None:
+      np.testing.assert_allclose(lam, expected, rtol=F32_RTOL)
+    for _ in range(3):
+      lam_next, state = d.update(jnp.array([5.0, -1.0, 2.0]), state)
+      np.testing.assert_allclose(lam_next, lam, rtol=F32_RTOL)
+
+
 def test_schedule_and_smoothing():
   s = uncertainty.simplex(2)
   d = dual.mirror_ascent(optax.constant_schedule(1.0), s, smoothing=0.25)

@@ -10,7 +10,7 @@ import pytest
 from scipy import optimize
 from tolerances import F32_RTOL
 
-from robust_gate import data, evaluate, models, primal_dual, records, uncertainty
+from robust_gate import data, evaluate, models, primal_dual, records, summary, uncertainty
 from robust_gate.checks import InputError
 
 # Three examples, two domains: example 0 = [1, 2] and example 2 = [2, 2, 1] are
@@ -161,7 +161,7 @@ def test_format_table_of_results_without_intervals():
     "methods": _two_methods(),
     "lambda_bar": {"english": 0.75, "finnish": 0.25},
   }
-  lines = evaluate.format_table(results).splitlines()
+  lines = summary.format_table(results).splitlines()
   assert lines[0] == "per-domain loss L_k, bits/token (baseline: entropy)"
   assert lines[1].split() == ["method", "english", "finnish", "mean", "worst"]
   assert set(lines[2]) == {"-"}
@@ -191,7 +191,7 @@ def test_format_table_shows_the_worst_case_interval_and_the_certificate():
     },
     "lambda_rank_correlation": -0.5,
   }
-  lines = evaluate.format_table(results).splitlines()
+  lines = summary.format_table(results).splitlines()
   assert lines[0].endswith("; intervals over test sequences (1000 resamples)")
   assert lines[1].split()[-2:] == ["95%", "interval"]
   assert lines[3].endswith("0.3750    0.5000  [0.4875, 0.5100]")
@@ -202,7 +202,7 @@ def test_format_table_shows_the_worst_case_interval_and_the_certificate():
   )
   assert lines[7] == "rank correlation (Spearman) of λ̄ with the robust gate's L_k: -0.500"
   results["lambda_rank_correlation"] = None
-  assert evaluate.format_table(results).endswith("L_k: undefined (a constant λ̄ or L)")
+  assert summary.format_table(results).endswith("L_k: undefined (a constant λ̄ or L)")
 
 
 # Tiny models for methods_on_test: a gate and a transformer of DATA's vocabulary and length.

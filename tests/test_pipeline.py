@@ -10,6 +10,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,18 @@ import sys
 
 import numpy as np
 import pytest
+from tolerances import F32_RTOL
 
+from robust_gate import (
+  certificate,
+  config_files,
+  experts,
+  layout,
+  phases,
+  pipeline,
+  train,
+  uncertainty,
+)
 from robust_gate import provenance as provenance_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +119,7 @@ def test_main_job_writes_results_plots_and_table(tiny_run):
   assert provenance["config"]["gate"]["steps"] == 40 and provenance["commit"]
   # Each model names the code that trained it: one training run each, by this commit.
   trained = r[provenance_lib.INPUTS_KEY]
-  assert set(trained) == set(provenance_lib.MODEL_DIRS)
+  assert set(trained) == set(layout.MODEL_DIRS)
   assert all(
     len(runs) == 1 and runs[0]["commit"] == provenance["commit"] for runs in trained.values()
   )
@@ -124,7 +136,7 @@ def test_rerun_resumes_everything_and_refuses_another_config(tiny_run):
   out = _main(workdir)
   assert out.returncode == 0, out.stderr[-3000:]
   assert os.path.getmtime(workdir / "cache_test.npz") == stamp  # reused, not rebuilt
-  for model in provenance_lib.MODEL_DIRS:
+  for model in layout.MODEL_DIRS:
     assert f"{model}: resumed at step" in out.stdout
   assert "steps/s" not in out.stdout  # nothing trained again
   assert _results(workdir) == before
@@ -147,6 +159,39 @@ def test_phase_launchers_one_by_one_match_the_main_job(tiny_run, tmp_path):
     out = _main(tmp_path, launcher=phase)
     assert out.returncode == 0, (phase, out.stderr[-3000:])
   assert _results(tmp_path) == _results(tiny_run[0])
+
+
+def test_the_gates_train_gate_returns_stay_usable_in_its_process(tiny_run, tmp_path):
+  """The best response warm-starts from the robust gate's parameters, and the run that
+  trains it donates its state: the robust gate train_gate returns must survive that,
+  and the best response it trains in this process is the launcher's."""
+  workdir = shutil.copytree(tiny_run[0], tmp_path / "workdir")
+  shutil.rmtree(workdir / "best_response")
+  config, lines = config_files.load(TINY), []
+  gates = pipeline.train_gate(config, str(workdir), log=lines.append)
+  assert "best_response: step 40/40" in "\n".join(lines)  # trained here, not restored
+  trained = {name: experts.params_fingerprint(gate.state) for name, gate in gates.items()}
+  restored = pipeline.train_gate(config, str(workdir), log=lambda s: None)
+  assert {name: experts.params_fingerprint(g.state) for name, g in restored.items()} == trained
+  metrics = lambda w: (w / "best_response" / "metrics.jsonl").read_bytes()
+  assert metrics(workdir) == metrics(tiny_run[0])
+
+
+def test_a_robust_gate_at_dual_lr_0_plays_a_point_of_its_set(tiny_run, monkeypatch):
+  """gate.dual_lr = 0 with a Λ that excludes the uniform mixture: λ stays at Λ's prior,
+  so λ̄ is a point of the Λ evaluation's certificate maximizes over. (The config's sets
+  all hold the uniform mixture; a narrower one reaches the phase through from_config.)"""
+  config = config_files.load(TINY)
+  caches = pipeline.load_models(config, str(tiny_run[0]), log=lambda s: None).caches
+  box = uncertainty.box([0.5, 0.1, 0.1], [0.8, 0.4, 0.4])
+  monkeypatch.setattr(uncertainty, "from_config", lambda config, num_domains: box)
+  config.gate.dual_lr = 0.0
+  quiet = lambda s: None
+  fit = lambda game: train.fit(game.step, game.state, game.steps, name=game.name, log=quiet)[0]
+  robust = phases.train_gates(config, caches, fit).robust_gate.state
+  np.testing.assert_allclose(robust.lam_avg_K, box.prior_K, rtol=F32_RTOL)
+  np.testing.assert_allclose(robust.lam_K, box.prior_K, rtol=F32_RTOL)
+  certificate.check_in_set(robust.lam_avg_K, box, "lam_bar_K")  # as evaluation checks it
 
 
 def _kill_self_at(model: str, step: int, point: str) -> None:

@@ -74,6 +74,18 @@ def test_zero_dual_step_is_erm():
   np.testing.assert_allclose(state.lam_avg_K, np.full(3, 1 / 3), rtol=F32_RTOL)
 
 
+def test_the_arrays_a_game_starts_from_outlive_its_donated_run():
+  """`run` donates the state; the parameters and key it was built from (a trained
+  model's, to warm-start from) stay usable."""
+  _, _, lam_set = _game()
+  params, key = jnp.ones((12, 3)), jax.random.PRNGKey(7)
+  opt, d = optax.adam(0.05), dual.mirror_ascent(0.2, lam_set)
+  step = primal_dual.make_step(lambda w, batch, k: jnp.sum(w, axis=0), opt, d)
+  primal_dual.run(step, primal_dual.init_state(params, opt, d, key), 3)
+  np.testing.assert_array_equal(params, np.ones((12, 3)))
+  np.testing.assert_array_equal(key, jax.random.PRNGKey(7))
+
+
 def test_certificate_is_the_max_over_the_set():
   losses = jnp.array([0.3, 0.9, 0.5])
   c = primal_dual.certificate(losses, uncertainty.simplex(3))

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from robust_gate import config_files, data, experts, phases, pipeline, provenance
+from robust_gate import config_files, data, experts, layout, phases, pipeline, scoring
 from robust_gate.checks import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def _garbage_test(load_splits):
 
 
 def _leaky(score):
-  """`phases.score` whose caches hand the test split to the dual players."""
+  """`scoring.score` whose caches hand the test split to the dual players."""
 
   def leaky(*args, **kwargs):
     caches = score(*args, **kwargs)
@@ -63,7 +63,7 @@ def _train(workdir, phases_run, *, garbage: bool, dual_sees_test: bool = False) 
   """Runs `phases_run` on the tiny config in `workdir`; {model: digest of its final
   GameState} for every model they trained or restored."""
   digests = {}
-  run_or_restore, score = phases.run_or_restore, phases.score
+  run_or_restore, score = phases.run_or_restore, scoring.score
 
   def spy(game, *args, **kwargs):
     state = run_or_restore(game, *args, **kwargs)
@@ -75,7 +75,7 @@ def _train(workdir, phases_run, *, garbage: bool, dual_sees_test: bool = False) 
     if garbage:
       mp.setattr(pipeline, "load_splits", _garbage_test(pipeline.load_splits))
     if dual_sees_test:  # the leak the protocol forbids
-      mp.setattr(phases, "score", _leaky(score))
+      mp.setattr(scoring, "score", _leaky(score))
     for phase in phases_run:
       phase(config_files.load(TINY), str(workdir), log=lambda s: None)
   return digests
@@ -103,9 +103,9 @@ def test_no_training_phase_reads_the_test_split(trained):
   clean, garbage, clean_digests, garbage_digests = trained
   cache = lambda w: (w / "cache_test.npz").read_bytes()
   assert cache(clean) != cache(garbage)  # the garbage reached the job
-  assert set(clean_digests) == set(provenance.MODEL_DIRS)  # every trained model
+  assert set(clean_digests) == set(layout.MODEL_DIRS)  # every trained model
   assert garbage_digests == clean_digests
-  for model in provenance.MODEL_DIRS:
+  for model in layout.MODEL_DIRS:
     metrics = [(w / model / "metrics.jsonl").read_bytes() for w in (clean, garbage)]
     assert metrics[0] == metrics[1], model
 
@@ -122,7 +122,7 @@ def test_the_dual_players_see_a_stratified_holdout_of_validation(trained):
   np.testing.assert_array_equal(fit.data.counts(), va.data.counts() - half)
   for part in (fit, held):  # b_k measured on the part itself
     np.testing.assert_array_equal(
-      part.baseline_K, phases.baseline(config, part.cache_NxTxM, part.data)
+      part.baseline_K, scoring.baseline(config, part.cache_NxTxM, part.data)
     )
   duals = {  # the models whose λ moves see their own held-out losses
     model: [json.loads(line) for line in (clean / model / "metrics.jsonl").read_text().splitlines()]
@@ -155,13 +155,13 @@ def test_the_dual_holdout_is_stratified_seeded_and_checked():
   d = data.encode(
     [np.array([1, 2])] * len(domain_N), domain_N, ["a", "b", "c"], vocab_size=3, max_len=4
   )
-  held_N = phases.dual_holdout(config, d)
+  held_N = scoring.dual_holdout(config, d)
   np.testing.assert_array_equal(np.bincount(domain_N[held_N]), [5, 4, 2])  # round(n_k / 2)
-  np.testing.assert_array_equal(phases.dual_holdout(config, d), held_N)  # deterministic
+  np.testing.assert_array_equal(scoring.dual_holdout(config, d), held_N)  # deterministic
   config.seed += 1
-  assert not np.array_equal(phases.dual_holdout(config, d), held_N)  # drawn from the seed
+  assert not np.array_equal(scoring.dual_holdout(config, d), held_N)  # drawn from the seed
   config.gate.dual_holdout = 0.0
-  assert not phases.dual_holdout(config, d).any()  # the in-sample dual
+  assert not scoring.dual_holdout(config, d).any()  # the in-sample dual
   config.gate.dual_holdout = 0.9
   with pytest.raises(InputError, match=r"holds out 4 of domain c's 4 validation sequences"):
-    phases.dual_holdout(config, d)
+    scoring.dual_holdout(config, d)

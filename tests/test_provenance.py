@@ -8,7 +8,7 @@ import os
 import pytest
 from test_report import _git  # a git command in a throwaway repo, with an author set
 
-from robust_gate import provenance
+from robust_gate import layout, provenance
 from robust_gate.checks import InputError
 
 
@@ -68,9 +68,9 @@ def test_training_runs_are_recorded_and_appended(tmp_path, monkeypatch):
   assert set(runs[0]) == {f.name for f in dataclasses.fields(provenance.Provenance)}
   assert os.listdir(gate) == [provenance.TRAINING_FILE]  # written atomically: no temporary left
   models = provenance.models(str(workdir))
-  assert list(models) == list(provenance.MODEL_DIRS)
+  assert list(models) == list(layout.MODEL_DIRS)
   assert models["robust_gate"] == runs
-  assert all(models[m] is None for m in provenance.MODEL_DIRS if m != "robust_gate")
+  assert all(models[m] is None for m in layout.MODEL_DIRS if m != "robust_gate")
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", json.dumps({"runs": [1]})])

@@ -18,11 +18,15 @@ import subprocess
 import sys
 import traceback
 
+import jax
+import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 from test_hostile import QUIET, ROOT, TINY, one_line, tiny
 from test_pipeline import ENV
 
 from robust_gate import checkpoints, cli, phases, pipeline, provenance, workdirs
+from robust_gate.checks import InputError
 
 EVERYTHING_BUILT_FROM_EXPERTS = (
   "cache_validation.npz, cache_test.npz, robust_gate, erm_gate, best_response, student, "
@@ -228,6 +232,46 @@ def test_a_filesystem_without_locks_is_one_line(tmp_path, monkeypatch):
   monkeypatch.setattr(fcntl, "flock", unsupported)
   message = one_line(pipeline.run, tiny(), tmp_path)
   assert f"cannot lock {tmp_path / workdirs.LOCK}: No locks available" in message
+
+
+@pytest.mark.parametrize(
+  "content", [b"\xff\xfe\x00garbage", b'{"pid": 12', b"[1, 2]"], ids=["not-utf8", "torn", "list"]
+)
+def test_an_unreadable_lock_record_is_refused_with_how_to_clear_it(tmp_path, content):
+  """No live process here holds it, but it names no host: a run on a host whose flock
+  this filesystem does not carry could, so it is not taken over blind."""
+  lock = tmp_path / workdirs.LOCK
+  lock.write_bytes(content)
+  message = one_line(pipeline.run, tiny(), tmp_path)
+  assert f"{lock} holds no readable record of the run that took this workdir" in message
+  assert f"delete {lock} and run again" in message
+  assert lock.read_bytes() == content
+
+
+def test_process_0_tells_the_others_whatever_stopped_it(tmp_path, monkeypatch):
+  """Two processes, simulated: what stops process 0 (a refusal, or a bug, which keeps its
+  traceback there) reaches the others as one line, rather than leaving them waiting."""
+  told = []
+  monkeypatch.setattr(jax, "process_count", lambda *args: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda ok: told.append(ok) or ok)
+  (tmp_path / workdirs.LOCK).write_bytes(b"\xff\xfe")
+  with pytest.raises(InputError, match="holds no readable record"), workdirs.lock(str(tmp_path)):
+    pytest.fail("took the lock")
+
+  def bug(workdir, log):
+    raise KeyError("a bug")
+
+  monkeypatch.setattr(workdirs, "_acquire", bug)
+  with pytest.raises(KeyError, match="a bug"), workdirs.lock(str(tmp_path)):
+    pytest.fail("took the lock")
+  assert [bool(ok) for ok in told] == [False, False]
+  monkeypatch.setattr(jax, "process_index", lambda *args: 1)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda ok: np.asarray(False))
+  with (
+    pytest.raises(InputError, match=f"process 0 could not take the lock of {tmp_path}"),
+    workdirs.lock(str(tmp_path)),
+  ):
+    pytest.fail("went on without the lock")
 
 
 def test_every_process_of_a_multi_host_job_is_refused(tmp_path):

@@ -73,7 +73,8 @@ def mirror_ascent(
     learning_rate: η, a float or an optax schedule of the update count (e.g.
       `inverse_sqrt_schedule`).
     uncertainty: the set Λ; its `prior_K` is the default start and the
-      smoothing target.
+      smoothing target. `init(lam_K)` starts at the KL projection of `lam_K`
+      onto Λ, so that λ is a point of Λ from step 0 whatever it is given.
     smoothing: ε ∈ [0, 1), the weight of the prior mixed in after each step.
     optimistic: step along 2 L̂_t − L̂_{t−1} instead of L̂_t (optimistic
       multiplicative weights, docs/math.md §9.2); the first update, which has

@@ -6,11 +6,12 @@ state, step count and spec) from the config and the records of the models it
 depends on, then `run_or_restore`, which trains it (resuming from its checkpoints)
 or restores its finished state, then a record (robust_gate.records) of the result.
 A phase trains its own models and restores the ones it reads through that same
-path, so training, restoring and `pipeline.load_models` cannot drift apart.
+path, so training, restoring and `pipeline.load_models` cannot drift apart. The
+experts' caches, which the gates train on, are robust_gate.scoring's.
 
 The config stops here: these functions read it and hand typed values (`Training`,
 `models.LMConfig`, `models.GateConfig`, records) to the modules below
-(robust_gate.train, distill, evaluate). `gate_game`, which the experiments share,
+(robust_gate.train, distill). `gate_game`, which the experiments share,
 takes only typed values.
 """
 
@@ -20,23 +21,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from robust_gate import (
-  checkpoints,
-  datasets,
-  distill,
-  evaluate,
-  experts,
-  models,
-  objectives,
-  primal_dual,
-  provenance,
-)
+from robust_gate import checkpoints, distill, experts, models, primal_dual, provenance
 from robust_gate import train as train_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
-from robust_gate.data import DomainData
 from robust_gate.records import (
   Caches,
   Experts,
@@ -245,78 +234,6 @@ def train_experts(config, splits: Splits, run: Runner) -> Experts:
   return Experts(lm_cfg, params, experts.transformer_experts(lm_cfg, params, tr.domains))
 
 
-def score(config, workdir: str, splits: Splits, trained: Experts, log=print) -> Caches:
-  """Every expert's log-probs on validation and test (cached in the workdir; a damaged
-  cache is announced through `log` and rebuilt), b_k, and validation's two parts
-  (`dual_holdout`), each with its own b_k."""
-  scored = {}
-  for split in ("validation", "test"):
-    d = getattr(splits, split)
-    path = os.path.join(workdir, f"cache_{split}.npz")
-    cache = experts.cached_scores(path, [trained.group], d, log=log)
-    scored[split] = Scored(d, cache, baseline(config, cache, d))
-  va = scored["validation"]
-  held_N = dual_holdout(config, va.data)
-  part = lambda keep_N: _rescored(config, va, np.flatnonzero(keep_N))
-  return Caches(
-    experts=trained, fit=part(~held_N), holdout=part(held_N) if held_N.any() else None, **scored
-  )
-
-
-def _rescored(config, scored: Scored, idx) -> Scored:
-  """The examples `idx` of a scored split, with b_k measured on them."""
-  part = scored.subset(idx)
-  return dataclasses.replace(part, baseline_K=baseline(config, part.cache_NxTxM, part.data))
-
-
-def dual_holdout(config, d: DomainData) -> np.ndarray:
-  """Which validation sequences the dual players see and no gate is fitted to, [N] bool:
-  `config.gate.dual_holdout` of each domain's, drawn from config.seed (docs/math.md §4).
-
-  The same for every gate, so that they are fitted to the same data and comparable.
-  A fraction that leaves a domain with no sequence on one side is an InputError.
-  """
-  fraction, rng = config.gate.dual_holdout, np.random.default_rng(config.seed)
-  held_N = np.zeros(len(d.domain_N), bool)
-  if fraction == 0:
-    return held_N
-  for k, name in enumerate(d.domains):
-    idx = np.flatnonzero(d.domain_N == k)
-    n = round(fraction * len(idx))
-    if not 0 < n < len(idx):
-      raise InputError(
-        f"config.gate.dual_holdout={fraction} holds out {n} of domain {name}'s {len(idx)} "
-        f"validation sequences: each side needs at least one; choose a fraction in "
-        f"(0, 1) nearer 0.5, or 0 for the in-sample dual."
-      )
-    held_N[rng.permutation(idx)[:n]] = True
-  return held_N
-
-
-def check_baseline(config) -> None:
-  """config.baseline names a baseline b_k this data has."""
-  if config.baseline not in objectives.BASELINES:
-    raise InputError(
-      f"unknown config.baseline {config.baseline!r}; choose expert, entropy or none."
-    )
-  if config.baseline == "entropy" and config.data.name != "markov":
-    raise InputError(
-      f"baseline 'entropy' needs known entropies: only the markov "
-      f"dataset has them, not {config.data.name!r}."
-    )
-
-
-def baseline(config, cache_NxTxM, d: DomainData) -> np.ndarray:
-  """b_k in nats per token (docs/math.md §3) on split `d`."""
-  check_baseline(config)
-  K = d.num_domains
-  if config.baseline == "expert":
-    return np.array([evaluate.domain_ce(cache_NxTxM[..., k], d)[k] for k in range(K)])
-  if config.baseline == "none":
-    return np.zeros(K)
-  return datasets.markov_entropy(datasets.make_config("markov", **dict(config.data.options)))
-
-
 def train_gates(config, caches: Caches, run: Runner) -> Gates:
   """The robust gate, the ERM gate and the best response to the robust gate's λ̄, each
   fitted to `caches.fit`; the robust gate's dual player sees `caches.holdout`.
@@ -338,12 +255,14 @@ def train_gates(config, caches: Caches, run: Runner) -> Gates:
     gate_spec = {**spec, "gate": {**_section(config, "gate"), "dual_lr": dual_lr}, **extra_spec}
     return Gate(cfg, run(Game(name, step, state, config.gate.steps, gate_spec)), loss_fn)
 
-  dual_lr = config.gate.dual_lr  # 0: the robust gate is trained as the ERM gate
+  # Its dual plays over Λ whatever its step, so that λ, and with it λ̄, is a point of
+  # the Λ its certificate maximizes over from step 0 (Λ's prior λ0; docs/math.md §4).
+  # At gate.dual_lr 0 λ stays at λ0 (uniform for the config's sets: the ERM gate).
   robust = gate(
     "robust_gate",
-    dual_lr,
-    _uncertainty_spec(config) if dual_lr else {},
-    uncertainty=lam_set if dual_lr else None,
+    config.gate.dual_lr,
+    _uncertainty_spec(config),
+    uncertainty=lam_set,
     dual_on=caches.holdout,
   )
   erm = gate("erm_gate", 0.0, {}, uncertainty=None)  # Λ's simplex, λ fixed at uniform

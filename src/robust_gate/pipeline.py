@@ -15,7 +15,7 @@ command it resumes, and it refuses a workdir whose saved spec (config sections a
 digests of its inputs) differs from the current one, so runs never mix. More steps
 extend a model, but not in place of what was built from it: a phase that would train
 a model past its checkpoints while a model or cache built from it is in the workdir
-is refused before any training (`_refuse_extensions`). A phase records the config it
+is refused before any training (robust_gate.preflight). A phase records the config it
 ran with (config.json) once it has finished.
 
 Every model goes through `phases.run_or_restore`: a phase trains the models it owns
@@ -37,16 +37,19 @@ from robust_gate import (
   datasets,
   evaluate,
   files,
-  models,
+  layout,
   parallel,
   phases,
   provenance,
+  scoring,
+  summary,
   workdirs,
 )
 from robust_gate import data as data_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
 from robust_gate.experts import num_params
+from robust_gate.preflight import check_config, refuse_extensions
 from robust_gate.records import (
   Caches,
   Experts,
@@ -70,59 +73,6 @@ __all__ = [
   "train_experts",
   "train_gate",
 ]
-
-_FLOAT_KEYS = ("lr", "dual_lr", "dro_dual_lr", "ema_decay", "dual_holdout", "dual_timescale")
-
-
-def check_config(config) -> None:
-  """Positive sizes and step counts, finite positive learning rates, η ≥ 0, an EMA
-  decay and a dual holdout in [0, 1), a dual timescale ≥ 0, optimism 0 or 1, a
-  baseline the data has; data options in their domains, sequences that fit the
-  context, a data_dir that can be a directory. All before any work: a value that
-  reached TFDS or wordfreq would end in their traceback, not one line."""
-  data = config.data
-  dataset = datasets.make_config(data.name, **dict(data.options))
-  if isinstance(data.max_len, bool) or not isinstance(data.max_len, int) or data.max_len < 2:
-    raise InputError(f"config.data.max_len={data.max_len!r} must be an int ≥ 2.")
-  if dataset.max_tokens() > data.max_len - 1:
-    raise InputError(
-      f"config.data.max_len={data.max_len} holds {data.max_len - 1} tokens besides BOS/EOS "
-      f"but {data.name} examples have up to {dataset.max_tokens()}; set it to "
-      f"{dataset.max_tokens() + 1} or more."
-    )
-  if not isinstance(config.data_dir, str):
-    raise InputError(f"config.data_dir={config.data_dir!r} must be a path (or '').")
-  existing = config.data_dir  # the path, or the nearest of its parents that exists
-  while existing and not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if existing and not os.path.isdir(existing):
-    raise InputError(
-      f"config.data_dir={config.data_dir!r} cannot be a directory: {existing!r} is a file; "
-      f"give a directory (or '' for <workdir>/tfds)."
-    )
-  phases.check_baseline(config)
-  if config.dtype not in models.DTYPES:
-    raise InputError(f"config.dtype={config.dtype!r} must be one of {models.DTYPES}.")
-  every = config.checkpoint_every
-  if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-    raise InputError(f"config.checkpoint_every={every!r} must be a positive int.")
-  for section in ("expert", "monolithic", "monolithic_large", "gate", "distill"):
-    for key, value in config[section].items():
-      name = f"config.{section}.{key}"
-      if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(f"{name}={value!r} must be a number.")
-      if key in ("ema_decay", "dual_holdout"):
-        ok, want = 0 <= value < 1, "in [0, 1)"
-      elif key == "optimistic":
-        ok, want = value in (0, 1), "0 or 1"
-      elif key.endswith("dual_lr") or key in ("token_embed", "dual_timescale"):
-        ok, want = value >= 0, "finite and ≥ 0"
-      else:
-        ok, want = value > 0, "finite and > 0"
-      if not (np.isfinite(value) and ok):
-        raise InputError(f"{name}={value!r} must be {want}.")
-      if key not in _FLOAT_KEYS and not isinstance(value, int):
-        raise InputError(f"{name}={value!r} must be an int.")
 
 
 def load_splits(config, data_dir: str, log=print) -> Splits:
@@ -182,7 +132,7 @@ class _Workdir:
 
   @functools.cached_property
   def caches(self) -> Caches:
-    return phases.score(self.config, self.workdir, self.splits, self.experts, self.log)
+    return scoring.score(self.config, self.workdir, self.splits, self.experts, self.log)
 
   @functools.cached_property
   def gates(self) -> Gates:
@@ -202,81 +152,20 @@ class _Workdir:
     return TrainedModels(self.splits, self.caches, self.gates, self.student, self.monoliths)
 
 
-# The models each phase trains (the directories it writes in the workdir).
-_TRAINS = {
-  "train_experts": ("experts",),
-  "train_gate": ("robust_gate", "erm_gate", "best_response"),
-  "distill": ("student",),
-  "train_baselines": ("monolithic", "monolithic_dro", "monolithic_large"),
-  "evaluate": (),
-}
-
-# The config section whose `steps` each model trains for.
-_SECTION = {
-  "experts": "expert",
-  "robust_gate": "gate",
-  "erm_gate": "gate",
-  "best_response": "gate",
-  "student": "distill",
-  "monolithic": "monolithic",
-  "monolithic_dro": "monolithic",
-  "monolithic_large": "monolithic_large",
-}
-
-# What the workdir builds from a model (its spec or fingerprint records the model's
-# digest): training the model further makes them refuse to load.
-_BUILT_FROM = {
-  "experts": (
-    "cache_validation.npz",
-    "cache_test.npz",
-    "robust_gate",
-    "erm_gate",
-    "best_response",
-    "student",
-    "monolithic",
-    "monolithic_dro",
-    "monolithic_large",
-  ),
-  "robust_gate": ("best_response", "student"),
-}
-
-
-def _refuse_extensions(config, workdir: str, names) -> None:
-  """InputError, before any training, if one of the models `names` would train past
-  its checkpoints while something built from its finished run is in the workdir.
-
-  Extending it there would leave those unusable, and the run that built them could
-  not be repeated; elsewhere (a new workdir with a copy of its directory) it resumes.
-  """
-  for name in names:
-    steps = config[_SECTION[name]].steps
-    saved = checkpoints.saved_steps(os.path.join(workdir, name))
-    below = [s for s in saved if s < steps]
-    if steps in saved or not below:  # restored as it is, or trained from scratch
-      continue
-    built = [b for b in _BUILT_FROM.get(name, ()) if os.path.exists(os.path.join(workdir, b))]
-    if built:
-      raise InputError(
-        f"config.{_SECTION[name]}.steps={steps} would train {name} on from its checkpoint "
-        f"at step {below[-1]}, but {', '.join(built)} in {workdir} were built from it and "
-        f"would no longer load; nothing was changed. To continue {name}, copy "
-        f"{os.path.join(workdir, name)} into a new --workdir and run there."
-      )
-
-
 def _start(config, workdir, log, phase) -> _Workdir:
   """Checks the config and the workdir, and says what runs where."""
   check_config(config)
   workdirs.create(workdir)
-  _refuse_extensions(config, workdir, _TRAINS[phase])
-  w = _Workdir(config, workdir, log, train=_TRAINS[phase])
+  trains = layout.trained_by(phase)
+  refuse_extensions(config, workdir, trains)
+  w = _Workdir(config, workdir, log, train=trains)
   s = w.splits
   uncertainty_lib.from_config(config, s.train.num_domains)  # Λ checked before any work
-  phases.dual_holdout(config, s.validation)  # and the dual holdout
+  scoring.dual_holdout(config, s.validation)  # and the dual holdout
   if config.gate.dual_lr == 0 and phase == "train_gate":
     log(
-      "note: config.gate.dual_lr=0, so the robust gate is trained as the ERM gate "
-      "(λ fixed at Λ's prior)."
+      "note: config.gate.dual_lr=0, so the robust gate's λ stays at Λ's prior (the "
+      "uniform mixture for the config's sets): it is trained as the ERM gate."
     )
   log(
     f"{phase}: {jax.device_count()} {jax.devices()[0].platform} device(s) in "
@@ -378,12 +267,14 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
   }
   files.write_json(os.path.join(workdir, "results.json"), results)
   lam_history = {
-    name: _lam_history(os.path.join(workdir, name), config[_SECTION[name]].steps, K, log)
+    name: _lam_history(
+      os.path.join(workdir, name), config[layout.model(name).section].steps, K, log
+    )
     for name in ("robust_gate", "monolithic_dro")
   }
   if parallel.is_main():
-    evaluate.plot(results, lam_history, workdir)
-  log(evaluate.format_table(results))
+    summary.plot(results, lam_history, workdir)
+  log(summary.format_table(results))
   return _finished(config, workdir, results)
 
 
@@ -416,7 +307,7 @@ def run(config, workdir: str, log=print) -> dict:
 
   check_config(config)
   workdirs.create(workdir)
-  _refuse_extensions(config, workdir, [n for names in _TRAINS.values() for n in names])
+  refuse_extensions(config, workdir, layout.MODEL_DIRS)
   timed("train_experts", train_experts)
   timed("train_gate", train_gate)
   timed("distill", distill_student)

@@ -60,8 +60,14 @@ def init_state(
   key: jax.Array,
   lam_K=None,
 ) -> GameState:
-  """The game's initial state; λ starts at `lam_K` or at Λ's prior."""
+  """The game's initial state; λ starts at a point of Λ: the KL projection of `lam_K`
+  onto Λ (`lam_K` itself when it is one), or Λ's prior.
+
+  The state holds copies of `params` and `key`: `run` donates the state, and the
+  caller's arrays (a trained model's parameters, to warm-start from) must outlive it.
+  """
   dual_state = dual.init(lam_K)
+  params = jax.tree_util.tree_map(jnp.copy, params)
   return GameState(
     step=jnp.zeros((), jnp.int32),
     params=params,
@@ -69,7 +75,7 @@ def init_state(
     dual_state=dual_state,
     lam_avg_K=jnp.exp(dual_state.log_lam_K),
     ema_params=jax.tree_util.tree_map(jnp.copy, params),
-    key=key,
+    key=jnp.copy(key),
   )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from robust_gate import files, parallel
+from robust_gate import files, layout, parallel
 from robust_gate.checks import InputError
 
 # The repository root when the package runs from a checkout (`pip install -e .`).
@@ -33,17 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CODE_PATHS = ("src/robust_gate", "launch")
 # A model directory's record of the runs that trained it.
 TRAINING_FILE = "provenance.json"
-# The workdir's model directories (robust_gate.phases' Game names).
-MODEL_DIRS = (
-  "experts",
-  "robust_gate",
-  "erm_gate",
-  "best_response",
-  "student",
-  "monolithic",
-  "monolithic_dro",
-  "monolithic_large",
-)
+# The workdir's model directories, whose training each result names (robust_gate.layout).
+MODEL_DIRS = layout.MODEL_DIRS
 # The key of a result JSON holding the provenance of its inputs: {input: [provenance,
 # ...] or None}, None where the input's origin is unknown (so the result is stale).
 INPUTS_KEY = "input_provenance"

@@ -8,8 +8,9 @@ they have none.
 
 from typing import Any
 
-from robust_gate.evaluate import REFERENCE, method_label
+from robust_gate.evaluate import REFERENCE
 from robust_gate.report.tables import table
+from robust_gate.summary import method_label
 
 _SUMMARY = (("mean", "mean over domains"), ("worst_case", "worst case over Λ"))
 

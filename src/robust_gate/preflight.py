@@ -1,0 +1,95 @@
+"""What a phase checks before any work: the config's values (`check_config`), and the
+workdir's models against the steps the config asks for (`refuse_extensions`).
+
+Both raise InputError with one line that says what to change. A value that reached
+TFDS or wordfreq would end in their traceback, and an extension found after hours of
+training would have cost them; so `pipeline` calls these first.
+"""
+
+import os
+
+import numpy as np
+
+from robust_gate import checkpoints, datasets, layout, models, scoring
+from robust_gate.checks import InputError
+
+# The fields of the models' config sections that may be floats; every other is an int.
+_FLOAT_KEYS = ("lr", "dual_lr", "dro_dual_lr", "ema_decay", "dual_holdout", "dual_timescale")
+
+
+def check_config(config) -> None:
+  """Positive sizes and step counts, finite positive learning rates, η ≥ 0, an EMA
+  decay and a dual holdout in [0, 1), a dual timescale ≥ 0, optimism 0 or 1, a
+  baseline the data has; data options in their domains, sequences that fit the
+  context, a data_dir that can be a directory."""
+  data = config.data
+  dataset = datasets.make_config(data.name, **dict(data.options))
+  if isinstance(data.max_len, bool) or not isinstance(data.max_len, int) or data.max_len < 2:
+    raise InputError(f"config.data.max_len={data.max_len!r} must be an int ≥ 2.")
+  if dataset.max_tokens() > data.max_len - 1:
+    raise InputError(
+      f"config.data.max_len={data.max_len} holds {data.max_len - 1} tokens besides BOS/EOS "
+      f"but {data.name} examples have up to {dataset.max_tokens()}; set it to "
+      f"{dataset.max_tokens() + 1} or more."
+    )
+  if not isinstance(config.data_dir, str):
+    raise InputError(f"config.data_dir={config.data_dir!r} must be a path (or '').")
+  existing = config.data_dir  # the path, or the nearest of its parents that exists
+  while existing and not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if existing and not os.path.isdir(existing):
+    raise InputError(
+      f"config.data_dir={config.data_dir!r} cannot be a directory: {existing!r} is a file; "
+      f"give a directory (or '' for <workdir>/tfds)."
+    )
+  scoring.check_baseline(config)
+  if config.dtype not in models.DTYPES:
+    raise InputError(f"config.dtype={config.dtype!r} must be one of {models.DTYPES}.")
+  every = config.checkpoint_every
+  if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+    raise InputError(f"config.checkpoint_every={every!r} must be a positive int.")
+  for section in layout.SECTIONS:
+    for key, value in config[section].items():
+      _check_field(f"config.{section}.{key}", key, value)
+
+
+def _check_field(name: str, key: str, value) -> None:
+  """One field of a model's config section, by what its key says it is."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise InputError(f"{name}={value!r} must be a number.")
+  if key in ("ema_decay", "dual_holdout"):
+    ok, want = 0 <= value < 1, "in [0, 1)"
+  elif key == "optimistic":
+    ok, want = value in (0, 1), "0 or 1"
+  elif key.endswith("dual_lr") or key in ("token_embed", "dual_timescale"):
+    ok, want = value >= 0, "finite and ≥ 0"
+  else:
+    ok, want = value > 0, "finite and > 0"
+  if not (np.isfinite(value) and ok):
+    raise InputError(f"{name}={value!r} must be {want}.")
+  if key not in _FLOAT_KEYS and not isinstance(value, int):
+    raise InputError(f"{name}={value!r} must be an int.")
+
+
+def refuse_extensions(config, workdir: str, names) -> None:
+  """InputError, before any training, if one of the models `names` would train past
+  its checkpoints while something built from its finished run is in the workdir.
+
+  Extending it there would leave those unusable, and the run that built them could
+  not be repeated; elsewhere (a new workdir with a copy of its directory) it resumes.
+  """
+  for name in names:
+    section = layout.model(name).section
+    steps = config[section].steps
+    saved = checkpoints.saved_steps(os.path.join(workdir, name))
+    below = [s for s in saved if s < steps]
+    if steps in saved or not below:  # restored as it is, or trained from scratch
+      continue
+    built = [b for b in layout.built_from_it(name) if os.path.exists(os.path.join(workdir, b))]
+    if built:
+      raise InputError(
+        f"config.{section}.steps={steps} would train {name} on from its checkpoint "
+        f"at step {below[-1]}, but {', '.join(built)} in {workdir} were built from it and "
+        f"would no longer load; nothing was changed. To continue {name}, copy "
+        f"{os.path.join(workdir, name)} into a new --workdir and run there."
+      )
