@@ -80,7 +80,8 @@ def _main(workdir, *overrides, launcher="main"):
 
 def _results(workdir):
   r = json.loads((workdir / "results.json").read_text())
-  r.pop("seconds", None)  # wall-clock times differ between runs
+  for timing in ("seconds", "seconds_per_model", "modular_overhead"):
+    r.pop(timing, None)  # wall-clock times differ between runs
   r.pop("provenance")  # so do the date and the command line
   r.pop(provenance_lib.INPUTS_KEY)  # and each model's training date
   return r
@@ -125,6 +126,13 @@ def test_main_job_writes_results_plots_and_table(tiny_run):
   )
   for png in ("lambda.png", "domain_losses.png", "gate_usage.png"):
     assert (workdir / png).stat().st_size > 1000
+  # Every model trained and the caches scored have their wall time; the overhead of being
+  # modular is (caches + robust gate) / experts.
+  seconds = r["seconds_per_model"]
+  assert set(seconds) == {*layout.MODEL_DIRS, "caches"} and min(seconds.values()) > 0
+  assert r["modular_overhead"] == pytest.approx(
+    (seconds["caches"] + seconds["robust_gate"]) / seconds["experts"]
+  )
   assert "robust_gate" in out.stdout and "worst" in out.stdout
   assert "steps/s" in out.stdout and "ETA" in out.stdout
 
@@ -133,8 +141,11 @@ def test_rerun_resumes_everything_and_refuses_another_config(tiny_run):
   workdir, _first = tiny_run
   stamp = os.path.getmtime(workdir / "cache_test.npz")
   before = _results(workdir)
+  timed = json.loads((workdir / "results.json").read_text())["seconds_per_model"]
   out = _main(workdir)
   assert out.returncode == 0, out.stderr[-3000:]
+  # Restoring is not training: the times stay those of the run that trained.
+  assert json.loads((workdir / "results.json").read_text())["seconds_per_model"] == timed
   assert os.path.getmtime(workdir / "cache_test.npz") == stamp  # reused, not rebuilt
   for model in layout.MODEL_DIRS:
     assert f"{model}: resumed at step" in out.stdout

@@ -70,7 +70,8 @@ def _files(workdir) -> dict:
 
 def _results(workdir) -> dict:
   r = json.loads((workdir / "results.json").read_text())
-  r.pop("seconds", None)
+  for timing in ("seconds", "seconds_per_model", "modular_overhead"):
+    r.pop(timing, None)
   r.pop("provenance")  # the date and the command line
   r.pop(provenance.INPUTS_KEY)  # each model's training date
   return r

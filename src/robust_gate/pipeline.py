@@ -114,13 +114,19 @@ class _Workdir:
     self.config, self.workdir, self.log, self.train = config, workdir, log, frozenset(train)
 
   def _run(self, game: phases.Game):
-    return phases.run_or_restore(
+    directory = os.path.join(self.workdir, game.name)
+    trains = game.name in self.train and game.steps not in checkpoints.saved_steps(directory)
+    start = time.perf_counter()
+    state = phases.run_or_restore(
       game,
       self.workdir,
       train=game.name in self.train,
       chunk=self.config.checkpoint_every,
       log=self.log,
     )
+    if trains:  # a finished model restored keeps the time of the run that trained it
+      _record_seconds(self.workdir, game.name, time.perf_counter() - start)
+    return state
 
   @functools.cached_property
   def splits(self) -> Splits:
@@ -132,7 +138,13 @@ class _Workdir:
 
   @functools.cached_property
   def caches(self) -> Caches:
-    return scoring.score(self.config, self.workdir, self.splits, self.experts, self.log)
+    experts = self.experts  # restored first: its time is not the caches'
+    scored = all(os.path.exists(os.path.join(self.workdir, c)) for c in layout.CACHES)
+    start = time.perf_counter()
+    caches = scoring.score(self.config, self.workdir, self.splits, experts, self.log)
+    if not scored:  # timed when they are computed, not when they are read back
+      _record_seconds(self.workdir, "caches", time.perf_counter() - start)
+    return caches
 
   @functools.cached_property
   def gates(self) -> Gates:
@@ -150,6 +162,37 @@ class _Workdir:
 
   def models(self) -> TrainedModels:
     return TrainedModels(self.splits, self.caches, self.gates, self.student, self.monoliths)
+
+
+SECONDS_FILE = "seconds.json"
+
+
+def _record_seconds(workdir: str, name: str, seconds: float) -> None:
+  """Adds the wall seconds of `name`'s latest run in this workdir to SECONDS_FILE (what a
+  run that restored everything adds: nothing; a resumed run: only its own part)."""
+  files.write_json(
+    os.path.join(workdir, SECONDS_FILE), {**_read_seconds(workdir), name: round(seconds, 2)}
+  )
+
+
+def _read_seconds(workdir: str) -> dict[str, float]:
+  try:
+    with open(os.path.join(workdir, SECONDS_FILE)) as f:
+      seconds = json.load(f)
+  except (OSError, ValueError):  # absent or damaged: timings only, never an input
+    return {}
+  return seconds if isinstance(seconds, dict) else {}
+
+
+def modular_overhead(seconds: dict[str, float]) -> float | None:
+  """What being modular costs on top of training the experts: (caching their scores +
+  fitting the robust gate) / training them, from per-model wall seconds; None where a
+  timing is missing."""
+  if not all(
+    isinstance(seconds.get(k), (int, float)) for k in ("experts", "caches", "robust_gate")
+  ):
+    return None
+  return (seconds["caches"] + seconds["robust_gate"]) / max(seconds["experts"], 1e-9)
 
 
 def _start(config, workdir, log, phase) -> _Workdir:
@@ -262,6 +305,8 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
       "monolithic": num_params(mono.params),
       "monolithic_large": num_params(m.monoliths.monolithic_large.params),
     },
+    "seconds_per_model": _read_seconds(workdir),
+    "modular_overhead": modular_overhead(_read_seconds(workdir)),
     "provenance": provenance.collect(config).to_dict(),
     provenance.INPUTS_KEY: provenance.models(workdir),
   }

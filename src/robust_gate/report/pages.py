@@ -130,10 +130,20 @@ def result_section(r: Result, figures: dict[str, str]) -> list[str]:
       ],
     )
     lines += held_out.section_body(res)
-    for key, title in (("num_params", "Parameters"), ("seconds", "Seconds per phase")):
+    for key, title in (
+      ("num_params", "Parameters"),
+      ("seconds", "Seconds per phase"),
+      ("seconds_per_model", "Seconds per model trained in the latest run (caches: scoring)"),
+    ):
       if isinstance(res.get(key), dict) and res[key]:
         lines += [f"{title}:", "", *table(list(res[key]), [[fmt(v) for v in res[key].values()]])]
         lines.append("")
+    if isinstance(res.get("modular_overhead"), (int, float)):
+      lines += [
+        f"Overhead of being modular, (caches + robust gate) / experts in wall seconds: "
+        f"{res['modular_overhead']:.3f}.",
+        "",
+      ]
     for png in r.figures:
       lines += _figure(png, f"{FIGURES}/{r.name}/{os.path.basename(png)}", figures)
   for e in r.experiments:
