@@ -4,7 +4,7 @@ r"""Benchmarks of every phase (robust_gate.benchmark): a table, and <workdir>/be
   python launch/benchmark.py --workdir=/tmp/bench_h100 --d_model=512 --num_layers=8 \
       --num_heads=8 --seq_len=256 --dtype=bfloat16 --phases=matmul,experts    # H100
 
---phases picks among matmul, experts, gate, scan, distill, cache, inference (run in
+--phases picks among matmul, experts, gate, scan, stream, distill, cache, inference (run in
 the order given; the experts phase reports MFU when matmul runs before it). The JSON
 holds the provenance (commit, device, date, command), the config and each phase's
 measurements under documented keys (robust_gate/benchmark/records.py).

@@ -33,6 +33,7 @@ _SLOW_FIRST = (
   "test_benchmark.py",
   "test_golden.py",
   "test_parallel.py",
+  "test_streaming.py",
 )
 
 

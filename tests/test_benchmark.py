@@ -39,6 +39,7 @@ RECORDS = {
   "experts": records.Experts,
   "gate": records.Gate,
   "scan": records.Scan,
+  "stream": records.Stream,
   "distill": records.Distill,
   "cache": records.Cache,
   "inference": records.Inference,
@@ -85,12 +86,16 @@ def test_launcher_writes_every_phase_on_two_devices(tmp_path):
     ("gate", "robust_over_erm"),
     ("scan", "scan_speedup"),
     ("scan", "scan_step_seconds_unroll2"),
+    ("stream", "streamed_over_resident"),
+    ("stream", "disk_over_resident"),
+    ("stream", "gather_step_seconds"),
     ("distill", "student_tokens_per_second"),
     ("cache", "cache_over_forward"),
     ("inference", "student_speedup"),
   ):
     assert math.isfinite(m[phase][key]) and m[phase][key] > 0, (phase, key)
   assert isinstance(m["scan"]["serial_bitwise_equal"], bool)
+  assert m["stream"]["bitwise_equal"] is True  # streamed rows: the same steps, on 2 devices
   assert m["inference"]["target_speedup"] == 2.0 and m["experts"]["params_per_expert"] > 0
   e = m["experts"]
   assert e["num_devices"] == 2

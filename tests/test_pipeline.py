@@ -162,6 +162,16 @@ def test_rerun_resumes_everything_and_refuses_another_config(tiny_run):
   assert listing() == files
 
 
+def test_a_job_over_its_device_budget_streams_to_the_same_results(tiny_run, tmp_path):
+  # A budget below every split and cache: the experts' and baselines' tokens and the
+  # gates' caches stream from the host, and the caches are written in shards on disk.
+  out = _main(tmp_path, "--config.device_budget_bytes=1000")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "stream from the host" in out.stdout
+  assert (tmp_path / "cache_test").is_dir() and not (tmp_path / "cache_test.npz").exists()
+  assert _results(tmp_path) == _results(tiny_run[0])
+
+
 def test_phase_launchers_one_by_one_match_the_main_job(tiny_run, tmp_path):
   out = _main(tmp_path, launcher="train_gate")  # before its inputs exist
   assert out.returncode != 0 and "Traceback" not in out.stderr

@@ -128,3 +128,19 @@ def test_new_gate_fields_are_checked_in_one_line(field, value, want):
   config.gate[field] = value
   with pytest.raises(InputError, match=re.escape(f"config.gate.{field}={value!r} {want}.")):
     pipeline.check_config(config)
+
+
+def test_the_dual_player_takes_one_loss():
+  """dual_loss_fn (params, key) or dual_on (a loss function like the primal's): not both."""
+  loss_fn = lambda params, batch, key: params["w"] * jax.numpy.ones(2)
+  with pytest.raises(ValueError, match="dual_loss_fn or dual_on, not both"):
+    train.make_game(
+      loss_fn,
+      {"w": jax.numpy.ones(())},
+      num_domains=2,
+      lr=0.1,
+      dual_lr=0.1,
+      seed=0,
+      dual_loss_fn=lambda params, key: loss_fn(params, None, key),
+      dual_on=loss_fn,
+    )

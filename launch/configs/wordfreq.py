@@ -19,6 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (parameters, optimizer and log-softmax stay float32)
   c.checkpoint_every = 200  # steps per compiled lax.scan chunk; a checkpoint, metric
   # lines and a progress line after each
+  # Bytes of a split's tokens and cache a model may keep on every device; a larger split
+  # streams from the host (memory-mapped from disk) with the same results. None: all
+  # resident. Not in any spec: it changes where rows live, not what a run computes.
+  c.device_budget_bytes = ml_collections.config_dict.placeholder(int)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "wordfreq"  # local dataset: "wordfreq", "digits" or "markov"

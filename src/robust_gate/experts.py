@@ -10,6 +10,11 @@ it, and `save_cache` / `load_cache` tie the file to a fingerprint of the data
 and the experts so a cache cannot be used with other data. `load_cache` validates
 what it reads as `build_cache` validates what it writes, so `cached_scores`
 rebuilds a damaged file (announced) instead of crashing on it or trusting it.
+
+A cache larger than memory (`sharded_scores`) is scored, validated and written one
+row shard at a time (robust_gate.shards: a manifest with the fingerprint and every
+shard's digest; resumable; a damaged shard announced and rebuilt) and read back by
+row through memory maps. `stored_scores` picks between the two by a budget in bytes.
 """
 
 import dataclasses
@@ -23,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import checks, files, models, parallel
+from robust_gate import checks, files, models, parallel, shards
 from robust_gate.checks import InputError
 from robust_gate.data import DomainData
 
@@ -201,3 +206,61 @@ def cached_scores(
   cache = build_cache(experts, data)
   save_cache(path, cache, fingerprint)
   return cache
+
+
+def cache_bytes(data: DomainData, experts: Sequence[Expert]) -> int:
+  """N·T·M·4: the size of the float32 cache of `experts` on `data`."""
+  return data.inputs_NxT.size * sum(len(e.names) for e in experts) * 4
+
+
+def sharded_scores(
+  directory: str,
+  experts: Sequence[Expert],
+  data: DomainData,
+  *,
+  shard_rows: int | None = None,
+  log: Callable[[str], None] = print,
+) -> shards.ShardedArray:
+  """The cache of `cached_scores`, [N, T, M], in row shards under `directory`: scored,
+  validated and written a shard at a time (`shard_rows` rows, by default about
+  shards.SHARD_BYTES), read back through memory maps. Valid shards of an earlier run
+  are kept; damaged ones are announced and scored again; a directory built for other
+  data or experts is refused (InputError)."""
+  if not experts:
+    raise InputError("no experts given (M = 0).")
+  check_vocabularies(experts, data)
+  num_models = sum(len(e.names) for e in experts)
+  N, T = data.inputs_NxT.shape
+
+  def compute(lo: int, hi: int) -> np.ndarray:
+    try:
+      return build_cache(experts, data.subset(np.arange(lo, hi)))
+    except InputError as e:  # its example numbers count from the shard's first row
+      raise InputError(f"rows {lo}–{hi - 1} of {directory}: {e}") from None
+
+  return shards.build(
+    directory,
+    fingerprint=cache_fingerprint(data, experts),
+    shape=(N, T, num_models),
+    dtype=np.float32,
+    shard_rows=shard_rows or shards.rows_per_shard(T * num_models * 4),
+    compute=compute,
+    log=log,
+    name=f"cache {directory}",
+  )
+
+
+def stored_scores(
+  path: str,
+  experts: Sequence[Expert],
+  data: DomainData,
+  *,
+  budget_bytes: int | None,
+  shard_rows: int | None = None,
+  log: Callable[[str], None] = print,
+) -> np.ndarray | shards.ShardedArray:
+  """The rule: a cache of at most `budget_bytes` (None: any) is `cached_scores` at
+  `path`.npz, in memory; a larger one `sharded_scores` in the directory `path`."""
+  if budget_bytes is None or cache_bytes(data, experts) <= budget_bytes:
+    return cached_scores(f"{path}.npz", experts, data, log=log)
+  return sharded_scores(path, experts, data, shard_rows=shard_rows, log=log)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from robust_gate import checkpoints, distill, experts, models, primal_dual, provenance
+from robust_gate import checkpoints, distill, experts, models, primal_dual, provenance, streaming
 from robust_gate import train as train_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
@@ -109,6 +109,7 @@ def gate_game(
   *,
   dual_on: Scored | None = None,
   lam_K=None,
+  budget_bytes: int | None = None,
 ):
   """(step, initial state, loss_fn) of a causal gate over `train`'s cached experts.
 
@@ -116,11 +117,13 @@ def gate_game(
   simplex (with dual_lr 0: λ fixed at `lam_K`, by default the uniform mixture: the
   ERM gate). With `dual_on`, the dual player sees the gate's losses on minibatches of
   that split (held out from `train`) rather than its training losses (docs/math.md §4).
+  A split whose tokens and cache exceed `budget_bytes` streams from the host
+  (robust_gate.streaming); None keeps every split on the devices.
   """
-  loss_fn = _gate_loss_fn(cfg, train, t.per_domain)
+  loss_fn = _gate_loss_fn(cfg, train, t.per_domain, budget_bytes)
   dual_loss_fn = None
   if dual_on is not None:
-    dual_loss_fn = _dual_loss_fn(_gate_loss_fn(cfg, dual_on, t.per_domain))
+    dual_loss_fn = _gate_loss_fn(cfg, dual_on, t.per_domain, budget_bytes)
   if params is None:
     params = models.init_gate(cfg, _init_key(t.seed, 2))
   step, state = train_lib.make_game(
@@ -133,24 +136,28 @@ def gate_game(
     uncertainty=uncertainty,
     lam_K=lam_K,
     ema_decay=t.ema_decay,
-    dual_loss_fn=dual_loss_fn,
+    dual_on=dual_loss_fn,
     dual_timescale=t.dual_timescale,
     optimistic=t.optimistic,
   )
   return step, state, loss_fn
 
 
-def _gate_loss_fn(cfg: models.GateConfig, on: Scored, per_domain: int) -> LossFn:
-  return train_lib.gate_loss_fn(cfg, on.data, on.cache_NxTxM, per_domain, _baseline_K(on))
+def _gate_loss_fn(
+  cfg: models.GateConfig, on: Scored, per_domain: int, budget_bytes: int | None
+) -> LossFn:
+  source = streaming.choose(on.data, on.cache_NxTxM, budget_bytes=budget_bytes)
+  return train_lib.gate_loss_fn(cfg, source, None, per_domain, _baseline_K(on))
 
 
 def _baseline_K(on: Scored) -> jax.Array:
   return jnp.asarray(on.baseline_K, jnp.float32)
 
 
-def _dual_loss_fn(loss_fn: LossFn) -> primal_dual.DualLossFn:
-  """A loss function that samples its own minibatches, as the dual player's."""
-  return lambda params, key: loss_fn(params, None, key)
+def _train_source(config, d) -> streaming.Source:
+  """A split's tokens for a model's training: on the devices while they fit
+  `config.device_budget_bytes`, streamed from the host beyond it."""
+  return streaming.choose(d, budget_bytes=config.get("device_budget_bytes"))
 
 
 def _init_key(seed: int, phase: int) -> jax.Array:
@@ -222,7 +229,7 @@ def train_experts(config, splits: Splits, run: Runner) -> Experts:
   tr, ec = splits.train, config.expert
   lm_cfg = lm_config(ec, tr.vocab_size, config.data.max_len, config.dtype)
   step, state = train_lib.make_game(
-    train_lib.expert_loss_fn(lm_cfg, tr, ec.per_domain),
+    train_lib.expert_loss_fn(lm_cfg, _train_source(config, tr), ec.per_domain),
     models.init_stacked_lm(lm_cfg, _init_key(config.seed, 1), tr.num_domains),
     num_domains=tr.num_domains,
     lr=ec.lr,
@@ -251,7 +258,10 @@ def train_gates(config, caches: Caches, run: Runner) -> Gates:
   }
 
   def gate(name, dual_lr, extra_spec, **game):
-    step, state, loss_fn = gate_game(cfg, fit, gate_training(config, dual_lr), **game)
+    t = gate_training(config, dual_lr)
+    step, state, loss_fn = gate_game(
+      cfg, fit, t, **game, budget_bytes=config.get("device_budget_bytes")
+    )
     gate_spec = {**spec, "gate": {**_section(config, "gate"), "dual_lr": dual_lr}, **extra_spec}
     return Gate(cfg, run(Game(name, step, state, config.gate.steps, gate_spec)), loss_fn)
 
@@ -324,12 +334,15 @@ def train_monoliths(config, splits: Splits, caches: Caches, run: Runner) -> Mono
     ("monolithic_dro", expert_size, mc, mc.dro_dual_lr),
     ("monolithic_large", large, lc, 0.0),
   ):
-    loss_fn = train_lib.monolithic_loss_fn(cfg, tr, mc.per_domain, _baseline_K(caches.validation))
-    dual_loss_fn = None
+    source = _train_source(config, tr)
+    loss_fn = train_lib.monolithic_loss_fn(
+      cfg, source, mc.per_domain, _baseline_K(caches.validation)
+    )
+    dual_on = None
     if dual_lr and caches.holdout is not None:
       held = caches.holdout
-      dual_loss_fn = _dual_loss_fn(
-        train_lib.monolithic_loss_fn(cfg, held.data, mc.per_domain, _baseline_K(held))
+      dual_on = train_lib.monolithic_loss_fn(
+        cfg, _train_source(config, held.data), mc.per_domain, _baseline_K(held)
       )
     step, state = train_lib.make_game(
       loss_fn,
@@ -339,7 +352,7 @@ def train_monoliths(config, splits: Splits, caches: Caches, run: Runner) -> Mono
       dual_lr=dual_lr,
       seed=config.seed,
       uncertainty=lam_set if dual_lr else None,
-      dual_loss_fn=dual_loss_fn,
+      dual_on=dual_on,
     )
     spec = {
       **_common_spec(config),

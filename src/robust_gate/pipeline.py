@@ -205,6 +205,12 @@ def _start(config, workdir, log, phase) -> _Workdir:
   s = w.splits
   uncertainty_lib.from_config(config, s.train.num_domains)  # Λ checked before any work
   scoring.dual_holdout(config, s.validation)  # and the dual holdout
+  budget = config.get("device_budget_bytes")
+  if budget is not None:
+    log(
+      f"config.device_budget_bytes={budget}: splits and caches larger than that stream from "
+      "the host (robust_gate.streaming), with the same results."
+    )
   if config.gate.dual_lr == 0 and phase == "train_gate":
     log(
       "note: config.gate.dual_lr=0, so the robust gate's λ stays at Λ's prior (the "

@@ -48,6 +48,11 @@ def check_config(config) -> None:
   every = config.checkpoint_every
   if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
     raise InputError(f"config.checkpoint_every={every!r} must be a positive int.")
+  budget = config.get("device_budget_bytes")
+  if budget is not None and (
+    isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
+  ):
+    raise InputError(f"config.device_budget_bytes={budget!r} must be a positive int or None.")
   for section in layout.SECTIONS:
     for key, value in config[section].items():
       _check_field(f"config.{section}.{key}", key, value)

@@ -25,6 +25,7 @@ import numpy as np
 
 from robust_gate import experts, models, primal_dual
 from robust_gate.data import DomainData
+from robust_gate.shards import ShardedArray
 
 # A per-domain loss function of a primal-dual game: (params, batch, key) -> losses [K].
 LossFn = Callable[[Any, Any, Any], Any]
@@ -62,7 +63,7 @@ class Scored:
   """One data split scored by every expert."""
 
   data: DomainData
-  cache_NxTxM: np.ndarray  # log p_j(x_t | x_<t) of every expert j at every token
+  cache_NxTxM: np.ndarray | ShardedArray  # log p_j(x_t | x_<t) of every expert j at every token
   baseline_K: np.ndarray  # b_k, nats per token (docs/math.md §3)
 
   def only_experts(self, keep) -> "Scored":

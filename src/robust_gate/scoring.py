@@ -29,8 +29,10 @@ def score(config, workdir: str, splits: Splits, trained: Experts, log=print) -> 
   scored = {}
   for split in ("validation", "test"):
     d = getattr(splits, split)
-    path = os.path.join(workdir, f"cache_{split}.npz")
-    cache = experts.cached_scores(path, [trained.group], d, log=log)
+    # In memory as cache_<split>.npz while it fits the device budget, else in shards.
+    stem = os.path.join(workdir, f"cache_{split}")
+    budget = config.get("device_budget_bytes")
+    cache = experts.stored_scores(stem, [trained.group], d, budget_bytes=budget, log=log)
     scored[split] = Scored(d, cache, baseline(config, cache, d))
   va = scored["validation"]
   held_N = dual_holdout(config, va.data)

@@ -10,6 +10,8 @@ Phases (`config.phases`, run in the order given):
   gate       the primal-dual gate step against the ERM gate step
   scan       lax.scan against one jitted step per Python iteration, and against
              itself compiled without primal_dual.COMPILER_OPTIONS (bitwise equal)
+  stream     the gate's training loop with its rows streamed by the host (from
+             memory, from disk shards) against drawn inside jit (bitwise equal)
   distill    one distillation step (teacher on the fly, student trained)
   cache      experts.build_cache against one forward pass of the M experts
   inference  teacher (M experts + gate) against the student

@@ -6,7 +6,7 @@ from robust_gate import models
 from robust_gate.checks import InputError
 
 # In the order `run` prints them; any subset, in any order, may be asked for.
-PHASES = ("matmul", "experts", "gate", "scan", "distill", "cache", "inference")
+PHASES = ("matmul", "experts", "gate", "scan", "stream", "distill", "cache", "inference")
 
 
 @dataclasses.dataclass(frozen=True)

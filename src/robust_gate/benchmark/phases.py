@@ -2,12 +2,13 @@
 (throughput does not depend on the text), compiled and warmed, then timed."""
 
 import functools
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import data, distill, experts, models, primal_dual, train
+from robust_gate import data, distill, experts, models, primal_dual, shards, streaming, train
 from robust_gate.benchmark import records
 from robust_gate.benchmark.config import BenchmarkConfig
 from robust_gate.benchmark.timing import device_profile, median_seconds, peak_memory_bytes, threaded
@@ -123,13 +124,21 @@ def _gate_game(c: BenchmarkConfig, dual_lr: float):
   """A gate's game over a random cache of normalized expert log-probs, built once
   per config and dual step size: one step function, so the gate and scan phases
   share its compiled programs. Its state is only copied (`_gate_start`)."""
-  gate_cfg, M = c.gate_config(), c.num_experts
+  return _gate_game_on(c, streaming.Source(*_gate_data(c)), dual_lr)
+
+
+def _gate_data(c: BenchmarkConfig) -> tuple[data.DomainData, np.ndarray]:
+  """Random sequences and a random cache of normalized expert log-probs on them."""
   d = _random_data(c, max(2 * c.gate_per_domain, 8))
-  noise = jax.random.normal(jax.random.PRNGKey(0), (*d.inputs_NxT.shape, M, 4))
+  noise = jax.random.normal(jax.random.PRNGKey(0), (*d.inputs_NxT.shape, c.num_experts, 4))
   cache = np.asarray(jax.nn.log_softmax(noise))[..., 0]
-  cache = np.where(d.mask_NxT[..., None], cache, 0.0).astype(np.float32)
+  return d, np.where(d.mask_NxT[..., None], cache, 0.0).astype(np.float32)
+
+
+def _gate_game_on(c: BenchmarkConfig, source: streaming.Source, dual_lr: float):
+  gate_cfg, M = c.gate_config(), c.num_experts
   return train.make_game(
-    train.gate_loss_fn(gate_cfg, d, cache, c.gate_per_domain, jnp.zeros(M)),
+    train.gate_loss_fn(gate_cfg, source, None, c.gate_per_domain, jnp.zeros(M)),
     _init_gate(gate_cfg, jax.random.PRNGKey(1)),
     num_domains=M,
     lr=3e-3,
@@ -190,6 +199,63 @@ def scan(c: BenchmarkConfig) -> records.Scan:
     unroll_step_seconds=unrolled,
     profile=profile,
   )
+
+
+STREAM_CHUNKS = 4  # chunks of scan_steps per timed train.fit call of the stream phase
+
+
+def stream(c: BenchmarkConfig) -> records.Stream:
+  """The robust gate's training loop, train.fit over STREAM_CHUNKS chunks of
+  scan_steps, resident (rows drawn inside jit from the cache on the devices) against
+  streamed (each chunk's rows gathered by the host, the next chunk's while one runs)
+  from memory and from disk shards through memory maps (page cache warm)."""
+  d, cache = _gate_data(c)
+  n = STREAM_CHUNKS * c.scan_steps
+  seconds, finals = {}, {}
+  with tempfile.TemporaryDirectory() as tmp:
+    on_disk = shards.build(
+      tmp,
+      fingerprint="benchmark",
+      shape=cache.shape,
+      dtype=cache.dtype,
+      shard_rows=-(-len(cache) // 4),  # rows in several shards, as a large cache's are
+      compute=lambda lo, hi: cache[lo:hi],
+      log=lambda s: None,
+    )
+    games = {
+      "resident": _gate_game_on(c, streaming.Source(d, cache), 0.5),
+      "streamed": _gate_game_on(c, streaming.Source(d, cache, stream=True), 0.5),
+      "disk": _gate_game_on(c, streaming.Source(d, on_disk, stream=True), 0.5),
+    }
+    feed, key = games["disk"][0].feed, streaming.host_copy(games["disk"][1].key)
+    gather = lambda: feed.batches(key, 0, c.scan_steps)
+    gather_seconds = median_seconds(gather, c.repeats, guard=False) / c.scan_steps
+    for name, (step, state) in games.items():  # each state is donated: timed last
+      seconds[name], finals[name] = _fit_seconds(c, step, state, n)
+  return records.Stream(
+    resident_step_seconds=seconds["resident"],
+    streamed_step_seconds=seconds["streamed"],
+    disk_step_seconds=seconds["disk"],
+    streamed_over_resident=seconds["streamed"] / seconds["resident"],
+    disk_over_resident=seconds["disk"] / seconds["resident"],
+    gather_step_seconds=gather_seconds,
+    bitwise_equal=bitwise_equal(finals["streamed"], finals["resident"])
+    and bitwise_equal(finals["disk"], finals["resident"]),
+  )
+
+
+def _fit_seconds(c: BenchmarkConfig, step, state, num_steps: int):
+  """(seconds per step of train.fit, the state after one call from `state`)."""
+  fit = lambda s: train.fit(
+    step, s, int(s.step) + num_steps, name="stream", log=_quiet, chunk=c.scan_steps
+  )[0]
+  final = fit(jax.tree_util.tree_map(jnp.copy, state))
+  # A streamed loop puts rows on the devices by design: timed without the guard.
+  return median_seconds(threaded(fit, state), c.repeats, guard=False) / num_steps, final
+
+
+def _quiet(line: str) -> None:
+  del line
 
 
 def distillation(c: BenchmarkConfig) -> records.Distill:

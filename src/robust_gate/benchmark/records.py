@@ -78,6 +78,22 @@ class Scan(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
+class Stream(_Record):
+  """The robust gate's training loop (train.fit in chunks of scan_steps) with its
+  minibatches drawn inside jit from a cache on the devices (resident), against the same
+  steps streamed: each chunk's rows gathered by the host, from memory or from disk
+  shards through memory maps, the next chunk's while one runs (robust_gate.streaming)."""
+
+  resident_step_seconds: float
+  streamed_step_seconds: float  # rows gathered from host memory
+  disk_step_seconds: float  # rows read from disk shards (the page cache warm)
+  streamed_over_resident: float  # > 1: streaming costs that factor
+  disk_over_resident: float
+  gather_step_seconds: float  # the host gathering one step's rows, alone (hidden if < a step)
+  bitwise_equal: bool  # both streamed loops end in the resident loop's state
+
+
+@dataclasses.dataclass(frozen=True)
 class Distill(_Record):
   """One distillation step: the teacher (M experts + gate) on the fly, the student's
   forward + backward + Adam."""
@@ -108,4 +124,4 @@ class Inference(_Record):
   target_speedup: float  # (M + 1) / 2, the speedup the project asks of the student
 
 
-Record = Matmul | Experts | Gate | Scan | Distill | Cache | Inference
+Record = Matmul | Experts | Gate | Scan | Stream | Distill | Cache | Inference

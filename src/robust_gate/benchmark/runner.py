@@ -17,6 +17,7 @@ _PHASE_FNS: dict[str, Callable[[BenchmarkConfig], records.Record]] = {
   "matmul": phases.matmul,
   "gate": phases.gate,
   "scan": phases.scan,
+  "stream": phases.stream,
   "distill": phases.distillation,
   "cache": phases.cache,
   "inference": phases.inference,
