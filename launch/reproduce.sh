@@ -14,6 +14,9 @@ configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(wordfreq digits synthetic jsd)
 # Most telling first, so a run cut short by a time limit has them.
 experiments=(convergence ema prune mixtures prior gate_size extend conflict)
+# Experiments of some configs only, after the shared ones: the sequence-level gate on the
+# Markov chains and digits (docs/math.md §2.2).
+declare -A only=([synthetic]="sequence_gate" [digits]="sequence_gate")
 cd "$(dirname "$0")/.."
 mkdir -p "$root"
 # The chains compile many identical programs (a gate game per experiment point):
@@ -30,7 +33,9 @@ chain() {
     return
   fi
   python3 launch/main.py --config="$config" --workdir="$workdir" ${RG_FLAGS:-}
-  for e in "${experiments[@]}"; do
+  # shellcheck disable=SC2206  # only[...] is a list of names
+  local own=(${only[$name]:-})
+  for e in "${experiments[@]}" ${own[@]+"${own[@]}"}; do
     # An experiment already written is kept: started again, the script continues.
     [ -e "$workdir/experiments/$e.json" ] && continue
     python3 launch/experiment.py --experiment="$e" --config="$config" --workdir="$workdir" ${RG_FLAGS:-}

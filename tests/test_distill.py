@@ -1,9 +1,11 @@
+import finite_sequences
 import jax
 import jax.numpy as jnp
 import numpy as np
+from finite_sequences import by_expert, expert_draws, features, outcomes, scored
 from tolerances import F32_RTOL
 
-from robust_gate import data, distill, models, train
+from robust_gate import data, distill, gating, models, sequence_level, train
 
 CFG = models.LMConfig(vocab_size=6, max_len=6, d_model=16, num_layers=1, num_heads=2, d_ff=16)
 GATE = models.GateConfig(num_experts=2, vocab_size=6, max_len=6)
@@ -101,3 +103,68 @@ def test_sequence_gate_distillation_reduces_the_kl():
   observed = jnp.take_along_axis(cond, seqs[:, :, None, None], -1)[..., 0]
   log_q = jax.nn.logsumexp(causal_log_gate + observed, axis=-1).sum(-1)
   np.testing.assert_allclose(jnp.exp(log_q).sum(), 1.0, atol=1e-5)
+
+
+def test_importance_weights_turn_expert_draws_into_the_sequence_model():
+  """On every outcome of the finite space, w · q ∝ p_w exactly (q: the pooled experts);
+  on draws, the weighted frequencies approach p_w and the weights, bounded by M/Z_w,
+  keep an effective sample size of at least about N · Z_w / M."""
+  M = finite_sequences.M
+  cfg = sequence_level.SequenceGateConfig(num_experts=M, max_len=finite_sequences.T, hidden=8)
+  params = jax.tree_util.tree_map(
+    lambda a: a + jax.random.normal(jax.random.PRNGKey(1), jnp.shape(a)),
+    sequence_level.init_gate(cfg, jax.random.PRNGKey(0)),
+  )
+  every = features(outcomes())
+  log_gate = sequence_level.log_weights(cfg, params, every)
+  log_z = gating.exact_log_normalizer(log_gate, every.loglik_NxM.T)
+  p_N = np.exp(np.asarray(sequence_level.sequence_logp(cfg, params, every, log_z), np.float64))
+  q_N = np.exp(np.asarray(every.loglik_NxM, np.float64)).mean(1)
+  w_N = np.exp(np.asarray(distill.importance_log_weights(log_gate, every.loglik_NxM), np.float64))
+  np.testing.assert_allclose(w_N * q_N / np.sum(w_N * q_N), p_N, rtol=1e-5, atol=1e-9)
+
+  draws = expert_draws(4000, seed=0)
+  f = features(draws)
+  log_w = distill.importance_log_weights(sequence_level.log_weights(cfg, params, f), f.loglik_NxM)
+  # Each draw's outcome: its index among `outcomes()` (targets and mask are the outcome).
+  keys = {
+    (tuple(t), tuple(m)): i
+    for i, (t, m) in enumerate(zip(outcomes().targets_NxT, outcomes().mask_NxT))
+  }
+  idx = [keys[(tuple(t), tuple(m))] for t, m in zip(draws.targets_NxT, draws.mask_NxT)]
+  freq = np.bincount(idx, np.exp(np.asarray(log_w, np.float64)), len(p_N))
+  assert 0.5 * np.abs(freq - p_N).sum() < 0.03  # total variation
+  z = float(sequence_level.normalizer(cfg, params, by_expert(f)).z)
+  assert distill.effective_sample_size(log_w) > 0.9 * len(idx) * z / M
+
+
+def test_a_causal_gate_fitted_to_resampled_draws_matches_a_constant_sequence_gate():
+  """The constant sequence gate λ is D_λ = Σ_j λ_j p_j, which the causal posterior gate with
+  prior λ reproduces (docs/math.md §2.3): fitted to importance-resampled expert draws, the
+  causal gate network approaches it from the uniform mixture it starts at."""
+  M, T, V = finite_sequences.M, finite_sequences.T, finite_sequences.V
+  lam = np.array([0.8, 0.2])
+  draws = expert_draws(2000, seed=0)
+  f = features(draws)
+  log_gate = jnp.broadcast_to(jnp.log(jnp.asarray(lam, jnp.float32)), f.loglik_NxM.shape)
+  log_w = distill.importance_log_weights(log_gate, f.loglik_NxM)
+  cfg = models.GateConfig(num_experts=M, vocab_size=V, max_len=T)
+  cache = scored(draws.targets_NxT, draws.mask_NxT)
+  loss_fn = distill.causal_on_samples_loss_fn(cfg, draws, cache, log_w, 64)
+  params = models.init_gate(cfg, jax.random.PRNGKey(0))
+  step, state = train.make_game(loss_fn, params, num_domains=1, lr=3e-2, dual_lr=0.0, seed=0)
+  every = outcomes()
+  p_N = np.exp(np.asarray(features(every).loglik_NxM, np.float64)) @ lam
+
+  def kl(p):  # KL(D_λ ‖ causal model) over every outcome, exact
+    cache_all = scored(every.targets_NxT, every.mask_NxT)
+    log_q = train.gated_logprobs(cfg, p, every.inputs_NxT, cache_all, every.mask_NxT).sum(1)
+    return float(np.sum(p_N * (np.log(p_N) - np.asarray(log_q, np.float64))))
+
+  state, hist = train.fit(step, state, 200, name="distill", log=lambda s: None)
+  assert hist["losses"].shape == (200, 1)
+  assert kl(state.params) < 0.1 * kl(params)
+  first = models.gate_log_weights(
+    cfg, state.params, jnp.zeros((1, T), jnp.int32), jnp.zeros((1, T, M))
+  )
+  np.testing.assert_allclose(np.exp(first[0, 0]), lam, atol=0.06)  # π(∅) = λ

@@ -336,6 +336,41 @@ def test_convergence_lower_is_at_most_upper_at_every_point(tiny):
     mean = {n: final[n][key]["mean"] for n in convergence.VARIANTS}
     assert out[f"smallest_final_{key}"] == min(mean, key=lambda n: mean[n])
   assert out["lower_is_estimate"] is True
+  for name in convergence.VARIANTS:  # each seed's final lower value's gate, by name
+    assert len(out["lower_gate_final"][name]) == TEST_SEEDS
+    assert all(g.startswith(("EMA", "last", "best")) for g in out["lower_gate_final"][name])
+
+
+def test_sequence_gate_is_scored_on_test_beside_the_causal_gate_and_its_distillation(tiny):
+  """At config.seed the causal gate has the main job's numbers and intervals (the same
+  gate, resamples and key) and, paired with itself, exactly 0; the sequence gate's log Z
+  is corrected by σ²/2 and its noise is in the sequence gate's intervals."""
+  config, workdir = tiny
+  out = _run(tiny, "sequence_gate", train_samples=64, eval_samples=256, distill_samples=64)
+  main = _results(workdir)["methods"]["robust_gate"]
+  assert set(out["summary"]) == {"sequence_gate", "causal_gate", "distilled_gate"}
+  assert [r["seed"] for r in out["per_seed"]] == common.seeds(config)
+  for r in out["per_seed"]:
+    for e in r["methods"].values():
+      lo_hi = np.array(jax.tree_util.tree_leaves(e["intervals"])).reshape(-1, 2)
+      assert list(e["domain_loss"]) == list(main["domain_loss"]) and np.all(
+        lo_hi[:, 0] < lo_hi[:, 1]
+      )
+    zero = {"mean": [0.0] * 3, "worst_case": [0.0] * 3}
+    assert r["methods"]["causal_gate"]["vs_causal_gate"] == zero
+    z = r["normalizer"]
+    assert z["stderr"] > 0 and z["low"] < z["log_z"] < z["high"]
+    assert z["log_z"] - z["log_z_uncorrected"] == pytest.approx(z["stderr"] ** 2 / 2, rel=1e-9)
+    assert 0 < r["distillation"]["effective_fraction"] <= 1
+  first = out["per_seed"][0]
+  fields = ("worst_case", "mean", "domain_loss", "intervals")
+  leaves = lambda e: jax.tree_util.tree_leaves({f: e[f] for f in fields})
+  np.testing.assert_allclose(leaves(first["methods"]["causal_gate"]), leaves(main), rtol=F32_RTOL)
+  # On chains of one length (seq_len tokens and EOS) the sequence gate's worst-case interval
+  # is at least as wide as log Z's interval per token.
+  seq, z = first["methods"]["sequence_gate"]["intervals"]["worst_case"], first["normalizer"]
+  tokens = config.data.options["seq_len"] + 1
+  assert seq[1] - seq[0] > 0.99 * (z["high"] - z["low"]) / tokens / math.log(2)
 
 
 def test_launcher_runs_an_experiment_by_name(tiny):

@@ -87,3 +87,36 @@ def test_gated_sampler_and_distillation_teacher_agree():
     sampling.gated_next_fn(CFG, experts, GATE, gate)(x), teacher, atol=1e-5
   )
   np.testing.assert_allclose(jnp.exp(teacher).sum(-1), 1.0, atol=1e-5)
+
+
+def test_expert_samples_are_each_experts_draws_in_the_data_layout():
+  experts, _ = _models()
+  # Experts that differ: output biases far apart (random initializations are all near uniform).
+  bias_MxV = 2.0 * jax.random.normal(jax.random.PRNGKey(7), (3, CFG.vocab_size))
+  experts["params"]["Dense_0"]["bias"] = bias_MxV
+  names = ("a", "b", "c")
+  draw = lambda n, b: sampling.expert_samples(CFG, experts, names, jax.random.PRNGKey(0), n, b)
+  d = draw(3000, 1024)  # not a multiple of the batch: the last batch's surplus is dropped
+  assert d.inputs_NxT.shape == (9000, CFG.max_len) and d.domains == names
+  np.testing.assert_array_equal(d.domain_N, np.repeat([0, 1, 2], 3000))
+  np.testing.assert_array_equal(d.inputs_NxT[:, 0], 0)  # BOS, then the targets shifted
+  np.testing.assert_array_equal(d.inputs_NxT[:, 1:], d.targets_NxT[:, :-1])
+  assert np.all(np.diff(d.mask_NxT.astype(int), axis=1) <= 0) and np.all(d.mask_NxT[:, 0])
+  np.testing.assert_array_equal(draw(3000, 1024).targets_NxT, d.targets_NxT)  # deterministic
+  # Row block j follows expert j: its first-token frequencies match p_j(x_1).
+  p_first: list[np.ndarray] = []
+  for j in range(3):
+    p = np.exp(
+      np.asarray(
+        models.next_token_logprobs(CFG, _one(experts, j), jnp.zeros((1, 1), jnp.int32))[0, 0]
+      )
+    )
+    freq = np.bincount(d.targets_NxT[d.domain_N == j, 0], minlength=CFG.vocab_size) / 3000
+    np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / 3000).max() + 1e-3)
+    p_first.append(p)
+  # ... and the experts are told apart: their first-token distributions differ.
+  assert min(0.5 * np.abs(p_first[a] - p_first[b]).sum() for a, b in ((0, 1), (0, 2), (1, 2))) > 0.1
+
+
+def _one(stacked, j):
+  return jax.tree_util.tree_map(lambda a: a[j], stacked)

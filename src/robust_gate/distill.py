@@ -9,6 +9,17 @@ scale). The student q_θ has one expert's architecture and minimizes
 
 with λ̄ the robust gate's least-favorable mixture, held fixed (a game whose dual
 step is 0, started at λ̄).
+
+A sequence-level gated model p_w (§2.2) is distilled into a causal gate, which samples
+token by token and needs no normalizer: exactly on a finite space
+(`sequence_gate_to_causal`), and on data by cross-entropy on draws from p_w
+(`importance_log_weights`, `causal_on_samples_loss_fn`). Those draws are the experts' own
+samples, importance-resampled: the pooled samples of the M experts (equally many each)
+come from q = (1/M) Σ_j p_j, and every density the ratio p_w/q needs is known, with Z_w
+cancelling on normalization. The ratio is bounded by M/Z_w (the gate's weights are at
+most 1), so the weights cannot degenerate the way weights against an unknown data
+density would; data could only be reweighted to p_w through D's density, which no
+model here knows.
 """
 
 import jax
@@ -143,3 +154,49 @@ def sequence_gate_to_causal(
 
   (scores, _), _ = jax.lax.scan(step, (scores, opt.init(scores)), None, length=steps)
   return log_gate(scores), kl(scores)
+
+
+def importance_log_weights(log_gate_NxM, loglik_NxM) -> jax.Array:
+  """Self-normalized log importance weights of p_w (§2.2) for samples of the pooled
+  experts q = (1/M) Σ_j p_j (§5), [N]: log w_i ∝ log Σ_j g_j(x_i) p_j(x_i) − log Σ_j p_j(x_i).
+
+  p_w(x)/q(x) = M Σ_j g_j(x) p_j(x) / (Z_w Σ_j p_j(x)) ≤ M/Z_w; Z_w cancels in the
+  normalization, so no estimate of it enters the weights.
+
+  Args:
+    log_gate_NxM: log softmax(s_w(x)) of the sequence-level gate at each sample.
+    loglik_NxM: log p_j(x) of every expert at each sample.
+  """
+  log_ratio_N = jax.nn.logsumexp(log_gate_NxM + loglik_NxM, -1) - jax.nn.logsumexp(loglik_NxM, -1)
+  return log_ratio_N - jax.nn.logsumexp(log_ratio_N)
+
+
+def effective_sample_size(log_w_N) -> float:
+  """(Σ w)² / Σ w² of (log) importance weights: how many independent draws they are worth."""
+  log_w_N = jnp.asarray(log_w_N)
+  return float(jnp.exp(2 * jax.nn.logsumexp(log_w_N) - jax.nn.logsumexp(2 * log_w_N)))
+
+
+def causal_on_samples_loss_fn(
+  gate_cfg: models.GateConfig, samples: data_lib.DomainData, cache_NxTxM, log_w_N, batch_size: int
+):
+  """Cross-entropy of the causal gated model (§2.1) on draws from p_w, nats per token: [1].
+
+  Each step resamples `batch_size` of the pooled expert samples with probabilities
+  w = exp(log_w_N) (`importance_log_weights`): sampling-importance-resampling, so the
+  minibatch is a draw from p_w's weighted empirical distribution and the loss an
+  estimate of Σ_x p_w(x) (−log q_θ(x)) / E_{p_w}[tokens], which KL(p_w ‖ q_θ) differs from
+  by a constant. `cache_NxTxM` is the experts' token log-probabilities on the samples.
+  """
+  arrays, cache = train.device_arrays(samples), jnp.asarray(cache_NxTxM)
+  log_w = jnp.asarray(log_w_N)
+  parallel.check_divisible(batch_size, "batch_size (causal gate on samples)")
+
+  def loss_fn(params, batch, key):
+    del batch
+    idx = parallel.shard_batch(jax.random.categorical(key, log_w, shape=(batch_size,)))
+    mask = arrays["mask"][idx]
+    logp = train.gated_logprobs(gate_cfg, params, arrays["inputs"][idx], cache[idx], mask)
+    return train.per_domain_token_loss(-logp[None], mask[None], 0.0)
+
+  return loss_fn

@@ -6,18 +6,21 @@ Two families of normalized gated models, all in log space:
       log p_w(x_t|x_<t) = logsumexp_j( log π_w(x_<t)_j + log p_j(x_t|x_<t) );
 * sequence-level gates g_w(x, j) = softmax(s_w(x))_j / Z_w with
       Z_w = Σ_j E_{x~p_j}[softmax(s_w(x))_j],
-  exact on a finite space, Monte Carlo from the experts' samples otherwise.
+  exact on a finite space, Monte Carlo from the experts' samples otherwise
+  (`mc_normalizer`; `log_normalizer` corrects log Ẑ's bias and gives its interval).
 
 `-inf` expert log-probabilities (an expert without mass there) are legal: they
 contribute nothing and have zero gradient.
 """
 
+import statistics
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def causal_mixture_logp(log_gate_BxTxM: jax.Array, logp_BxTxM: jax.Array) -> jax.Array:
@@ -129,3 +132,37 @@ def mc_normalizer(
     jnp.var(weights_MxS, axis=1, ddof=1) if num_samples > 1 else jnp.full((num_experts,), jnp.inf)
   )
   return NormalizerEstimate(z=z, stderr=jnp.sqrt(jnp.sum(var_M) / num_samples))
+
+
+class LogNormalizer(NamedTuple):
+  """log Z_w from an estimate Ẑ of an independent sample (§2.2), float64 numbers.
+
+  `log_z` is log Ẑ corrected for its Jensen bias to second order; `stderr` is the
+  delta-method standard error of log Ẑ; [low, high] the normal interval around `log_z`.
+  """
+
+  log_z: float
+  log_z_uncorrected: float
+  stderr: float
+  low: float
+  high: float
+  level: float
+
+
+def log_normalizer(estimate: NormalizerEstimate, level: float = 0.95) -> LogNormalizer:
+  """log Z_w with its bias corrected and its uncertainty, from Ẑ = `estimate` (§2.2).
+
+  By the delta method, with σ = stderr(Ẑ)/Ẑ, log Ẑ has standard error σ and
+  E[log Ẑ] ≈ log Z − σ²/2 (Jensen: log is concave, so log Ẑ is biased low, which
+  would make a loss divided by Ẑ look better); `log_z` adds σ²/2 back. Valid for a
+  sample independent of the gate's parameters (not the one it was fitted with).
+  """
+  if not 0.0 < level < 1.0:
+    raise ValueError(f"level must be in (0, 1), got {level}.")
+  z, stderr = float(estimate.z), float(estimate.stderr)
+  if not (z > 0 and np.isfinite(stderr)):
+    raise ValueError(f"need Ẑ > 0 and a finite standard error, got {z} ± {stderr}.")
+  sigma = stderr / z
+  log_z = float(np.log(z)) + 0.5 * sigma**2
+  half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * sigma
+  return LogNormalizer(log_z, float(np.log(z)), sigma, log_z - half, log_z + half, level)

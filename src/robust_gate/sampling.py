@@ -3,19 +3,24 @@
 One mechanism: `sample(next_fn, key, ...)` takes any pure function
 `next_fn(inputs_BxT) -> [B, T, V]` of next-token log-distributions (causal:
 position t depends on inputs ≤ t only) and fills a sequence after BOS, one token
-per step (a loop unrolled over the static length; wrap it in `jax.jit`). `lm_next_fn`
+per step (a `fori_loop` over the static length; wrap it in `jax.jit`). `lm_next_fn`
 and `gated_next_fn` build
 `next_fn` for a transformer and for the causal gated mixture of experts.
 Sampling stops at EOS (token 0); what follows is padding with mask False.
+`expert_samples` draws a sample of every expert as one `DomainData`, the Monte Carlo
+sample of a sequence-level gate's normalizer (docs/math.md §2.2).
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from robust_gate import gating, models
 from robust_gate.checks import InputError
+from robust_gate.data import DomainData
 
 
 def adjust(logp_BxV: jax.Array, temperature: float = 1.0, top_k: int = 0) -> jax.Array:
@@ -46,19 +51,20 @@ def sample(
 
   def body(t, carry):
     inputs, targets, done = carry
-    logp = adjust(next_fn(inputs)[:, t], temperature, top_k)
+    logp = adjust(jax.lax.dynamic_index_in_dim(next_fn(inputs), t, 1, False), temperature, top_k)
     tok = jax.random.categorical(jax.random.fold_in(key, t), logp).astype(jnp.int32)
     tok = jnp.where(done, 0, tok)
-    targets = targets.at[:, t].set(tok)
-    if t + 1 < max_len:  # static shapes: the input at t+1 is the target at t
-      inputs = jax.lax.dynamic_update_slice(inputs, tok[:, None], (0, t + 1))
+    targets = jax.lax.dynamic_update_slice(targets, tok[:, None], (0, t))
+    # The input at t + 1 is the target at t. At the last step the index clamps to T − 1,
+    # an input no later step reads.
+    inputs = jax.lax.dynamic_update_slice(inputs, tok[:, None], (0, t + 1))
     return inputs, targets, done | (tok == 0)
 
   inputs = jnp.zeros((batch_size, max_len), jnp.int32)
   carry = (inputs, inputs, jnp.zeros((batch_size,), bool))
-  for t in range(max_len):  # unrolled: T is small and static
-    carry = body(t, carry)
-  _, targets, _ = carry
+  # A loop, not unrolled: one copy of the model in the program whatever T (compiling T
+  # copies took seconds per T = 8 already).
+  _, targets, _ = jax.lax.fori_loop(0, max_len, body, carry)
   first_eos = jnp.argmax(targets == 0, axis=1)
   has_eos = jnp.any(targets == 0, axis=1)
   length = jnp.where(has_eos, first_eos + 1, max_len)
@@ -88,3 +94,49 @@ def gated_next_fn(
     return gating.causal_mixture_next_token(log_gate, logp_BxTxMxV)
 
   return next_fn
+
+
+def expert_samples(
+  config: models.LMConfig,
+  params_M,
+  names,
+  key: jax.Array,
+  num_per_expert: int,
+  batch_size: int = 512,
+) -> DomainData:
+  """`num_per_expert` sequences from each of the stacked experts, independent draws at
+  temperature 1, as one DomainData whose "domain" is the expert that drew the sequence
+  (rows j·S … j·S + S − 1 are expert j's, in order).
+
+  Inputs are the targets shifted right after BOS, the layout of `data.encode`; a draw that
+  reaches the context's end without EOS keeps mask True throughout (its last target is a
+  token), and one whose first token is EOS is the empty sequence.
+  """
+  if num_per_expert < 1 or batch_size < 1:
+    raise InputError(f"need num_per_expert, batch_size ≥ 1, got {num_per_expert}, {batch_size}.")
+  targets, masks = [], []
+  for j in range(len(names)):
+    params = jax.tree_util.tree_map(lambda a, j=j: a[j], params_M)
+    # Whole batches, one compiled shape for every call; the last one's surplus is dropped.
+    for b in range(-(-num_per_expert // batch_size)):
+      batch_key = jax.random.fold_in(jax.random.fold_in(key, j), b)
+      tokens, mask = _lm_sample(config, params, batch_key, batch_size)
+      take = min(batch_size, num_per_expert - b * batch_size)
+      targets.append(np.asarray(tokens)[:take])
+      masks.append(np.asarray(mask)[:take])
+  targets_NxT = np.concatenate(targets).astype(np.int32)
+  inputs_NxT = np.concatenate([np.zeros_like(targets_NxT[:, :1]), targets_NxT[:, :-1]], axis=1)
+  return DomainData(
+    inputs_NxT=inputs_NxT,
+    targets_NxT=targets_NxT,
+    mask_NxT=np.concatenate(masks),
+    domain_N=np.repeat(np.arange(len(names), dtype=np.int32), num_per_expert),
+    domains=tuple(names),
+    vocab_size=config.vocab_size,
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _lm_sample(config: models.LMConfig, params, key: jax.Array, batch_size: int):
+  """`sample` from one transformer, compiled once per architecture and batch size."""
+  return sample(lm_next_fn(config, params), key, batch_size, config.max_len)

@@ -6,7 +6,8 @@ its own main jobs under `workdir`), prints a table, and writes
 `<workdir>/experiments/<name>.json` (with "experiment", "provenance" and the provenance
 of the models and results.json it read) and `<name>.png` (`reporting`). Every loss is
 that of a normalized model: gates are the causal gates of docs/math.md §2.1 (in G_1 by
-construction).
+construction), except `sequence_gate`'s sequence-level gate, divided by its normalizer
+estimated on a fresh sample of the experts (§2.2).
 
 What an experiment trains it trains once per seed of `common.seeds`
 (`config.experiment_seeds`, 3 by default) and reports as mean ± sd over them with the
@@ -23,6 +24,8 @@ numbers are outcomes, never used to choose.
   prune        experts with little gate mass under λ̄ dropped: worst case and cost
   ema          the reported gate as an EMA of w, several decays, against the last iterate
   convergence  the duality gap over training: constant, decreasing and optimistic dual steps
+  sequence_gate  a sequence-level gate (Z_w from expert samples) against the causal gate,
+               and distilled into a causal gate
 """
 
 from collections.abc import Callable
@@ -37,6 +40,7 @@ from robust_gate.experiments import (
   mixtures,
   prior,
   prune,
+  sequence_gate,
 )
 
 EXPERIMENTS: dict[str, Callable[..., dict]] = {
@@ -49,4 +53,5 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
   "prune": prune.run,
   "ema": ema.run,
   "convergence": convergence.run,
+  "sequence_gate": sequence_gate.run,
 }

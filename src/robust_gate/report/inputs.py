@@ -24,6 +24,7 @@ EXPERIMENT_ORDER = (
   "prune",
   "ema",
   "convergence",
+  "sequence_gate",
 )
 # Keys that are metadata of a JSON, not its body.
 META_KEYS = ("provenance", INPUTS_KEY, "experiment")
