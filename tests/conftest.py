@@ -7,6 +7,12 @@ import os
 # jax is imported, so the processes tests launch (launchers, notebook kernels)
 # inherit it; set again below for the case where jax was imported first.
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+# The end-to-end tests share one persistent compilation cache across the xdist workers
+# and the launchers they start. Without a size limit jax writes an entry in place and
+# reads it without a lock, so a process can read another's half-written executable and
+# crash (a segfault in compilation_cache.get_executable_and_time, seen here); a limit
+# turns on jax's file lock around every read and write of the cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 
 import jax
 import numpy as np
@@ -14,6 +20,9 @@ import numpy as np
 from robust_gate import finite
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update(
+  "jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"])
+)
 
 
 def random_instance(
