@@ -7,11 +7,12 @@ import os
 # jax is imported, so the processes tests launch (launchers, notebook kernels)
 # inherit it; set again below for the case where jax was imported first.
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
-# The end-to-end tests share one persistent compilation cache across the xdist workers
-# and the launchers they start. Without a size limit jax writes an entry in place and
-# reads it without a lock, so a process can read another's half-written executable and
-# crash (a segfault in compilation_cache.get_executable_and_time, seen here); a limit
-# turns on jax's file lock around every read and write of the cache.
+# The launchers the end-to-end tests start share one persistent compilation cache
+# (tests/test_pipeline.py's ENV). Without a size limit jax writes an entry in place and
+# reads it without a lock; a limit turns on jax's file lock around every read and write.
+# The pytest workers themselves do not read that cache: twice a worker crashed inside
+# compilation_cache.get_executable_and_time (a segfault, then an abort, the second time
+# with the lock on), each time in an in-process job, never in a launcher.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 
 import jax

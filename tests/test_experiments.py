@@ -33,12 +33,6 @@ TEST_SEEDS = 2
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  # The compilation cache the launcher tests share (tests/test_pipeline.py).
-  jax.config.update(
-    "jax_compilation_cache_dir",
-    os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"),
-  )
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
   workdir = str(tmp_path_factory.mktemp("experiments"))
   pipeline.run(config, workdir, log=QUIET)

@@ -26,7 +26,6 @@ import json
 import os
 import pprint
 
-import jax
 import numpy as np
 import pytest
 
@@ -156,13 +155,6 @@ def _observed(results: dict) -> dict:
 
 
 def test_tiny_main_job_reproduces_the_golden_numbers(tmp_path):
-  # The compilation cache the other end-to-end tests share (tests/test_experiments.py):
-  # the same executables, so the same numbers, compiled once.
-  jax.config.update(
-    "jax_compilation_cache_dir",
-    os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"),
-  )
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   config = config_files.load(TINY)
   pipeline.run(config, str(tmp_path), log=lambda s: None)
   observed = _observed(json.loads((tmp_path / "results.json").read_text()))

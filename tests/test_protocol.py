@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
@@ -85,11 +84,6 @@ def _train(workdir, phases_run, *, garbage: bool, dual_sees_test: bool = False) 
 def trained(tmp_path_factory):
   """(clean workdir, garbage workdir, their digests): the training phases of the tiny
   job, with the test split as it is and with garbage in its place."""
-  jax.config.update(  # the compilation cache the end-to-end tests share
-    "jax_compilation_cache_dir",
-    os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"),
-  )
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   clean, garbage = tmp_path_factory.mktemp("clean"), tmp_path_factory.mktemp("garbage")
   return (
     clean,
