@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tolerances import F32_RTOL
 
-from robust_gate import benchmark, models, primal_dual
+from robust_gate import benchmark, closures, models, primal_dual
 from robust_gate.benchmark import phases, records
 from robust_gate.checks import InputError
 
@@ -137,9 +137,9 @@ def test_serial_ablation_is_the_same_program_run_for_the_same_steps():
   c = benchmark.BenchmarkConfig(**TINY)
   step, state = phases._gate_start(c, 0.5)
   n = 3
-  assert phases.serial_run.lower(step, state, n).as_text() == (
-    primal_dual.run.lower(step, state, n).as_text()
-  )
+  body, consts = closures.hoist(step, state, None)
+  lower = lambda concurrent: primal_dual.SCANS[concurrent].lower(body, consts, state, n, None, 1)
+  assert lower(False).as_text() == lower(True).as_text()
   reference = jax.tree_util.tree_map(jnp.copy, state)
   one_step = jax.jit(step)
   for _ in range(n):

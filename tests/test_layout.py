@@ -35,7 +35,9 @@ def test_every_model_trains_for_a_section_the_config_has_after_what_it_is_built_
 def test_what_is_built_from_a_model():
   assert layout.built_from_it("experts") == (
     "cache_validation.npz",
+    "cache_validation",
     "cache_test.npz",
+    "cache_test",
     "robust_gate",
     "erm_gate",
     "best_response",

@@ -50,6 +50,30 @@ def test_fit_stops_on_a_non_finite_loss():
     train.fit(step, state, 10, name="nan", log=lambda s: None, chunk=5)
 
 
+def test_fit_reports_device_memory_exhaustion_in_one_line(monkeypatch):
+  """XLA's RESOURCE_EXHAUSTED (a batch too large for the device) is the one-line
+  InputError naming the model and the steps; any other runtime error propagates."""
+  step, state = train.make_game(
+    lambda p, b, k: p["w"] * jax.numpy.ones(2),
+    {"w": jax.numpy.ones(())},
+    num_domains=2,
+    lr=0.1,
+    dual_lr=0.0,
+    seed=0,
+  )
+  message = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81604378624 bytes.\nXLA"
+
+  def exhausted(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(message)
+
+  monkeypatch.setattr(train.primal_dual, "run", exhausted)
+  with pytest.raises(InputError, match=r"^big ran out of device memory at steps 1–5 \(RESOURCE_EX"):
+    train.fit(step, state, 10, name="big", log=lambda s: None, chunk=5)
+  message = "INTERNAL: something else"
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    train.fit(step, state, 10, name="big", log=lambda s: None, chunk=5)
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "launch", "configs", "*.py"))))
 def test_every_config_loads_and_is_valid(path):
   import wordfreq  # noqa: F401  the package, imported first: configs must not clash

@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.monolithic_large.d_ff = 512
   c.monolithic_large.steps = 400  # fewer steps: each costs ~6× (see BUILD_NOTES.md)
   c.monolithic_large.lr = 1e-3
+  # Sequences per domain per step; None: monolithic.per_domain (the same batch).
+  c.monolithic_large.per_domain = ml_collections.config_dict.placeholder(int)
 
   c.gate = ml_collections.ConfigDict()
   c.gate.hidden = 32  # gate MLP width

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import checks, files, models, parallel, shards
+from robust_gate import checks, closures, files, models, parallel, shards
 from robust_gate.checks import InputError
 from robust_gate.data import DomainData
 
@@ -78,20 +78,23 @@ def check_vocabularies(experts: Sequence[Expert], data: DomainData) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _scorer(experts: tuple):
-  """One jitted program scoring every expert over [C, B, T] batches (compiled once
-  per group of experts, not once per build_cache call)."""
+  """One batch [B, T] scored by every expert, [B, T, M] float32 (the same function
+  object per group of experts, so `closures.hoist` traces it once per batch shape)."""
 
-  @jax.jit
-  def score(x_CxBxT, y_CxBxT):
-    def one(xy):
-      outs = [e.logprob_fn(*xy) for e in experts]
-      return jnp.concatenate([o[..., None] if o.ndim == 2 else o for o in outs], axis=-1).astype(
-        jnp.float32
-      )
+  def one(x_BxT, y_BxT):
+    outs = [e.logprob_fn(x_BxT, y_BxT) for e in experts]
+    return jnp.concatenate([o[..., None] if o.ndim == 2 else o for o in outs], axis=-1).astype(
+      jnp.float32
+    )
 
-    return jax.lax.map(one, (x_CxBxT, y_CxBxT))
+  return one
 
-  return score
+
+@functools.partial(jax.jit, static_argnames="one")
+def _score_batches(one: closures.Hoisted, consts, x_CxBxT, y_CxBxT):
+  """`one` over [C, B, T] batches with `lax.map`; the experts' parameters (`consts`)
+  are arguments of the program, not constants compiled into it."""
+  return jax.lax.map(lambda xy: one(consts, *xy), (x_CxBxT, y_CxBxT))
 
 
 def build_cache(
@@ -117,8 +120,11 @@ def build_cache(
   shape = (calls, per_call, batch_size, T)
   inputs = np.pad(data.inputs_NxT, ((0, pad), (0, 0))).reshape(shape)
   targets = np.pad(data.targets_NxT, ((0, pad), (0, 0))).reshape(shape)
+  batch = jax.ShapeDtypeStruct((batch_size, T), inputs.dtype)
+  one, consts = closures.hoist(score, batch, batch)
   outs = [
-    score(parallel.put(inputs[c], axis=1), parallel.put(targets[c], axis=1)) for c in range(calls)
+    _score_batches(one, consts, parallel.put(inputs[c], axis=1), parallel.put(targets[c], axis=1))
+    for c in range(calls)
   ]
   cache = np.concatenate([parallel.fetch(o).reshape(per_call * batch_size, T, -1) for o in outs])[
     :N

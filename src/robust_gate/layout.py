@@ -38,9 +38,12 @@ MODELS = (
   Model("monolithic_large", "train_baselines", "monolithic_large", ("experts",)),
 )
 
-# The experts' scores of validation and test, which train_gate writes; each records a
-# fingerprint of the experts' parameters, so they are built from the experts too.
-CACHES = ("cache_validation.npz", "cache_test.npz")
+# The experts' scores of validation and test, which train_gate writes: a file
+# `<stem>.npz` while it fits config.device_budget_bytes, else row shards in the
+# directory `<stem>` (robust_gate.experts.stored_scores). Each records a fingerprint of
+# the experts' parameters, so they are built from the experts too.
+CACHE_STEMS = ("cache_validation", "cache_test")
+CACHES = tuple(p for stem in CACHE_STEMS for p in (f"{stem}.npz", stem))
 CACHES_BUILT_FROM = "experts"
 
 # The workdir's model directories, in the table's order.

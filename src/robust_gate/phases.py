@@ -334,15 +334,14 @@ def train_monoliths(config, splits: Splits, caches: Caches, run: Runner) -> Mono
     ("monolithic_dro", expert_size, mc, mc.dro_dual_lr),
     ("monolithic_large", large, lc, 0.0),
   ):
+    per_domain = section.get("per_domain") or mc.per_domain
     source = _train_source(config, tr)
-    loss_fn = train_lib.monolithic_loss_fn(
-      cfg, source, mc.per_domain, _baseline_K(caches.validation)
-    )
+    loss_fn = train_lib.monolithic_loss_fn(cfg, source, per_domain, _baseline_K(caches.validation))
     dual_on = None
     if dual_lr and caches.holdout is not None:
       held = caches.holdout
       dual_on = train_lib.monolithic_loss_fn(
-        cfg, _train_source(config, held.data), mc.per_domain, _baseline_K(held)
+        cfg, _train_source(config, held.data), per_domain, _baseline_K(held)
       )
     step, state = train_lib.make_game(
       loss_fn,
@@ -361,7 +360,7 @@ def train_monoliths(config, splits: Splits, caches: Caches, run: Runner) -> Mono
       "model": cfg.spec(),  # without LMConfig.attention: old workdirs stay valid
       "lr": section.lr,
       "dual_lr": dual_lr,
-      "per_domain": mc.per_domain,
+      "per_domain": per_domain,
       **(
         {**_uncertainty_spec(config), "dual_holdout": config.gate.dual_holdout} if dual_lr else {}
       ),

@@ -115,7 +115,8 @@ class _Workdir:
 
   def _run(self, game: phases.Game):
     directory = os.path.join(self.workdir, game.name)
-    trains = game.name in self.train and game.steps not in checkpoints.saved_steps(directory)
+    saved = checkpoints.saved_steps(directory)
+    trains = game.name in self.train and game.steps not in saved
     start = time.perf_counter()
     state = phases.run_or_restore(
       game,
@@ -124,8 +125,9 @@ class _Workdir:
       chunk=self.config.checkpoint_every,
       log=self.log,
     )
-    if trains:  # a finished model restored keeps the time of the run that trained it
-      _record_seconds(self.workdir, game.name, time.perf_counter() - start)
+    if trains:  # a finished model restored keeps the time of the runs that trained it
+      seconds = time.perf_counter() - start
+      _record_seconds(self.workdir, game.name, seconds, add=bool(saved))
     return state
 
   @functools.cached_property
@@ -139,7 +141,10 @@ class _Workdir:
   @functools.cached_property
   def caches(self) -> Caches:
     experts = self.experts  # restored first: its time is not the caches'
-    scored = all(os.path.exists(os.path.join(self.workdir, c)) for c in layout.CACHES)
+    stored = lambda stem: any(
+      os.path.exists(os.path.join(self.workdir, p)) for p in (f"{stem}.npz", stem)
+    )
+    scored = all(stored(stem) for stem in layout.CACHE_STEMS)
     start = time.perf_counter()
     caches = scoring.score(self.config, self.workdir, self.splits, experts, self.log)
     if not scored:  # timed when they are computed, not when they are read back
@@ -167,12 +172,16 @@ class _Workdir:
 SECONDS_FILE = "seconds.json"
 
 
-def _record_seconds(workdir: str, name: str, seconds: float) -> None:
-  """Adds the wall seconds of `name`'s latest run in this workdir to SECONDS_FILE (what a
-  run that restored everything adds: nothing; a resumed run: only its own part)."""
-  files.write_json(
-    os.path.join(workdir, SECONDS_FILE), {**_read_seconds(workdir), name: round(seconds, 2)}
-  )
+def _record_seconds(workdir: str, name: str, seconds: float, add: bool = False) -> None:
+  """Records the wall seconds of `name`'s latest run in this workdir in SECONDS_FILE;
+  with `add` (a run resumed from a checkpoint) on top of what its earlier runs recorded.
+  The steps a killed run took after its last checkpoint are not counted: they are
+  taken again, and timed, by the run that resumes."""
+  seconds_by_name = _read_seconds(workdir)
+  before = seconds_by_name.get(name, 0.0) if add else 0.0
+  before = before if isinstance(before, (int, float)) else 0.0
+  seconds_by_name[name] = round(before + seconds, 2)
+  files.write_json(os.path.join(workdir, SECONDS_FILE), seconds_by_name)
 
 
 def _read_seconds(workdir: str) -> dict[str, float]:

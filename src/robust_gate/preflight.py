@@ -55,7 +55,13 @@ def check_config(config) -> None:
     raise InputError(f"config.device_budget_bytes={budget!r} must be a positive int or None.")
   for section in layout.SECTIONS:
     for key, value in config[section].items():
+      if value is None and f"{section}.{key}" in _DEFAULTED:
+        continue
       _check_field(f"config.{section}.{key}", key, value)
+
+
+# Fields that may be None, meaning another field's value.
+_DEFAULTED = ("monolithic_large.per_domain",)  # None: monolithic.per_domain
 
 
 def _check_field(name: str, key: str, value) -> None:

@@ -19,7 +19,6 @@ The metrics of each step are the per-domain losses L̂ and the λ played (the
 objective Σ_k λ_k L̂_k is their dot product), and the dual's L̂' when it has its own.
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from robust_gate import closures
 from robust_gate.dual import AnyDualState, DualTransform
 from robust_gate.uncertainty import UncertaintySet
 
@@ -146,27 +146,60 @@ def make_step(
 COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=("step_fn", "num_steps", "unroll"),
-  donate_argnames=("state",),
-  compiler_options=COMPILER_OPTIONS,
-)
-def run(step_fn, state: GameState, num_steps: int, batches: Any = None, unroll: int = 1):
+def _scan(step: closures.Hoisted, consts, state, num_steps, batches, unroll):
+  return jax.lax.scan(
+    lambda s, b: step(consts, s, b), state, batches, length=num_steps, unroll=unroll
+  )
+
+
+# The compiled loop: with COMPILER_OPTIONS (`run`'s default), and without (the ablation
+# the scan benchmark times; the same program, only XLA's options differ).
+SCANS = {
+  concurrent: jax.jit(
+    _scan,
+    static_argnames=("step", "num_steps", "unroll"),
+    donate_argnames=("state",),
+    compiler_options=COMPILER_OPTIONS if concurrent else None,
+  )
+  for concurrent in (True, False)
+}
+
+
+def run(
+  step_fn,
+  state: GameState,
+  num_steps: int,
+  batches: Any = None,
+  unroll: int = 1,
+  *,
+  concurrent: bool = True,
+):
   """Runs `num_steps` steps inside one `lax.scan` under jit.
 
+  The arrays `step_fn` closes over (a split's tokens, the experts' cache or
+  parameters) are arguments of the compiled program, not constants compiled into it
+  (robust_gate.closures): the step is traced once per shapes, the loop compiled once.
+
   Args:
-    step_fn: from make_step (hashable; build it once and reuse it).
+    step_fn: from make_step (build it once and reuse it).
     state: the GameState (donated).
     num_steps: number of steps.
     batches: None (loss_fn samples from its key, or uses exact expectations)
       or a pytree with leading axis num_steps, one slice per step.
     unroll: steps per loop iteration of the compiled scan (lax.scan's `unroll`).
+    concurrent: compile with COMPILER_OPTIONS (False: XLA's defaults).
 
   Returns:
     (state, metrics) with every metric stacked over steps.
   """
-  return jax.lax.scan(step_fn, state, batches, length=num_steps, unroll=unroll)
+  batch = None if batches is None else jax.tree_util.tree_map(_one_step, batches)
+  step, consts = closures.hoist(step_fn, state, batch)
+  return SCANS[concurrent](step, consts, state, num_steps, batches, unroll)
+
+
+def _one_step(x) -> jax.ShapeDtypeStruct:
+  """The shape of one step's slice of a batch stacked over steps."""
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
 
 
 class Certificate(NamedTuple):

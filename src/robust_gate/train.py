@@ -213,7 +213,17 @@ def fit(
   chunks = _chunks(done, num_steps, chunk)
   with streaming.Prefetch(step_fn, state.key, chunks) as batches:
     for _, n in chunks:
-      state, metrics = primal_dual.run(step_fn, state, n, next(batches))
+      try:
+        state, metrics = primal_dual.run(step_fn, state, n, next(batches))
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        kept = f"; its checkpoint at step {done} is kept" if checkpointer and done else ""
+        raise InputError(
+          f"{name} ran out of device memory at steps {done + 1}–{done + n} "
+          f"({str(e).splitlines()[0]}){kept}: lower its config section's per_domain "
+          f"or the model's size."
+        ) from None
       metrics = jax.tree_util.tree_map(np.asarray, metrics)
       done += n
       _check_finite(metrics, name, done, saved_before=checkpointer is not None and done > n)

@@ -47,13 +47,10 @@ def _random_data(c: BenchmarkConfig, num_per_domain: int) -> data.DomainData:
   )
 
 
-# The scan phase's ablation: primal_dual.run's own function, compiled as it is but
-# without primal_dual.COMPILER_OPTIONS (the same program; only XLA's options differ).
-serial_run = jax.jit(
-  primal_dual.run.__wrapped__,  # type: ignore[attr-defined]  # functools.wraps sets it
-  static_argnames=("step_fn", "num_steps", "unroll"),
-  donate_argnames=("state",),
-)
+def serial_run(step, state, num_steps: int):
+  """The scan phase's ablation: primal_dual.run's program compiled without
+  primal_dual.COMPILER_OPTIONS (the same program; only XLA's options differ)."""
+  return primal_dual.run(step, state, num_steps, concurrent=False)
 
 
 def bitwise_equal(a, b) -> bool:
