@@ -27,18 +27,18 @@ from robust_gate import config_files
 def get_config():
   c = config_files.load(os.path.join(os.path.dirname(__file__), "source_small.py"))
   c.dtype = "bfloat16"
-  c.checkpoint_every = 300  # 5 experts' parameters and Adam state: ~1.5 GB a checkpoint
+  c.checkpoint_every = 250  # one scan length for every model; 5 experts' parameters and Adam state: ~1.5 GB a checkpoint
   c.data.options["max_bytes_per_domain"] = 5_000_000  # 4 MB train, 0.5 validation, 0.5 test
   c.data.options["max_bytes_per_file"] = 65536
   e = c.expert
   e.d_model, e.num_layers, e.num_heads, e.d_ff = 512, 8, 8, 2048
-  e.steps, e.per_domain, e.lr = 600, 128, 6e-4  # 128 per expert: the MFU needs it
-  c.monolithic.steps, c.monolithic.per_domain, c.monolithic.lr = 600, 128, 6e-4
+  e.steps, e.per_domain, e.lr = 500, 128, 6e-4  # 128 per expert: the MFU needs it
+  c.monolithic.steps, c.monolithic.per_domain, c.monolithic.lr = 500, 128, 6e-4
   large = c.monolithic_large
   large.d_model, large.num_layers, large.num_heads, large.d_ff = 1024, 10, 16, 4096
-  # Half the batch, twice the steps (the same tokens): at 640 sequences of 256 its
-  # activations asked for a 76 GiB buffer.
-  large.steps, large.per_domain, large.lr = 400, 64, 3e-4
+  # 320 sequences a step (at 640 its activations asked for a 76 GiB buffer) × 250 steps
+  # × 127M parameters ≥ the experts' 500 × 640 × 25.6M: at least their compute.
+  large.steps, large.per_domain, large.lr = 250, 64, 3e-4
   c.gate.hidden, c.gate.steps, c.gate.per_domain = 64, 3000, 256
-  c.distill.steps, c.distill.per_domain, c.distill.lr = 600, 64, 5e-4
+  c.distill.steps, c.distill.per_domain, c.distill.lr = 500, 64, 5e-4
   return c

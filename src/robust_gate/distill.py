@@ -48,6 +48,20 @@ def teacher_next_token_logprobs(
     lm_cfg, expert_params_M, inputs_BxT
   )
   logp_BxTxMxV = jnp.moveaxis(logp_MxBxTxV, 0, 2)
+  return gated_next_token_logprobs(
+    logp_BxTxMxV, gate_cfg, gate_params, inputs_BxT, targets_BxT, mask_BxT
+  )
+
+
+def gated_next_token_logprobs(
+  logp_BxTxMxV, gate_cfg: models.GateConfig, gate_params, inputs_BxT, targets_BxT, mask_BxT
+) -> jax.Array:
+  """The gated model's full next-token log-distributions, [B, T, V], from its experts'
+  (any experts: robust_gate's transformers, checkpoints of robust_gate.hf, ...).
+
+  The observed tokens' log-probs, read off the full distributions, drive the gate's
+  prefix likelihoods, so one forward pass per expert gives both.
+  """
   observed_BxTxM = jnp.take_along_axis(logp_BxTxMxV, targets_BxT[:, :, None, None], axis=-1)[..., 0]
   prefix = models.prefix_loglik(observed_BxTxM, mask_BxT)
   log_gate = models.gate_log_weights(gate_cfg, gate_params, inputs_BxT, prefix)
@@ -70,6 +84,18 @@ def distill_loss_fn(
   per_domain: int,
 ):
   """Per-domain mean token KL(teacher ‖ student) on a stratified batch: losses [K]."""
+  teacher_fn = lambda x, y, m: teacher_next_token_logprobs(
+    lm_cfg, expert_params_M, gate_cfg, gate_params, x, y, m
+  )
+  student_fn = lambda params, x: models.next_token_logprobs(lm_cfg, params, x)
+  return kl_loss_fn(teacher_fn, student_fn, d, per_domain)
+
+
+def kl_loss_fn(teacher_fn, student_fn, d: data_lib.DomainData, per_domain: int):
+  """Per-domain mean token KL(teacher ‖ student) on a stratified batch, losses [K], for
+  any teacher `(inputs_BxT, targets_BxT, mask_BxT) -> [B, T, V]` log-distributions and
+  student `(params, inputs_BxT) -> [B, T, V]` (`distill_loss_fn` is this with
+  robust_gate's own transformers; robust_gate.checkpoint_job, with checkpoints)."""
   arrays, index = train.device_arrays(d), data_lib.domain_index(d)
   parallel.check_divisible(per_domain, "per_domain (distill)")
 
@@ -79,11 +105,8 @@ def distill_loss_fn(
     K, B = idx_KxB.shape
     flat = parallel.shard_batch(idx_KxB.reshape(-1))
     x, y, m = arrays["inputs"][flat], arrays["targets"][flat], arrays["mask"][flat]
-    teacher = jax.lax.stop_gradient(
-      teacher_next_token_logprobs(lm_cfg, expert_params_M, gate_cfg, gate_params, x, y, m)
-    )
-    student = models.next_token_logprobs(lm_cfg, student_params, x)
-    kl_KxBxT = token_kl(teacher, student).reshape(K, B, -1)
+    teacher = jax.lax.stop_gradient(teacher_fn(x, y, m))
+    kl_KxBxT = token_kl(teacher, student_fn(student_params, x)).reshape(K, B, -1)
     return train.per_domain_token_loss(kl_KxBxT, m.reshape(K, B, -1), 0.0)
 
   return loss_fn

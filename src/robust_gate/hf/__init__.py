@@ -6,15 +6,23 @@
                                       vocab_size=experts[0].vocab_size, max_len=256)
 
 No PyTorch: the forward passes are written here from the architectures'
-definitions, the weights read with safetensors' numpy API.
+definitions, the weights read with safetensors' numpy API. `export.save(model, dir)` writes a
+model back as a checkpoint transformers loads (the distilled student, for one).
 """
 
-from robust_gate.hf import checkpoint, gpt2, llama, tokenizer
+from robust_gate.hf import (
+  checkpoint,
+  export,
+  gpt2,
+  llama,
+  tokenizer,
+)
 from robust_gate.hf.model import (
   DTYPES,
   FAMILIES,
   Model,
   expert,
+  expert_group,
   fingerprint,
   load,
   load_expert,
@@ -30,6 +38,8 @@ __all__ = [
   "Model",
   "checkpoint",
   "expert",
+  "expert_group",
+  "export",
   "fingerprint",
   "gpt2",
   "llama",

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
@@ -43,13 +44,15 @@ class Spec:
   and stacked; `ignored` matches tensors a checkpoint may hold that the forward pass
   does not need (buffers such as GPT-2's causal mask, a tied head's copy);
   `rename` maps the checkpoint's names onto these (GPT-2 files are written with and
-  without a "transformer." prefix)."""
+  without a "transformer." prefix), and `saved_name` these onto the names
+  transformers' `save_pretrained` writes (robust_gate.hf.export)."""
 
   top: Mapping[str, Tensor]
   layers: Mapping[str, Tensor]
   num_layers: int
   ignored: str = r"(?!)"  # matches nothing
   rename: Callable[[str], str] = lambda name: name
+  saved_name: Callable[[str], str] = lambda name: name
 
 
 def read_config(path: str) -> dict:
@@ -118,6 +121,29 @@ def _open(file: str):
     raise InputError(f"{file} cannot be read as safetensors ({type(e).__name__}: {e}).") from None
 
 
+def _get_tensor(handle, file: str, name: str) -> np.ndarray:
+  """One tensor as numpy; bfloat16 (most released Llama weights), which numpy has no
+  dtype of, is read from the file's bytes as JAX's (ml_dtypes') bfloat16."""
+  try:
+    return handle.get_tensor(name)
+  except TypeError:  # safetensors' numpy API: "data type 'bfloat16' not understood"
+    return _read_bfloat16(file, name)
+
+
+def _read_bfloat16(file: str, name: str) -> np.ndarray:
+  """A BF16 tensor from the safetensors layout: an 8-byte little-endian header size,
+  the JSON header (dtype, shape, byte offsets after the header), the data."""
+  with open(file, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    entry = json.loads(f.read(size))[name]
+    if entry["dtype"] != "BF16":
+      raise InputError(f"tensor {name} in {file} has dtype {entry['dtype']}, not readable.")
+    begin, end = entry["data_offsets"]
+    f.seek(8 + size + begin)
+    raw = np.frombuffer(f.read(end - begin), np.uint16)
+  return raw.view(jnp.bfloat16).reshape(entry["shape"])
+
+
 def read_params(path: str, spec: Spec, dtype) -> dict:
   """The tensors `spec` names, cast to `dtype`: {key: array} for `spec.top` and
   {"layers": {key: [L, ...] array}} for `spec.layers`."""
@@ -138,7 +164,7 @@ def read_params(path: str, spec: Spec, dtype) -> dict:
     file, original = files[name]
     if file not in handles:
       handles[file] = _open(file)
-    value = handles[file].get_tensor(original)
+    value = _get_tensor(handles[file], file, original)
     if value.shape != tensor.shape:
       raise InputError(
         f"tensor {name} in {file} has shape {list(value.shape)}; config.json implies "

@@ -90,6 +90,7 @@ def spec(c: Config) -> checkpoint.Spec:
     # GPT2LMHeadModel writes "transformer.h.0…", GPT2Model (and the original
     # openai-community/gpt2 files) "h.0…": one naming for both.
     rename=lambda name: name.removeprefix("transformer."),
+    saved_name=lambda name: "transformer." + name,  # as GPT2LMHeadModel saves them
   )
 
 

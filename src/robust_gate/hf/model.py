@@ -114,6 +114,27 @@ def expert(model: Model, name: str) -> experts.Expert:
   )
 
 
+def expert_group(named: Mapping[str, Model]) -> experts.Expert:
+  """Several models as one expert group, [B, T, M] (one column per name, in order):
+  what a job's caches and `records.Experts.group` hold."""
+  if not named:
+    raise InputError("no checkpoints given.")
+  names, models = tuple(named), tuple(named.values())
+  widths = {m.config.vocab_size for m in models}
+  if len(widths) > 1:
+    raise InputError(
+      f"experts {list(names)} have output widths {[m.config.vocab_size for m in models]}: "
+      f"a gate mixes distributions over one vocabulary."
+    )
+  digest = hashlib.sha1("|".join(map(fingerprint, models)).encode()).hexdigest()
+  return experts.Expert(
+    names=names,
+    vocab_size=models[0].config.vocab_size,
+    logprob_fn=lambda x, y: jnp.stack([token_logprobs(m, x, y) for m in models], axis=-1),
+    fingerprint=digest,
+  )
+
+
 def load_expert(path: str, name: str, dtype: str = "float32") -> experts.Expert:
   """The checkpoint in `path` as one expert named `name`."""
   return expert(load(path, dtype), name)

@@ -1,0 +1,260 @@
+"""The job for pre-trained experts: K checkpoint directories and K text datasets in, a
+robust gate, its certificate and a servable student checkpoint out.
+
+    config.experts = {"code": "/ckpt/code", "law": "/ckpt/law"}    # domain: checkpoint
+    config.data.files = {"code": ["/data/code/**/*.py"], "law": ["/data/law"]}
+    robust_gate.checkpoint_job.run(config, workdir)       # launch/checkpoints.py
+
+What it does, reusing the main job's machinery (robust_gate.phases, scoring, evaluate):
+
+1. loads the checkpoints (robust_gate.hf; refused unless they share a tokenizer) and
+   the text, encoded with that tokenizer and split deterministically
+   (robust_gate.checkpoint_data);
+2. scores validation and test with every expert once (the caches, `scoring.score`),
+   and fits the robust gate, the ERM gate and the best response to λ̄
+   (`phases.train_gates`: checkpoints, resume, spec checks);
+3. distills the robust gated model into a student of the experts' own family and
+   shape, started from the expert of the domain with the largest λ̄
+   (`distill.student_init`'s rule) and trained on the train split with domain weights
+   λ̄, the teacher's full next-token distributions computed on the fly
+   (`distill.kl_loss_fn`); exports it to `<workdir>/student_hf/` (robust_gate.hf.export:
+   a checkpoint transformers loads as is);
+4. evaluates every method on test (the gates, each expert, the uniform mixture, the
+   student; all normalized models) with bootstrap intervals and the certificate
+   (`evaluate.results_on_test`), into `<workdir>/results.json`.
+
+Experts are the domains: expert k is domain k's (its b_k, with the default baseline).
+"""
+
+import dataclasses
+import os
+from typing import cast
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robust_gate import (
+  checkpoint_data,
+  distill,
+  evaluate,
+  experts,
+  files,
+  models,
+  phases,
+  provenance,
+  scoring,
+  workdirs,
+)
+from robust_gate import hf as hf_lib
+from robust_gate import train as train_lib
+from robust_gate import uncertainty as uncertainty_lib
+from robust_gate.checks import InputError
+from robust_gate.records import Caches, Experts, Gate, Gates, Splits
+
+STUDENT_DIR = "student_hf"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """What `run` produced: the results dict (results.json) and the records behind it."""
+
+  results: dict
+  splits: Splits
+  caches: Caches
+  gates: Gates
+  student: hf_lib.Model
+  student_dir: str
+
+
+def expert_paths(config) -> dict[str, str]:
+  """config.experts as {domain: checkpoint directory}, refused when empty or not text."""
+  named = dict(config.experts)
+  if not named:
+    raise InputError("config.experts is empty: name one checkpoint directory per domain.")
+  for name, path in named.items():
+    if not isinstance(path, str):
+      raise InputError(f"config.experts[{name!r}] must be a checkpoint directory, not {path!r}.")
+  return named
+
+
+def text_data(config) -> checkpoint_data.TextData:
+  d = config.data
+  files_by_domain = {k: list(v) if not isinstance(v, str) else [v] for k, v in d.files.items()}
+  return checkpoint_data.TextData(files_by_domain, d.max_len, d.validation, d.test, d.split_by)
+
+
+def load_experts(config) -> dict[str, hf_lib.Model]:
+  """The checkpoints by domain (one tokenizer), checked against the sequence length."""
+  loaded = hf_lib.load_models(expert_paths(config), config.dtype)
+  for name, m in loaded.items():
+    if isinstance(m.config, hf_lib.gpt2.Config) and m.config.max_len < config.data.max_len:
+      raise InputError(
+        f"config.data.max_len={config.data.max_len} exceeds expert {name!r}'s context "
+        f"(n_positions={m.config.max_len})."
+      )
+  return loaded
+
+
+def experts_record(loaded: dict[str, hf_lib.Model]) -> Experts:
+  """The checkpoints as the `Experts` record scoring and the gates read (its group and
+  digest). They are not robust_gate's own transformers: `lm_cfg` is absent, and only
+  the main job's phases that build such models (none here) would read it."""
+  return Experts(
+    lm_cfg=cast(models.LMConfig, None), params=loaded, group=hf_lib.expert_group(loaded)
+  )
+
+
+def _runner(config, workdir: str, log) -> phases.Runner:
+  return lambda game: phases.run_or_restore(
+    game, workdir, train=True, chunk=config.checkpoint_every, log=log
+  )
+
+
+def teacher_fn(loaded: dict[str, hf_lib.Model], robust: Gate):
+  """The robust gated model's next-token log-distributions, (x, y, mask) -> [B, T, V]."""
+  members = tuple(loaded.values())
+
+  def teacher(x_BxT, y_BxT, m_BxT):
+    logp_BxTxMxV = jnp.stack([hf_lib.next_token_logprobs(m, x_BxT) for m in members], axis=2)
+    return distill.gated_next_token_logprobs(
+      logp_BxTxMxV, robust.cfg, robust.params, x_BxT, y_BxT, m_BxT
+    )
+
+  return teacher
+
+
+def distill_student(
+  config, splits: Splits, loaded: dict[str, hf_lib.Model], caches: Caches, robust: Gate, run
+) -> tuple[hf_lib.Model, int]:
+  """The student (the family and shape of the expert it starts from: the one of the
+  domain with the largest λ̄; float32 parameters) and that expert's index."""
+  lam_bar_K = robust.state.lam_avg_K
+  init_from = int(jnp.argmax(lam_bar_K))
+  start = list(loaded.values())[init_from]
+  start = dataclasses.replace(
+    start, params=jax.tree.map(lambda a: a.astype(jnp.float32), start.params)
+  )
+  student_fn = lambda params, x: hf_lib.next_token_logprobs(
+    dataclasses.replace(start, params=params), x
+  )
+  dc = config.distill
+  loss_fn = distill.kl_loss_fn(teacher_fn(loaded, robust), student_fn, splits.train, dc.per_domain)
+  step, state = train_lib.make_game(
+    loss_fn,
+    start.params,
+    num_domains=splits.train.num_domains,
+    lr=dc.lr,
+    dual_lr=0.0,
+    seed=config.seed,
+    lam_K=lam_bar_K / jnp.sum(lam_bar_K),
+  )
+  spec = {
+    "seed": config.seed,
+    "data": config.data.to_dict(),
+    "experts": caches.experts.digest,
+    "robust_gate": experts.params_fingerprint(robust.state),
+    "distill": {k: v for k, v in config.distill.to_dict().items() if k != "steps"},
+    "dtype": config.dtype,
+  }
+  state = run(phases.Game("student", step, state, dc.steps, spec))
+  return dataclasses.replace(start, params=state.params), init_from
+
+
+def _uniform_mixture(cache_NxTxM) -> np.ndarray:
+  M = cache_NxTxM.shape[-1]
+  uniform = np.full(cache_NxTxM.shape, -np.log(M), np.float32)
+  return evaluate.fixed_gate_logprobs(uniform, np.asarray(cache_NxTxM))
+
+
+def scores_on_test(caches: Caches, gates: Gates, student: hf_lib.Model, baseline: str):
+  """Every method's per-sequence NLL on test (`evaluate.SequenceScores`), and gate usage."""
+  te, cache = caches.test.data, caches.test.cache_NxTxM
+  nll_N, use = {}, {}
+  for name, gate in gates.items():
+    logp, use[name] = evaluate.gate_logprobs_and_usage(gate.cfg, gate.params, te, cache)
+    nll_N[name] = evaluate.sequence_nll(logp, te)
+  nll_N["uniform_mixture"] = evaluate.sequence_nll(_uniform_mixture(cache), te)
+  for j, d in enumerate(te.domains):
+    nll_N[f"expert:{d}"] = evaluate.sequence_nll(cache[..., j], te)
+  student_NxT = experts.build_cache([hf_lib.expert(student, "student")], te)[..., 0]
+  nll_N["student"] = evaluate.sequence_nll(student_NxT, te)
+  own_NxT = np.take_along_axis(np.asarray(cache), te.domain_N[:, None, None], axis=-1)[..., 0]
+  scores = evaluate.SequenceScores(
+    nll_N=nll_N,
+    tokens_N=te.mask_NxT.sum(axis=1),
+    domain_N=te.domain_N,
+    domains=tuple(te.domains),
+    baseline_K=np.asarray(caches.test.baseline_K),
+    baseline_nll_N=evaluate.sequence_nll(own_NxT, te) if baseline == "expert" else None,
+  )
+  return scores, use
+
+
+def run(config, workdir: str, log=print, warm_start=None) -> Outcome:
+  """The whole job in `workdir` (resumes; see the module's docstring). `warm_start`:
+  a function from the fresh robust gate's parameters to its initial ones
+  (robust_gate.checkpoint_edits, for an expert added to a fitted gate)."""
+  workdirs.create(workdir)
+  loaded = load_experts(config)
+  domains = list(loaded)
+  tok = next(iter(loaded.values())).tokenizer
+  vocab = next(iter(loaded.values())).config.vocab_size
+  splits = checkpoint_data.load_splits(text_data(config), domains, tok, vocab)
+  uncertainty = uncertainty_lib.from_config(config, len(domains))
+  scoring.dual_holdout(config, splits.validation)  # checked before any scoring
+  log(
+    f"checkpoint job: experts {domains} ({', '.join(m.family for m in loaded.values())}), "
+    f"sequences train {splits.train.counts().tolist()}, validation "
+    f"{splits.validation.counts().tolist()}, test {splits.test.counts().tolist()}"
+  )
+  caches = scoring.score(config, workdir, splits, experts_record(loaded), log)
+  run_game = _runner(config, workdir, log)
+  if warm_start is not None:
+    inner = run_game
+    run_game = lambda g: inner(warm_start(g) if g.name == "robust_gate" else g)
+  gates = phases.train_gates(config, caches, run_game)
+  student, init_from = distill_student(
+    config, splits, loaded, caches, gates.robust_gate, _runner(config, workdir, log)
+  )
+  student_dir = hf_lib.export.save(student, os.path.join(workdir, STUDENT_DIR))
+  log(f"student ({student.family}, from expert {domains[init_from]!r}) exported to {student_dir}")
+  scores, use = scores_on_test(caches, gates, student, config.baseline)
+  lam_bar_K = gates.robust_gate.state.lam_avg_K
+  on_test = evaluate.results_on_test(scores, lam_bar_K, uncertainty, config.seed)
+  results = {
+    "units": "bits/token",
+    "baseline": config.baseline,
+    "uncertainty": uncertainty.kind,
+    "domains": domains,
+    "experts": dict(expert_paths(config)),
+    "families": {d: m.family for d, m in loaded.items()},
+    "lambda_bar": dict(zip(domains, map(float, lam_bar_K))),
+    "worst_case": {n: m["worst_case"] for n, m in on_test["methods"].items()},
+    **on_test,
+    "gate_usage": {k: v.tolist() for k, v in use.items()},
+    "student": {"init_from": domains[init_from], "family": student.family, "path": student_dir},
+    "num_params": {
+      "student": experts.num_params(student.params),
+      "gate": experts.num_params(gates.robust_gate.params),
+      **{f"expert:{d}": experts.num_params(m.params) for d, m in loaded.items()},
+    },
+    "provenance": provenance.collect(config).to_dict(),
+  }
+  files.write_json(os.path.join(workdir, "results.json"), results)
+  files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  log(format_worst_cases(results))
+  return Outcome(results, splits, caches, gates, student, student_dir)
+
+
+def format_worst_cases(results: dict) -> str:
+  """One line per method: worst case and mean over the domains, bits/token over b_k."""
+  cert = results["certificate"]
+  lines = [f"{'method':<24} {'worst case':>11} {'mean':>8}   (bits/token over b_k, test)"]
+  for name, m in sorted(results["methods"].items(), key=lambda kv: kv[1]["worst_case"]):
+    lines.append(f"{name:<24} {m['worst_case']:>11.4f} {m['mean']:>8.4f}")
+  lines.append(
+    f"certificate: upper {cert['upper'][0]:.4f}, lower {cert['lower'][0]:.4f} (estimate), "
+    f"gap {cert['gap'][0]:.4f} [{cert['gap'][1]:.4f}, {cert['gap'][2]:.4f}]"
+  )
+  return "\n".join(lines)
