@@ -132,10 +132,40 @@ def test_check_every_provenance_a_result_carries(repo):
 def test_stale_reason_lists_at_most_five(repo):
   r, first, _ = repo
   for i in range(6):
-    _commit(r, "launch/main.py", f"# {i}\n", f"launch change {i}")
+    _commit(r, "launch/main.py", f"from robust_gate import a  # {i}\n", f"launch change {i}")
   reason = report.stale_reason(_prov(first), str(r))
   assert "7 commits" in reason and "and 2 more" in reason
   assert "launch change 5" in reason and "change the code" not in reason
+
+
+def test_only_the_files_a_command_ran_make_its_result_stale(repo):
+  """A result's code is its launcher, the robust_gate modules it imports (through each
+  other too) and the configs: a commit to a module it never imports leaves it current;
+  one to an imported module, however indirectly, or to a config makes it stale; a
+  command naming no launcher of the checkout counts every commit to CODE_PATHS."""
+  r, _, _ = repo
+  _commit(r, "src/robust_gate/__init__.py", "", "package")
+  _commit(r, "src/robust_gate/b.py", "import robust_gate.a\n", "b imports a")
+  ran = _commit(r, "launch/main.py", "from robust_gate import b\n", "the launcher")
+  assert staleness.code_files("main.py --workdir=/w", str(r)) == (
+    "launch/main.py",
+    "src/robust_gate/__init__.py",
+    "src/robust_gate/a.py",
+    "src/robust_gate/b.py",
+    "launch/configs",
+  )
+  _commit(r, "src/robust_gate/other.py", "y = 1\n", "a module main.py never imports")
+  _commit(r, "launch/experiment.py", "from robust_gate import other\n", "another launcher")
+  assert report.stale_reason(_prov(ran), str(r)) is None
+  experiment = {**_prov(ran), "command": "experiment.py --workdir=/w"}
+  assert "2 commits changed the code it ran" in report.stale_reason(experiment, str(r))
+  _commit(r, "src/robust_gate/a.py", "x = 3\n", "change what b imports")
+  assert "1 commit changed the code it ran" in report.stale_reason(_prov(ran), str(r))
+  later = _commit(r, "launch/configs/digits.py", "c = 1\n", "a config")
+  assert "a config" in report.stale_reason(_prov(ran), str(r))
+  unknown = {**_prov(later), "command": "gone.py --workdir=/w"}
+  _commit(r, "src/robust_gate/other.py", "y = 2\n", "touch other")
+  assert "changed src/robust_gate, launch since" in report.stale_reason(unknown, str(r))
 
 
 def _method(loss, worst) -> dict:

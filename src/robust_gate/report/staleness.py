@@ -1,11 +1,17 @@
 """Whether a result still describes the code: every provenance it carries (its own and
 its inputs', robust_gate.provenance.INPUTS_KEY) against the repository's history.
 
+The code a result describes is the files its command ran (`code_files`: the launcher, the
+robust_gate modules it imports, the configs), so a commit to a module the command never
+imports (a new experiment, the report) leaves it current.
+
 A result is current only if all of them are; a stale one names the provenance furthest
 behind. Where git cannot answer, the result is stale ("cannot tell"), never current.
 """
 
+import ast
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -28,10 +34,62 @@ def _subject(s: str) -> str:
   return s if len(s) <= SUBJECT_CHARS else s[: SUBJECT_CHARS - 1].rstrip() + "…"
 
 
-def code_commits_since(commit: str, repo: str) -> list[tuple[str, str]] | None:
-  """(hash, subject) of every commit after `commit` up to HEAD touching CODE_PATHS, newest
-  first; None where git log fails."""
-  out = git(repo, "log", "--format=%H %s", f"{commit}..HEAD", "--", *CODE_PATHS)
+def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
+  """The repository's files that the command `command` ran (repo-relative): its launcher
+  `launch/<script>`, the robust_gate modules that launcher imports, directly or through
+  each other, read from the checkout, and every config (configs load each other by
+  path). None where the command names no launcher of the checkout: then all of
+  CODE_PATHS counts.
+
+  A commit that changes none of these files leaves the result describing the code; one
+  that changes which modules are imported changes an importing file, which is here."""
+  script = str(command).split(" ", 1)[0] if isinstance(command, str) else ""
+  launcher = os.path.join("launch", os.path.basename(script))
+  if not script.endswith(".py") or not os.path.isfile(os.path.join(repo, launcher)):
+    return None
+  found, todo = {launcher}, [launcher]
+  while todo:
+    for module in _imported_modules(os.path.join(repo, todo.pop())):
+      for path in _module_files(module, repo):
+        if path not in found:
+          found.add(path)
+          todo.append(path)
+  return (*sorted(found), os.path.join("launch", "configs"))
+
+
+def _imported_modules(path: str) -> set[str]:
+  """The robust_gate modules a Python file imports (`import robust_gate.x`, `from
+  robust_gate import x`, `from robust_gate.x import y`), as dotted names."""
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      names.add(node.module)
+      names |= {f"{node.module}.{a.name}" for a in node.names}
+  return {n for n in names if n == "robust_gate" or n.startswith("robust_gate.")}
+
+
+def _module_files(module: str, repo: str) -> list[str]:
+  """The files importing `module` runs: each package's __init__.py on its path, and the
+  module's own file where it exists (a name imported from a module is no file)."""
+  parts, out = module.split("."), []
+  for i in range(1, len(parts) + 1):
+    stem = os.path.join("src", *parts[:i])
+    for path in (os.path.join(stem, "__init__.py"), stem + ".py"):
+      if os.path.isfile(os.path.join(repo, path)):
+        out.append(path)
+  return out
+
+
+def code_commits_since(
+  commit: str, repo: str, paths: tuple[str, ...] = CODE_PATHS
+) -> list[tuple[str, str]] | None:
+  """(hash, subject) of every commit after `commit` up to HEAD touching `paths` (by
+  default all of CODE_PATHS), newest first; None where git log fails."""
+  out = git(repo, "log", "--format=%H %s", f"{commit}..HEAD", "--", *paths)
   if out is None:
     return None
   return [(h, s) for h, _, s in (line.partition(" ") for line in out.splitlines())]
@@ -53,7 +111,8 @@ def _behind(prov: Any, repo: str) -> tuple[int, str] | None:
   full = git(repo, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
   if not full or git(repo, "merge-base", "--is-ancestor", full, "HEAD") is None:
     return _UNDATED, f"commit {short(commit)} is not in this repository's history"
-  since = code_commits_since(full, repo)
+  paths = code_files(prov.get("command"), repo) or CODE_PATHS
+  since = code_commits_since(full, repo, paths)
   if since is None:
     return _UNDATED, f"cannot tell whether the code changed since {short(full)}: git log fails"
   if prov.get("dirty"):
@@ -63,10 +122,10 @@ def _behind(prov: Any, repo: str) -> tuple[int, str] | None:
     return None
   listed = "; ".join(f"{short(h)} {_subject(s)}" for h, s in since[:MAX_COMMITS_LISTED])
   more = len(since) - MAX_COMMITS_LISTED
+  what = ", ".join(CODE_PATHS) if paths == CODE_PATHS else "the code it ran"
   return len(since), (
     f"{len(since)} commit{'s' if len(since) > 1 else ''} changed "
-    f"{', '.join(CODE_PATHS)} since {short(full)}: {listed}"
-    + (f"; and {more} more" if more > 0 else "")
+    f"{what} since {short(full)}: {listed}" + (f"; and {more} more" if more > 0 else "")
   )
 
 
