@@ -236,12 +236,22 @@ def test_prior_worst_over_the_simplex_bounds_every_smaller_set(tiny):
 
 def test_extend_expanded_gate_keeps_the_old_experts_relative_weights():
   K, V, T = 3, 7, 5
-  old_cfg = models.GateConfig(num_experts=K - 1, vocab_size=V, max_len=T)
-  new_cfg = models.GateConfig(num_experts=K, vocab_size=V, max_len=T)
+  # With position and token features, which sit after the experts' rows of the first
+  # kernel: a warm start that copied the old kernel's leading rows shifted them.
+  gate = dict(vocab_size=V, max_len=T, pos_embed=4, token_embed=3)
+  old_cfg = models.GateConfig(num_experts=K - 1, **gate)
+  new_cfg = models.GateConfig(num_experts=K, **gate)
   old = models.init_gate(old_cfg, jax.random.PRNGKey(0))
+  # A trained gate's corrections are not zero (init's last layer is).
+  old = jax.tree_util.tree_map(
+    lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(5), a.shape), old
+  )
   warm = extend.expand_gate(old, models.init_gate(new_cfg, jax.random.PRNGKey(1)))
   x = jax.random.randint(jax.random.PRNGKey(2), (4, T), 0, V)
   prefix = -jax.random.uniform(jax.random.PRNGKey(3), (4, T, K)) * 5
+  # The features are relative to the best expert's prefix likelihood: the old gate's
+  # are unchanged where the new expert is not the best (here: the worst).
+  prefix = prefix.at[..., K - 1].set(prefix.min(-1) - 1.0)
   lo = models.gate_log_weights(old_cfg, old, x, prefix[..., : K - 1])
   ln = models.gate_log_weights(new_cfg, warm, x, prefix)
   renorm = ln[..., : K - 1] - jax.nn.logsumexp(ln[..., : K - 1], -1, keepdims=True)

@@ -9,23 +9,18 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import models, phases
+from robust_gate import gate_edits, models, phases
 from robust_gate.experiments import common, reporting
 from robust_gate.records import Scored
 
 
 def expand_gate(old_params, new_params):
-  """Warm start: every old weight copied; weights the new expert adds start at 0."""
-
-  def one(old, new):
-    if old.shape == new.shape:
-      return old
-    return jnp.zeros_like(new).at[tuple(slice(0, s) for s in old.shape)].set(old)
-
-  return jax.tree_util.tree_map(one, old_params, new_params)
+  """Warm start: the gate on K − 1 domains as a gate on K, the new expert last
+  (gate_edits.remap_gate: every old weight copied to its place, the new expert's at 0)."""
+  num_old = old_params["params"]["Dense_1"]["bias"].shape[0]
+  return gate_edits.remap_gate(old_params, range(num_old), range(num_old + 1), new_params)
 
 
 def restrict(s: Scored, domains: list[int]) -> Scored:
