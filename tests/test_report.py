@@ -159,9 +159,16 @@ def test_only_the_files_a_command_ran_make_its_result_stale(repo):
   assert report.stale_reason(_prov(ran), str(r)) is None
   experiment = {**_prov(ran), "command": "experiment.py --workdir=/w"}
   assert "2 commits changed the code it ran" in report.stale_reason(experiment, str(r))
+  # Comments, docstrings and layout are not code: the syntax trees are compared.
+  doc = '"""What a is."""\n\n# x is two\nx = (\n  2\n)\n'
+  _commit(r, "src/robust_gate/a.py", doc, "document a")
+  assert report.stale_reason(_prov(ran), str(r)) is None
   _commit(r, "src/robust_gate/a.py", "x = 3\n", "change what b imports")
-  assert "1 commit changed the code it ran" in report.stale_reason(_prov(ran), str(r))
+  assert "2 commits changed the code it ran" in report.stale_reason(_prov(ran), str(r))
   later = _commit(r, "launch/configs/digits.py", "c = 1\n", "a config")
+  assert staleness._syntax("c = 1  # one\n") == staleness._syntax('"""Doc."""\nc = 1\n')
+  assert staleness._syntax("c = 2\n") != staleness._syntax("c = 1\n")
+  assert staleness._syntax("c = (\n") is None
   assert "a config" in report.stale_reason(_prov(ran), str(r))
   unknown = {**_prov(later), "command": "gone.py --workdir=/w"}
   _commit(r, "src/robust_gate/other.py", "y = 2\n", "touch other")

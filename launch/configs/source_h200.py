@@ -1,20 +1,15 @@
 """The source-file job for one H200: five domains, 25.6M-parameter experts, T = 256.
 
-A starting point to tune on the device; the whole job is meant to fit in ~9 min.
-Rates from docs/performance.md (one H200, bf16, d 512 × 8 layers × d_ff 2048,
-vocabulary 256, T 256: 25,597,184 parameters, 164 MFLOP per trained token; 6 experts
-× 128 sequences in 88.6 ms, 365 TFLOP/s, about 0.37 of the 990 nominal; the brief's
-0.5 × 990 would be 0.33 µs): 0.45 µs per expert-token trained, ~0.15 µs forward.
-  experts            600 × 5 × 128 × 256 tokens × 0.45 µs  ≈ 44 s (20M tokens each:
-                     5 epochs of a 4 MB domain, 14 of prose's 1.4 MB)
-  monolithic, DRO    the same batch (5 × 128 sequences) and steps   ≈ 44 s each
-  monolithic_large   d 1024 × 10 layers, 127M ≈ 5 experts, ~4.8× per token:
-                     200 × 163,840 tokens × 0.45 µs × 4.8           ≈ 71 s
-  distill            600 × 320 sequences: student 0.45 + teacher 5 × 0.15 µs
-                     per token, ~0.1 s a step                       ≈ 60 s
-  gates              3 × 3000 latency-bound steps of ~2 ms          ≈ 18 s
-  caches             2 × 5 × ~1960 sequences, 5 experts forward     ≈ 4 s
-About 4.8 min of steps; compilation, checkpoints and evaluation take the rest.
+Every phase in one launch of about 8.5 minutes on one H200 (commit f9e5f4f: 8 min 20 s;
+per-phase and per-model seconds on the results page, docs/results.md). Sizes:
+  experts            d 512 × 8 layers × d_ff 2048, 500 steps of 5 × 128 sequences
+                     (82M expert-tokens; 66 s measured)
+  monolithic, DRO    an expert's size, the same batch (5 × 128) and steps (57 s, 66 s)
+  monolithic_large   d 1024 × 10 layers, 127M ≈ 5 experts; 250 steps of 5 × 64
+                     sequences, at least the experts' compute (56 s)
+  distill            500 steps of 5 × 64 sequences, the teacher run on the fly (68 s)
+  gates              3 × 3000 steps of 5 × 256 cached sequences (caches 9 s, gates 17 s)
+Compilation, data loading, checkpoints and evaluation (77 s) take the rest.
 Data: 4 MB train, 0.5 MB validation and test per domain where the environment has
 it (cython and prose have about 2.6 and 1.7 MB in all); 21 MB prepared (measured).
 """
@@ -27,7 +22,7 @@ from robust_gate import config_files
 def get_config():
   c = config_files.load(os.path.join(os.path.dirname(__file__), "source_small.py"))
   c.dtype = "bfloat16"
-  c.checkpoint_every = 250  # one scan length for every model; 5 experts' parameters and Adam state: ~1.5 GB a checkpoint
+  c.checkpoint_every = 250  # one scan length for every model; ~1.5 GB a checkpoint
   c.data.options["max_bytes_per_domain"] = 5_000_000  # 4 MB train, 0.5 validation, 0.5 test
   c.data.options["max_bytes_per_file"] = 65536
   e = c.expert

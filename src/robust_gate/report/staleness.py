@@ -57,6 +57,46 @@ def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
   return (*sorted(found), os.path.join("launch", "configs"))
 
 
+def _code_differs(commit: str, paths: tuple[str, ...], repo: str) -> bool:
+  """Whether a file under `paths` differs between `commit` and HEAD: a Python file in
+  more than comments, docstrings and layout (syntax trees without docstrings compared),
+  another file in its bytes; a file present on one side only, or a Python file that
+  does not parse, differs."""
+  listed = lambda rev: git(repo, "ls-tree", "-r", "--name-only", rev, "--", *paths)
+  before, after = listed(commit), listed("HEAD")
+  if before is None or after is None:
+    return True
+  for name in sorted(set(before.splitlines()) | set(after.splitlines())):
+    if not name.endswith(".py"):  # another file: its bytes
+      if git(repo, "rev-parse", f"{commit}:{name}") != git(repo, "rev-parse", f"HEAD:{name}"):
+        return True
+      continue
+    old, new = git(repo, "show", f"{commit}:{name}"), git(repo, "show", f"HEAD:{name}")
+    if old is None or new is None or _syntax(old) is None or _syntax(old) != _syntax(new):
+      return True
+  return False
+
+
+def _syntax(source: str) -> str | None:
+  """The syntax tree of Python `source` without docstrings, as text; None if it does not
+  parse."""
+  try:
+    tree = ast.parse(source)
+  except SyntaxError:
+    return None
+  for node in ast.walk(tree):
+    body = getattr(node, "body", None)
+    if (
+      isinstance(body, list)
+      and body
+      and isinstance(body[0], ast.Expr)
+      and isinstance(body[0].value, ast.Constant)
+      and isinstance(body[0].value.value, str)
+    ):
+      node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+  return ast.dump(tree)
+
+
 def _imported_modules(path: str) -> set[str]:
   """The robust_gate modules a Python file imports (`import robust_gate.x`, `from
   robust_gate import x`, `from robust_gate.x import y`), as dotted names."""
@@ -118,7 +158,7 @@ def _behind(prov: Any, repo: str) -> tuple[int, str] | None:
   if prov.get("dirty"):
     dirty = f"made with uncommitted changes to the code on top of {short(full)} (dirty)"
     return len(since), dirty
-  if not since:
+  if not since or not _code_differs(full, paths, repo):
     return None
   listed = "; ".join(f"{short(h)} {_subject(s)}" for h, s in since[:MAX_COMMITS_LISTED])
   more = len(since) - MAX_COMMITS_LISTED
