@@ -319,6 +319,11 @@ def test_generate(tmp_path, repo):
   assert "| gap U − ℓ | 0.0055 | [0.0030, 0.0090] |" in page
   assert "The lower value is an estimate" in page
   assert "| λ attaining U | 0.0000 | 1.0000 |" in page
+  assert (
+    "The gap exceeds its noise (0.0055 [0.0030, 0.0090]): the robust gate is not at the game's "
+    "equilibrium on held-out data, so other gates can beat its worst case. λ̄ puts 0.75 on b, "
+    "while the worst λ for its losses puts 1.00 on b"
+  ) in page
   assert "on test: +1.000 over 2 domains (a point estimate without an interval; 1 training" in page
   # An older results.json renders its point estimates and says it has no intervals.
   assert "No intervals: this results.json predates them" in old_section
@@ -475,3 +480,19 @@ def test_body_tables_nested_and_wide():
   assert "| similarities | 0.0000, 1.0000 |" in text
   assert "| field | 1 |" in text and "| models.robust_gate.f5 | 2.5000 |" in text
   assert "Not shown" not in text
+
+
+def test_the_gap_reading_says_whether_the_gate_is_at_equilibrium():
+  from robust_gate.report import held_out
+
+  at = held_out._gap_reading({"gap": [0.001, -0.002, 0.004]})
+  assert at[0].startswith("The gap's interval reaches 0")
+  off = held_out._gap_reading(
+    {
+      "gap": [0.05, 0.04, 0.06],
+      "lambda_bar": {"x": 0.9, "y": 0.1},
+      "lambda_worst": {"x": 0.0, "y": 1.0},
+    }
+  )
+  assert "not at the game's equilibrium" in off[0]
+  assert "λ̄ puts 0.90 on x, while the worst λ for its losses puts 1.00 on y" in off[0]

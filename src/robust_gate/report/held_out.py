@@ -149,7 +149,33 @@ def certificate(results: dict[str, Any]) -> list[str]:
       "(docs/math.md §7.1).",
       "",
     ]
-  return lines
+  return lines + _gap_reading(c)
+
+
+def _gap_reading(c: dict[str, Any]) -> list[str]:
+  """What the gap says about the robust gate, in one line: whether it exceeds its noise,
+  and where λ̄ and the worst λ for the gate's losses disagree (docs/math.md §7)."""
+  gap = c["gap"]
+  if gap[1] <= 0:
+    return [
+      "The gap's interval reaches 0: on held-out data the robust gate is as good as the "
+      "certificate can tell.",
+      "",
+    ]
+  worst, bar = c.get("lambda_worst"), c.get("lambda_bar")
+  where = ""
+  if isinstance(worst, dict) and isinstance(bar, dict) and worst and bar:
+    top = lambda lam: max(lam, key=lam.get)
+    where = (
+      f" λ̄ puts {bar[top(bar)]:.2f} on {top(bar)}, while the worst λ for its losses puts "
+      f"{worst[top(worst)]:.2f} on {top(worst)}: the gate was trained toward a mixture "
+      f"that is not the held-out worst one."
+    )
+  return [
+    f"The gap exceeds its noise ({gap[0]:.4f} {_bracket(gap[1:])}): the robust gate is not "
+    f"at the game's equilibrium on held-out data, so other gates can beat its worst case." + where,
+    "",
+  ]
 
 
 def lambda_table(results: dict[str, Any]) -> list[str]:
