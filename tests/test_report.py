@@ -112,10 +112,14 @@ def test_check_every_provenance_a_result_carries(repo):
   assert ok == report.Verdict(None, None)
   # A model trained by older code than the evaluation makes the result stale.
   v = report.check(_prov(second), _inputs(experts=second, student=first), repo_, needs_inputs=True)
-  assert v.stale.startswith("input `student`: 1 commit changed") and "more" not in v.stale
+  assert (
+    v.stale.startswith("input `student`: its code differs")
+    and "1 commit changed" in v.stale
+    and "more" not in v.stale
+  )
   # One run of a resumed model is enough: the oldest run counts.
   v = report.check(_prov(second), _inputs(gate=[first, second]), repo_, needs_inputs=True)
-  assert v.stale.startswith("input `gate`: 1 commit changed")
+  assert v.stale.startswith("input `gate`: its code differs") and "1 commit changed" in v.stale
   # The furthest behind is named (unknown before dated), with how many more are stale.
   v = report.check(_prov(first), _inputs(experts=None, student=first), repo_, needs_inputs=True)
   assert v.stale == "input `experts`: no provenance (2 more of its 3 provenances stale)"
@@ -158,13 +162,13 @@ def test_only_the_files_a_command_ran_make_its_result_stale(repo):
   _commit(r, "launch/experiment.py", "from robust_gate import other\n", "another launcher")
   assert report.stale_reason(_prov(ran), str(r)) is None
   experiment = {**_prov(ran), "command": "experiment.py --workdir=/w"}
-  assert "2 commits changed the code it ran" in report.stale_reason(experiment, str(r))
+  assert "2 commits changed the files it ran since" in report.stale_reason(experiment, str(r))
   # Comments, docstrings and layout are not code: the syntax trees are compared.
   doc = '"""What a is."""\n\n# x is two\nx = (\n  2\n)\n'
   _commit(r, "src/robust_gate/a.py", doc, "document a")
   assert report.stale_reason(_prov(ran), str(r)) is None
   _commit(r, "src/robust_gate/a.py", "x = 3\n", "change what b imports")
-  assert "2 commits changed the code it ran" in report.stale_reason(_prov(ran), str(r))
+  assert "2 commits changed the files it ran since" in report.stale_reason(_prov(ran), str(r))
   later = _commit(r, "launch/configs/digits.py", "c = 1\n", "a config")
   assert staleness._syntax("c = 1  # one\n") == staleness._syntax('"""Doc."""\nc = 1\n')
   assert staleness._syntax("c = 2\n") != staleness._syntax("c = 1\n")
@@ -172,7 +176,7 @@ def test_only_the_files_a_command_ran_make_its_result_stale(repo):
   assert "a config" in report.stale_reason(_prov(ran), str(r))
   unknown = {**_prov(later), "command": "gone.py --workdir=/w"}
   _commit(r, "src/robust_gate/other.py", "y = 2\n", "touch other")
-  assert "changed src/robust_gate, launch since" in report.stale_reason(unknown, str(r))
+  assert "changed src/robust_gate, launch since:" in report.stale_reason(unknown, str(r))
 
 
 def _method(loss, worst) -> dict:
@@ -337,7 +341,11 @@ def test_generate(tmp_path, repo):
   assert page.count("STALE") == 2
   assert f"### Experiment `mixtures` (rg_cur) — commit `{first[:7]}`, 8 × cpu" in page
   stale_exp = page.split("### Experiment `mixtures`")[1]
-  assert "STALE**: 1 commit changed" in stale_exp and "change the code" in stale_exp
+  assert (
+    "STALE**: its code differs" in stale_exp
+    and "1 commit changed" in stale_exp
+    and "change the code" in stale_exp
+  )
   assert "**STALE**: no provenance" in page.split("## rg_old")[1]
   assert "STALE" not in page.split("## rg_cur")[1].split("### Experiment")[0]
   assert f"- inputs made at: `{second[:7]}`: experts, robust_gate" in page

@@ -162,10 +162,10 @@ def _behind(prov: Any, repo: str) -> tuple[int, str] | None:
     return None
   listed = "; ".join(f"{short(h)} {_subject(s)}" for h, s in since[:MAX_COMMITS_LISTED])
   more = len(since) - MAX_COMMITS_LISTED
-  what = ", ".join(CODE_PATHS) if paths == CODE_PATHS else "the code it ran"
+  what = ", ".join(CODE_PATHS) if paths == CODE_PATHS else "the files it ran"
   return len(since), (
-    f"{len(since)} commit{'s' if len(since) > 1 else ''} changed "
-    f"{what} since {short(full)}: {listed}" + (f"; and {more} more" if more > 0 else "")
+    f"its code differs from {short(full)}'s; {len(since)} commit{'s' if len(since) > 1 else ''} "
+    f"changed {what} since: {listed}" + (f"; and {more} more" if more > 0 else "")
   )
 
 
