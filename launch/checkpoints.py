@@ -4,6 +4,8 @@ r"""Pre-trained checkpoints as experts: a robust gate, its certificate, an expor
       --config=launch/configs/checkpoints_example.py
   python launch/checkpoints.py --workdir=/tmp/rg_ckpt --config=my_config.py \
       --config.gate.steps=3000
+  python launch/checkpoints.py --workdir=/tmp/rg_ckpt --config=my_config.py \
+      --config.model_parallel=4     # each expert split over 4 devices when scoring
 
 The config names one checkpoint directory per domain (config.experts) and that
 domain's text files (config.data.files). Writes the expert caches, robust_gate/,

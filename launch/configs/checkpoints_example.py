@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     }
   )
   c.dtype = "float32"  # experts' parameters and matmuls: "float32" or "bfloat16"
+  # Devices that split each expert's parameters between them (a "model" mesh axis;
+  # batches split over the rest). 1: every device holds every expert whole.
+  c.model_parallel = 1
   c.baseline = "expert"  # b_k: the domain's own expert's cross-entropy ("none": 0)
   c.uncertainty = "simplex"  # Λ: "simplex", "box" or "kl_ball"
   c.box_lo = 0.05  # box Λ: every λ_k ≥ box_lo

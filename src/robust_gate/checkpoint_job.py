@@ -10,8 +10,9 @@ What it does, reusing the main job's machinery (robust_gate.phases, scoring, eva
 1. loads the checkpoints (robust_gate.hf; refused unless they share a tokenizer) and
    the text, encoded with that tokenizer and split deterministically
    (robust_gate.checkpoint_data);
-2. scores validation and test with every expert once (the caches, `scoring.score`),
-   and fits the robust gate, the ERM gate and the best response to λ̄
+2. scores validation and test with every expert once (the caches, `scoring.score`;
+   with `config.model_parallel` > 1, each expert's parameters split over that many
+   devices, `score`), and fits the robust gate, the ERM gate and the best response to λ̄
    (`phases.train_gates`: checkpoints, resume, spec checks);
 3. distills the robust gated model into a student of the experts' own family and
    shape, started from the expert of the domain with the largest λ̄
@@ -28,11 +29,13 @@ Experts are the domains: expert k is domain k's (its b_k, with the default basel
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from robust_gate import (
   checkpoint_data,
@@ -41,15 +44,18 @@ from robust_gate import (
   experts,
   files,
   models,
+  parallel,
   phases,
   provenance,
   scoring,
+  shards,
   workdirs,
 )
 from robust_gate import hf as hf_lib
 from robust_gate import train as train_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError
+from robust_gate.data import DomainData
 from robust_gate.records import Caches, Experts, Gate, Gates, Splits
 
 STUDENT_DIR = "student_hf"
@@ -84,9 +90,24 @@ def text_data(config) -> checkpoint_data.TextData:
   return checkpoint_data.TextData(files_by_domain, d.max_len, d.validation, d.test, d.split_by)
 
 
+def model_mesh(config) -> Mesh | None:
+  """The data × model mesh of `config.model_parallel` (absent: 1), or None for 1: the
+  main job's data parallelism, parameters whole on every device."""
+  model_parallel = config.get("model_parallel", 1)
+  if model_parallel == 1:
+    return None
+  try:
+    return hf_lib.sharding.mesh(model_parallel)
+  except InputError as e:
+    raise InputError(f"config.{e}") from None
+
+
 def load_experts(config) -> dict[str, hf_lib.Model]:
-  """The checkpoints by domain (one tokenizer), checked against the sequence length."""
-  loaded = hf_lib.load_models(expert_paths(config), config.dtype)
+  """The checkpoints by domain (one tokenizer), checked against the sequence length;
+  with `config.model_parallel` > 1 split over the model axis as they are read."""
+  mesh = model_mesh(config)
+  place = None if mesh is None else hf_lib.sharding.placer(mesh)
+  loaded = hf_lib.load_models(expert_paths(config), config.dtype, place)
   for name, m in loaded.items():
     if isinstance(m.config, hf_lib.gpt2.Config) and m.config.max_len < config.data.max_len:
       raise InputError(
@@ -102,6 +123,63 @@ def experts_record(loaded: dict[str, hf_lib.Model]) -> Experts:
   the main job's phases that build such models (none here) would read it."""
   return Experts(
     lm_cfg=cast(models.LMConfig, None), params=loaded, group=hf_lib.expert_group(loaded)
+  )
+
+
+def score(config, workdir: str, splits: Splits, record: Experts, log=print) -> Caches:
+  """`scoring.score` (the caches, b_k, validation's two parts). With model_parallel > 1
+  the caches are first written by `hf.sharding.score`, where and as `scoring.score`
+  keeps them (the same fingerprint; one file, or row shards over
+  `config.device_budget_bytes`), so it reads them instead of scoring with the
+  parameters whole on every device."""
+  mesh = model_mesh(config)
+  if mesh is not None:
+    loaded = cast(dict[str, hf_lib.Model], record.params)
+    for split in ("validation", "test"):
+      stem = os.path.join(workdir, f"cache_{split}")
+      d = getattr(splits, split)
+      write_sharded_cache(
+        stem, loaded, record.group, d, mesh, config.get("device_budget_bytes"), log
+      )
+  return scoring.score(config, workdir, splits, record, log)
+
+
+def write_sharded_cache(
+  stem: str,
+  loaded: Mapping[str, hf_lib.Model],
+  group: experts.Expert,
+  d: DomainData,
+  mesh: Mesh,
+  budget_bytes: int | None,
+  log,
+) -> None:
+  """The cache `experts.stored_scores(stem, [group], d)` reads, scored with split
+  parameters: `stem`.npz when it fits `budget_bytes` (None: any), else row shards in
+  `stem`/. A valid one is kept; a damaged one is announced and scored again; one of
+  other data or experts is left for `scoring.score` to refuse."""
+  fingerprint = experts.cache_fingerprint(d, [group])
+  M = len(loaded)
+  if budget_bytes is None or experts.cache_bytes(d, [group]) <= budget_bytes:
+    path = f"{stem}.npz"
+    parallel.sync(f"cache {path}")  # every process takes the same branch
+    if os.path.exists(path):
+      try:
+        experts.load_cache(path, fingerprint, d, M)
+        return
+      except experts.DamagedCacheError as e:
+        log(f"cache {path} is damaged ({e}); rebuilding it.")
+    experts.save_cache(path, hf_lib.sharding.score(loaded, d, mesh), fingerprint)
+    return
+  N, T = d.inputs_NxT.shape
+  shards.build(
+    stem,
+    fingerprint=fingerprint,
+    shape=(N, T, M),
+    dtype=np.float32,
+    shard_rows=shards.rows_per_shard(T * M * 4),  # experts.sharded_scores' layout
+    compute=lambda lo, hi: hf_lib.sharding.score(loaded, d.subset(np.arange(lo, hi)), mesh),
+    log=log,
+    name=f"cache {stem}",
   )
 
 
@@ -167,8 +245,11 @@ def _uniform_mixture(cache_NxTxM) -> np.ndarray:
   return evaluate.fixed_gate_logprobs(uniform, np.asarray(cache_NxTxM))
 
 
-def scores_on_test(caches: Caches, gates: Gates, student: hf_lib.Model, baseline: str):
-  """Every method's per-sequence NLL on test (`evaluate.SequenceScores`), and gate usage."""
+def scores_on_test(
+  caches: Caches, gates: Gates, student: hf_lib.Model, baseline: str, mesh: Mesh | None = None
+):
+  """Every method's per-sequence NLL on test (`evaluate.SequenceScores`), and gate usage;
+  the student scored with its parameters split over `mesh` (None: whole)."""
   te, cache = caches.test.data, caches.test.cache_NxTxM
   nll_N, use = {}, {}
   for name, gate in gates.items():
@@ -177,7 +258,10 @@ def scores_on_test(caches: Caches, gates: Gates, student: hf_lib.Model, baseline
   nll_N["uniform_mixture"] = evaluate.sequence_nll(_uniform_mixture(cache), te)
   for j, d in enumerate(te.domains):
     nll_N[f"expert:{d}"] = evaluate.sequence_nll(cache[..., j], te)
-  student_NxT = experts.build_cache([hf_lib.expert(student, "student")], te)[..., 0]
+  if mesh is None:
+    student_NxT = experts.build_cache([hf_lib.expert(student, "student")], te)[..., 0]
+  else:
+    student_NxT = hf_lib.sharding.score({"student": student}, te, mesh)[..., 0]
   nll_N["student"] = evaluate.sequence_nll(student_NxT, te)
   own_NxT = np.take_along_axis(np.asarray(cache), te.domain_N[:, None, None], axis=-1)[..., 0]
   scores = evaluate.SequenceScores(
@@ -208,18 +292,29 @@ def run(config, workdir: str, log=print, warm_start=None) -> Outcome:
     f"sequences train {splits.train.counts().tolist()}, validation "
     f"{splits.validation.counts().tolist()}, test {splits.test.counts().tolist()}"
   )
-  caches = scoring.score(config, workdir, splits, experts_record(loaded), log)
+  mesh = model_mesh(config)
+  if mesh is not None:
+    params = [m.params for m in loaded.values()]
+    total = sum(a.nbytes for a in jax.tree.leaves(params))
+    log(
+      f"experts' parameters ({total} bytes) split over the mesh {dict(mesh.shape)}: "
+      f"{max(hf_lib.sharding.device_bytes(params).values())} bytes on the fullest device"
+    )
+  caches = score(config, workdir, splits, experts_record(loaded), log)
   run_game = _runner(config, workdir, log)
   if warm_start is not None:
     inner = run_game
     run_game = lambda g: inner(warm_start(g) if g.name == "robust_gate" else g)
   gates = phases.train_gates(config, caches, run_game)
+  # The teacher's parameters reach its compiled step whole on every device
+  # (closures.hoist); split ones are gathered first, so the step sees one mesh.
+  teachers = loaded if mesh is None else parallel.replicate(loaded)
   student, init_from = distill_student(
-    config, splits, loaded, caches, gates.robust_gate, _runner(config, workdir, log)
+    config, splits, teachers, caches, gates.robust_gate, _runner(config, workdir, log)
   )
   student_dir = hf_lib.export.save(student, os.path.join(workdir, STUDENT_DIR))
   log(f"student ({student.family}, from expert {domains[init_from]!r}) exported to {student_dir}")
-  scores, use = scores_on_test(caches, gates, student, config.baseline)
+  scores, use = scores_on_test(caches, gates, student, config.baseline, mesh)
   lam_bar_K = gates.robust_gate.state.lam_avg_K
   on_test = evaluate.results_on_test(scores, lam_bar_K, uncertainty, config.seed)
   results = {

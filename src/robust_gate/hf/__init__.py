@@ -7,7 +7,8 @@
 
 No PyTorch: the forward passes are written here from the architectures'
 definitions, the weights read with safetensors' numpy API. `export.save(model, dir)` writes a
-model back as a checkpoint transformers loads (the distilled student, for one).
+model back as a checkpoint transformers loads (the distilled student, for one);
+`sharding` splits experts larger than a device over a mesh's model axis.
 """
 
 from robust_gate.hf import (
@@ -15,6 +16,7 @@ from robust_gate.hf import (
   export,
   gpt2,
   llama,
+  sharding,
   tokenizer,
 )
 from robust_gate.hf.model import (
@@ -48,6 +50,7 @@ __all__ = [
   "load_experts",
   "load_models",
   "next_token_logprobs",
+  "sharding",
   "token_logprobs",
   "tokenizer",
 ]

@@ -11,7 +11,7 @@ them unless they share a tokenizer.
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 
 import jax
@@ -24,6 +24,14 @@ from robust_gate.hf import tokenizer as tokenizer_lib
 
 FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama}  # by config.json's model_type
 DTYPES = ("float32", "bfloat16")
+
+# Puts a family's host (numpy) parameters on devices: by default whole on the default
+# device; robust_gate.hf.sharding.placer splits them over a mesh's model axis.
+Place = Callable[[dict], dict]
+
+
+def _on_default_device(params: dict) -> dict:
+  return jax.tree.map(jnp.asarray, params)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,9 +48,11 @@ jax.tree_util.register_dataclass(
 )
 
 
-def load(path: str, dtype: str = "float32") -> Model:
+def load(path: str, dtype: str = "float32", place: Place | None = None) -> Model:
   """The checkpoint in directory `path`, parameters cast to `dtype` (float32, or
-  bfloat16 for accelerators: half the memory, matmuls at bfloat16 precision)."""
+  bfloat16 for accelerators: half the memory, matmuls at bfloat16 precision) and put
+  on devices by `place` (None: whole on the default device). The parameters go from
+  the host to their devices directly, so a model split by `place` is never whole on one."""
   if dtype not in DTYPES:
     raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
   raw = checkpoint.read_config(path)
@@ -60,7 +70,7 @@ def load(path: str, dtype: str = "float32") -> Model:
       f"checkpoint {path}: its tokenizer has {tok.size} tokens, its model {config.vocab_size}."
     )
   params = checkpoint.read_params(path, family.spec(config), jnp.dtype(dtype))
-  return Model(jax.tree.map(jnp.asarray, params), model_type, config, tok, path)
+  return Model((place or _on_default_device)(params), model_type, config, tok, path)
 
 
 def _checkpoint_ids(data_ids, eos_id: int, zero_as: int) -> jax.Array:
@@ -140,11 +150,14 @@ def load_expert(path: str, name: str, dtype: str = "float32") -> experts.Expert:
   return expert(load(path, dtype), name)
 
 
-def load_models(paths: Mapping[str, str], dtype: str = "float32") -> dict[str, Model]:
-  """Checkpoints by expert name; InputError unless they share one tokenizer."""
+def load_models(
+  paths: Mapping[str, str], dtype: str = "float32", place: Place | None = None
+) -> dict[str, Model]:
+  """Checkpoints by expert name, each put on devices by `place` (`load`); InputError
+  unless they share one tokenizer."""
   if not paths:
     raise InputError("no checkpoints given.")
-  loaded = {name: load(path, dtype) for name, path in paths.items()}
+  loaded = {name: load(path, dtype, place) for name, path in paths.items()}
   tokenizer_lib.check_same({name: m.tokenizer for name, m in loaded.items()})
   return loaded
 
