@@ -263,6 +263,31 @@ def test_sampling_from_a_checkpoint(loaded):
   )
 
 
+def test_the_gated_model_samples_token_by_token_from_checkpoint_experts():
+  """Sampling from the gated mixture of a GPT-2 and a Llama checkpoint: its next-token
+  distributions are the gate's mixture of the experts' (normalized), and the draws are
+  sequences of the shared tokenizer that decode."""
+  paths = {"gpt2": str(FIXTURES / "gpt2"), "llama": str(FIXTURES / "llama_untied")}
+  ckpts = list(hf.load_models(paths).values())
+  V = ckpts[0].config.vocab_size
+  gate_cfg = models.GateConfig(num_experts=2, vocab_size=V, max_len=8, pos_embed=4)
+  gate_params = models.init_gate(gate_cfg, jax.random.PRNGKey(0))
+  next_fn = sampling.checkpoint_gated_next_fn(ckpts, gate_cfg, gate_params)
+  tokens_BxT, mask_BxT = jax.jit(lambda k: sampling.sample(next_fn, k, 4, 8))(jax.random.key(1))
+  assert np.all((tokens_BxT >= 0) & (tokens_BxT < V)) and mask_BxT[:, 0].all()
+  assert all(
+    isinstance(hf.tokenizer.decode(ckpts[0].tokenizer, t, m), str)
+    for t, m in zip(tokens_BxT, mask_BxT)
+  )
+  inputs_BxT = jnp.concatenate([jnp.zeros((4, 1), jnp.int32), tokens_BxT[:, :-1]], axis=1)
+  mixture_BxTxV = next_fn(inputs_BxT)
+  np.testing.assert_allclose(jax.nn.logsumexp(mixture_BxTxV, -1), 0.0, atol=1e-5)
+  experts_BxTxMxV = jnp.stack([hf.next_token_logprobs(m, inputs_BxT) for m in ckpts], 2)
+  # A mixture's probability of every token lies between the experts' lowest and highest.
+  assert np.all(mixture_BxTxV <= experts_BxTxMxV.max(2) + 1e-5)
+  assert np.all(mixture_BxTxV >= experts_BxTxMxV.min(2) - 1e-5)
+
+
 def test_fingerprints_tell_models_and_dtypes_apart(loaded):
   prints = {hf.fingerprint(m) for m in loaded.values()}
   prints.add(hf.fingerprint(hf.load(str(FIXTURES / "gpt2"), dtype="bfloat16")))

@@ -12,13 +12,14 @@ sample of a sequence-level gate's normalizer (docs/math.md §2.2).
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_gate import gating, models
+from robust_gate import gating, hf, models
 from robust_gate.checks import InputError
 from robust_gate.data import DomainData
 
@@ -81,11 +82,34 @@ def gated_next_fn(
 ) -> Callable:
   """The causal gated mixture: experts' distributions, gate from prefix likelihoods."""
 
-  def next_fn(inputs_BxT):
+  def experts_next_fn(inputs_BxT):
     logp_MxBxTxV = jax.vmap(models.next_token_logprobs, in_axes=(None, 0, None))(
       lm_cfg, expert_params_M, inputs_BxT
     )
-    logp_BxTxMxV = jnp.moveaxis(logp_MxBxTxV, 0, 2)
+    return jnp.moveaxis(logp_MxBxTxV, 0, 2)
+
+  return mixture_next_fn(experts_next_fn, gate_cfg, gate_params)
+
+
+def checkpoint_gated_next_fn(
+  checkpoints: Sequence[Any], gate_cfg: models.GateConfig, gate_params
+) -> Callable:
+  """The causal gated mixture over checkpoint experts (robust_gate.hf Models, in the
+  gate's expert order), to sample token by token with `sample`."""
+
+  def experts_next_fn(inputs_BxT):
+    return jnp.stack([hf.next_token_logprobs(m, inputs_BxT) for m in checkpoints], axis=2)
+
+  return mixture_next_fn(experts_next_fn, gate_cfg, gate_params)
+
+
+def mixture_next_fn(experts_next_fn: Callable, gate_cfg: models.GateConfig, gate_params):
+  """The causal gated mixture of any experts, given their next-token log-distributions
+  `experts_next_fn(inputs_BxT) -> [B, T, M, V]`: the gate reads the prefix likelihoods
+  of the inputs, which are the targets shifted by one."""
+
+  def next_fn(inputs_BxT):
+    logp_BxTxMxV = experts_next_fn(inputs_BxT)
     # The token after position t is inputs[t + 1]; the last position has none yet.
     nxt = jnp.concatenate([inputs_BxT[:, 1:], jnp.zeros_like(inputs_BxT[:, :1])], 1)
     observed = jnp.take_along_axis(logp_BxTxMxV, nxt[:, :, None, None], -1)[..., 0]
