@@ -15,8 +15,12 @@ configs=("$@")
 # Most telling first, so a run cut short by a time limit has them.
 experiments=(convergence ema prune mixtures prior gate_size extend conflict)
 # Experiments of some configs only, after the shared ones: the sequence-level gate on the
-# Markov chains and digits (docs/math.md §2.2).
-declare -A only=([synthetic]="sequence_gate" [digits]="sequence_gate")
+# Markov chains and digits (docs/math.md §2.2); students of 1×, 2× and 4× an expert on the
+# source files (docs/math.md §5).
+declare -A only=(
+  [synthetic]="sequence_gate" [digits]="sequence_gate"
+  [source_small]="student_size" [source_h200]="student_size"
+)
 cd "$(dirname "$0")/.."
 mkdir -p "$root"
 # The chains compile many identical programs (a gate game per experiment point):

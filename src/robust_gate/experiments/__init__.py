@@ -26,6 +26,8 @@ numbers are outcomes, never used to choose.
   convergence  the duality gap over training: constant, decreasing and optimistic dual steps
   sequence_gate  a sequence-level gate (Z_w from expert samples) against the causal gate,
                and distilled into a causal gate
+  student_size students of 1×, 2×, 4× an expert distilled from the robust gate on the data
+               source validation picks (train, held-out, teacher samples): gap to the teacher
 """
 
 from collections.abc import Callable
@@ -41,6 +43,7 @@ from robust_gate.experiments import (
   prior,
   prune,
   sequence_gate,
+  student_size,
 )
 
 EXPERIMENTS: dict[str, Callable[..., dict]] = {
@@ -54,4 +57,5 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
   "ema": ema.run,
   "convergence": convergence.run,
   "sequence_gate": sequence_gate.run,
+  "student_size": student_size.run,
 }

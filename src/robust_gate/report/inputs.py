@@ -25,6 +25,7 @@ EXPERIMENT_ORDER = (
   "ema",
   "convergence",
   "sequence_gate",
+  "student_size",
 )
 # Keys that are metadata of a JSON, not its body.
 META_KEYS = ("provenance", INPUTS_KEY, "experiment")
