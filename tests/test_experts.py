@@ -83,7 +83,7 @@ def test_bad_experts_are_clear_errors():
 
 def test_parameters_that_do_not_match_the_architecture_are_refused():
   cfg = models.LMConfig(vocab_size=V, max_len=6, d_model=8, num_layers=1, num_heads=2, d_ff=16)
-  params = models.init_stacked_lm(cfg, jax.random.PRNGKey(0), 2)
+  params = jax.jit(lambda key: models.init_stacked_lm(cfg, key, 2))(jax.random.PRNGKey(0))
   experts.transformer_experts(cfg, params, ["a", "b"])  # matches
   wide = dataclasses.replace(cfg, d_model=16)
   with pytest.raises(InputError, match="do not match the architecture"):

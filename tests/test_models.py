@@ -12,18 +12,30 @@ from robust_gate.checks import InputError
 CFG = models.LMConfig(vocab_size=11, max_len=8, d_model=16, num_layers=2, num_heads=2, d_ff=32)
 
 
+def _jit(fn, *static):
+  """fn jitted whole, its first len(static) arguments bound (configs are static): run op
+  by op, each test compiled hundreds of small programs."""
+  return jax.jit(lambda *args: fn(*static, *args))
+
+
+_init_lm = _jit(models.init_lm, CFG)
+_init_stacked_lm = jax.jit(lambda key: models.init_stacked_lm(CFG, key, 3))
+_next_token_logprobs = _jit(models.next_token_logprobs, CFG)
+_stacked_token_logprobs = _jit(models.stacked_token_logprobs, CFG)
+
+
 def _tokens(key, B=3):
   return jax.random.randint(key, (B, CFG.max_len), 0, CFG.vocab_size)
 
 
 def test_next_token_distributions_are_normalized_and_causal():
-  params = models.init_lm(CFG, jax.random.PRNGKey(0))
+  params = _init_lm(jax.random.PRNGKey(0))
   x = _tokens(jax.random.PRNGKey(1))
-  logp = models.next_token_logprobs(CFG, params, x)
+  logp = _next_token_logprobs(params, x)
   np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, atol=1e-5)
   # Changing token 5 leaves the distributions at positions < 5 unchanged.
   x2 = x.at[:, 5].set((x[:, 5] + 1) % CFG.vocab_size)
-  logp2 = models.next_token_logprobs(CFG, params, x2)
+  logp2 = _next_token_logprobs(params, x2)
   np.testing.assert_allclose(logp[:, :5], logp2[:, :5], atol=1e-6)
   assert not np.allclose(logp[:, 5:], logp2[:, 5:])
 
@@ -58,52 +70,58 @@ def _reference_lm(params, x_BxT):
 def test_transformer_equals_a_plain_reference_in_value_and_gradient():
   """One-hot embedding, q/k/v as three products of one kernel and rematerialized GELU
   (speed, BUILD_NOTES.md) compute the plain transformer on the same parameters."""
-  params = models.init_lm(CFG, jax.random.PRNGKey(0))
+  params = _init_lm(jax.random.PRNGKey(0))
   assert params["params"]["_Block_0"]["Dense_0"]["kernel"].shape == (16, 48)
   x = _tokens(jax.random.PRNGKey(1))
-  got = models.TransformerLM(CFG).apply(params, x)
-  np.testing.assert_allclose(got, _reference_lm(params, x), atol=1e-5)
+  got = jax.jit(models.TransformerLM(CFG).apply)(params, x)
+  np.testing.assert_allclose(got, jax.jit(_reference_lm)(params, x), atol=1e-5)
   loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p)))
-  g = jax.grad(loss(lambda p: models.TransformerLM(CFG).apply(p, x)))(params)
-  g_ref = jax.grad(loss(lambda p: _reference_lm(p, x)))(params)
+  g = jax.jit(jax.grad(loss(lambda p: models.TransformerLM(CFG).apply(p, x))))(params)
+  g_ref = jax.jit(jax.grad(loss(lambda p: _reference_lm(p, x))))(params)
   jax.tree_util.tree_map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref
   )
 
 
 def test_stacked_experts_equal_individual_ones():
-  params = models.init_stacked_lm(CFG, jax.random.PRNGKey(0), 3)
+  params = _init_stacked_lm(jax.random.PRNGKey(0))
   x, y = _tokens(jax.random.PRNGKey(1)), _tokens(jax.random.PRNGKey(2))
-  stacked = models.stacked_token_logprobs(CFG, params, x, y)
+  stacked = _stacked_token_logprobs(params, x, y)
+  token_logprobs = _jit(models.token_logprobs, CFG)
   for j in range(3):
     one = jax.tree_util.tree_map(lambda a, j=j: a[j], params)
-    np.testing.assert_allclose(stacked[..., j], models.token_logprobs(CFG, one, x, y), atol=1e-6)
+    np.testing.assert_allclose(stacked[..., j], token_logprobs(one, x, y), atol=1e-6)
 
 
 def test_gated_transformer_experts_are_normalized():
   """The causal gate over real experts: every conditional sums to 1 (G_1)."""
   M = 3
-  params = models.init_stacked_lm(CFG, jax.random.PRNGKey(0), M)
   gate_cfg = models.GateConfig(
     num_experts=M, vocab_size=CFG.vocab_size, max_len=CFG.max_len, token_embed=4
   )
-  gate_params = models.init_gate(gate_cfg, jax.random.PRNGKey(3))
-  gate_params = jax.tree_util.tree_map(  # non-trivial gate weights
-    lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(4), a.shape), gate_params
-  )
+
+  params = _init_stacked_lm(jax.random.PRNGKey(0))
   x = _tokens(jax.random.PRNGKey(1))
   y = jnp.concatenate([x[:, 1:], jnp.zeros((3, 1), x.dtype)], axis=1)
-  mask = jnp.ones(x.shape, bool)
   logp_BxTxMxV = jnp.stack(
     [
-      models.next_token_logprobs(CFG, jax.tree_util.tree_map(lambda a, j=j: a[j], params), x)
-      for j in range(M)
+      _next_token_logprobs(jax.tree_util.tree_map(lambda a, j=j: a[j], params), x) for j in range(M)
     ],
     axis=2,
   )
-  observed = models.stacked_token_logprobs(CFG, params, x, y)
-  log_gate = models.gate_log_weights(gate_cfg, gate_params, x, models.prefix_loglik(observed, mask))
-  mix = gating.causal_mixture_next_token(log_gate, logp_BxTxMxV)
+  observed = _stacked_token_logprobs(params, x, y)
+
+  @jax.jit
+  def mixture(observed, logp_BxTxMxV):
+    gate_params = models.init_gate(gate_cfg, jax.random.PRNGKey(3))
+    gate_params = jax.tree_util.tree_map(  # non-trivial gate weights
+      lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(4), a.shape), gate_params
+    )
+    prefix = models.prefix_loglik(observed, jnp.ones(x.shape, bool))
+    log_gate = models.gate_log_weights(gate_cfg, gate_params, x, prefix)
+    return gating.causal_mixture_next_token(log_gate, logp_BxTxMxV), log_gate
+
+  mix, log_gate = mixture(observed, logp_BxTxMxV)
   np.testing.assert_allclose(jnp.exp(mix).sum(-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(jnp.exp(log_gate).sum(-1), 1.0, atol=1e-5)
 
@@ -114,20 +132,21 @@ def test_gate_starts_at_the_uniform_prior_posterior_gate():
   logp = logp.at[0, 2, 1].set(-jnp.inf)  # expert 1 missed a token: weight 0 after it
   mask = jnp.ones((B, T), bool)
   cfg = models.GateConfig(num_experts=M, vocab_size=5, max_len=T)
-  params = models.init_gate(cfg, jax.random.PRNGKey(1))
-  prefix = models.prefix_loglik(logp, mask)
-  log_gate = models.gate_log_weights(cfg, params, jnp.zeros((B, T), jnp.int32), prefix)
+  params = _jit(models.init_gate, cfg)(jax.random.PRNGKey(1))
+  prefix = _jit(models.prefix_loglik)(logp, mask)
+  log_gate = _jit(models.gate_log_weights, cfg)(params, jnp.zeros((B, T), jnp.int32), prefix)
   expected = gating.posterior_log_gate(jnp.zeros(M), prefix.reshape(-1, M)).reshape(B, T, M)
   np.testing.assert_allclose(jnp.exp(log_gate), jnp.exp(expected), atol=1e-6)
   assert float(jnp.exp(log_gate[0, 3, 1])) == 0.0
 
+  @jax.jit
   def grad(prefix):
     return jax.grad(
       lambda p: models.gate_log_weights(cfg, p, jnp.zeros((B, T), jnp.int32), prefix)[..., 0].sum()
     )(params)
 
   # The -inf gives the gradient a vanishing weight gives (e^-1e4 is 0 in float32), not NaN.
-  finite_prefix = models.prefix_loglik(logp.at[0, 2, 1].set(-1e4), mask)
+  finite_prefix = _jit(models.prefix_loglik)(logp.at[0, 2, 1].set(-1e4), mask)
   jax.tree_util.tree_map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=F32_RTOL, atol=1e-7),
     grad(prefix),
@@ -151,13 +170,12 @@ def test_bad_model_config(kwargs, match):
 def test_bfloat16_compute_keeps_float32_weights_and_normalized_outputs():
   cfg32 = models.LMConfig(vocab_size=11, max_len=9, d_model=32, num_layers=2, num_heads=4, d_ff=64)
   cfg16 = models.LMConfig(**{**dataclasses.asdict(cfg32), "dtype": "bfloat16"})
-  params = models.init_lm(cfg32, jax.random.PRNGKey(0))
-  assert (
-    models.init_lm(cfg16, jax.random.PRNGKey(0))["params"]["Dense_0"]["kernel"].dtype == jnp.float32
-  )  # master weights
+  params = _jit(models.init_lm, cfg32)(jax.random.PRNGKey(0))
+  params16 = jax.eval_shape(lambda: models.init_lm(cfg16, jax.random.PRNGKey(0)))
+  assert params16["params"]["Dense_0"]["kernel"].dtype == jnp.float32  # master weights
   x = jax.random.randint(jax.random.PRNGKey(1), (4, 9), 0, 11)
-  lp32 = models.next_token_logprobs(cfg32, params, x)
-  lp16 = models.next_token_logprobs(cfg16, params, x)
+  lp32 = _jit(models.next_token_logprobs, cfg32)(params, x)
+  lp16 = _jit(models.next_token_logprobs, cfg16)(params, x)
   assert lp16.dtype == jnp.float32
   np.testing.assert_allclose(jnp.exp(lp16).sum(-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(lp16, lp32, atol=0.05)  # bf16 rounding, same model

@@ -1,18 +1,19 @@
-"""End-to-end: the main job and every phase launcher on a tiny config.
+"""End-to-end: the main job on a tiny config, rerun, over its device budget, refused.
 
-Also the kill-and-resume guarantee: a run SIGKILLed at any moment and started
-again with the same command ends with the same results (bitwise on CPU). The kills
-are deterministic: run as a script, this file is a launcher that SIGKILLs itself at
-a named point of a named model's training (`_kill_self_at`).
+The rest of the end-to-end tests, in files of their own so that pytest-xdist runs them
+beside these: every phase launcher and the kill-and-resume guarantee
+(test_pipeline_resume.py), 8 devices (test_pipeline_devices.py), 2 processes
+(test_pipeline_processes.py). A run SIGKILLed at any moment and started again with the
+same command ends with the same results (bitwise on CPU); the kills are deterministic:
+run as a script, this file is a launcher that SIGKILLs itself at a named point of a
+named model's training (`_kill_self_at`).
 """
 
 import json
 import os
-import re
 import runpy
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -72,10 +73,14 @@ ENV = {
 }
 
 
-def _main(workdir, *overrides, launcher="main"):
+def run_main(workdir, *overrides, launcher="main"):
+  """A launcher (the main job unless told) on the tiny config, in a process of its own."""
   return subprocess.run(
     _command(workdir, launcher, *overrides), capture_output=True, text=True, timeout=600, env=ENV
   )
+
+
+_main = run_main
 
 
 def _results(workdir):
@@ -87,16 +92,14 @@ def _results(workdir):
   return r
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("tiny")
-  out = _main(workdir)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return workdir, out
+@pytest.fixture
+def tiny_run(finished_tiny_job):
+  """(workdir, stdout) of the finished tiny main job every file shares (conftest.py)."""
+  return finished_tiny_job
 
 
 def test_main_job_writes_results_plots_and_table(tiny_run):
-  workdir, out = tiny_run
+  workdir, stdout = tiny_run
   r = json.loads((workdir / "results.json").read_text())
   assert r["units"] == "bits/token" and r["baseline"] == "entropy"
   domains = r["domains"]
@@ -133,12 +136,12 @@ def test_main_job_writes_results_plots_and_table(tiny_run):
   assert r["modular_overhead"] == pytest.approx(
     (seconds["caches"] + seconds["robust_gate"]) / seconds["experts"]
   )
-  assert "robust_gate" in out.stdout and "worst" in out.stdout
-  assert "steps/s" in out.stdout and "ETA" in out.stdout
+  assert "robust_gate" in stdout and "worst" in stdout
+  assert "steps/s" in stdout and "ETA" in stdout
 
 
-def test_rerun_resumes_everything_and_refuses_another_config(tiny_run):
-  workdir, _first = tiny_run
+def test_rerun_resumes_everything_and_refuses_another_config(tiny_run, tmp_path):
+  workdir = shutil.copytree(tiny_run[0], tmp_path / "workdir")  # times kept: copy2
   stamp = os.path.getmtime(workdir / "cache_test.npz")
   before = _results(workdir)
   timed = json.loads((workdir / "results.json").read_text())["seconds_per_model"]
@@ -169,16 +172,6 @@ def test_a_job_over_its_device_budget_streams_to_the_same_results(tiny_run, tmp_
   assert out.returncode == 0, out.stderr[-3000:]
   assert "stream from the host" in out.stdout
   assert (tmp_path / "cache_test").is_dir() and not (tmp_path / "cache_test.npz").exists()
-  assert _results(tmp_path) == _results(tiny_run[0])
-
-
-def test_phase_launchers_one_by_one_match_the_main_job(tiny_run, tmp_path):
-  out = _main(tmp_path, launcher="train_gate")  # before its inputs exist
-  assert out.returncode != 0 and "Traceback" not in out.stderr
-  assert "experts: nothing trained" in out.stderr and "run its phase first" in out.stderr
-  for phase in PHASES:
-    out = _main(tmp_path, launcher=phase)
-    assert out.returncode == 0, (phase, out.stderr[-3000:])
   assert _results(tmp_path) == _results(tiny_run[0])
 
 
@@ -252,31 +245,6 @@ def _saved(workdir, model):
   return steps, json.loads(lines[-1])["step"]
 
 
-def test_killed_at_any_moment_resumes_to_the_same_results(tiny_run, tmp_path):
-  """SIGKILLed three times (a checkpoint's metric lines written but not the checkpoint;
-  right after a checkpoint; a chunk computed and nothing saved), each time started
-  again; the run that finishes reports what the uninterrupted one did."""
-  run = lambda *command: subprocess.run(
-    command, capture_output=True, text=True, timeout=600, env=ENV
-  )
-  out = run(*_killed(tmp_path, "experts", 20, "before_checkpoint"))
-  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-  assert _saved(tmp_path, "experts") == ([10], 20)  # metric lines ahead of the checkpoint
-  out = run(*_killed(tmp_path, "robust_gate", 20, "after_save"))
-  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-  assert "experts: resumed at step 10" in out.stdout and "experts: step 30/30" in out.stdout
-  assert _saved(tmp_path, "experts") == ([20, 30], 30)  # the torn lines 11–20 replaced
-  assert _saved(tmp_path, "robust_gate") == ([10, 20], 20)
-  out = run(*_killed(tmp_path, "monolithic_dro", 20, "before_save"))
-  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-  assert "robust_gate: resumed at step 20" in out.stdout
-  assert _saved(tmp_path, "monolithic_dro") == ([10], 10)
-  out = _main(tmp_path)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "monolithic_dro: resumed at step 10" in out.stdout
-  assert _results(tmp_path) == _results(tiny_run[0])
-
-
 def test_bad_config_is_a_clear_error(tmp_path):
   out = _main(tmp_path, "--config.baseline=oracle")
   assert out.returncode != 0 and "unknown config.baseline 'oracle'" in out.stderr
@@ -299,54 +267,6 @@ def _assert_same_results(one, eight):
       )
   for name, use in one["gate_usage"].items():
     np.testing.assert_allclose(eight["gate_usage"][name], use, rtol=1e-5, atol=1e-6)
-
-
-def test_eight_devices_match_one(tiny_run, tmp_path):
-  """Every phase data-parallel on 8 simulated CPU devices = the 1-device run."""
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  out = subprocess.run(_command(tmp_path), capture_output=True, text=True, timeout=600, env=env)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "train_experts: 8 cpu device(s)" in out.stdout
-  _assert_same_results(_results(tiny_run[0]), _results(tmp_path))
-
-
-def _two_processes(workdir, logs, env, kill=None):
-  """The main job as 2 processes (each with its own devices); each one's stdout and
-  stderr go to logs/<id>.out, .err. With kill=(model, step, point), both die there."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  logs.mkdir(parents=True)
-  procs = []
-  for i in (0, 1):  # each child keeps its own copy of the log files open
-    with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
-      args = (f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}")
-      command = _killed(workdir, *kill, *args) if kill else _command(workdir, "main", *args)
-      procs.append(subprocess.Popen(command, stdout=out, stderr=err, env=env))
-  return procs
-
-
-def test_two_processes_killed_and_resumed_match_one(tiny_run, tmp_path):
-  """2 processes × 4 CPU devices each, both SIGKILLed in the gate phase and started
-  again = the 1-device run, every number; process 0 alone writes and prints."""
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  two = tmp_path / "two"
-  procs = _two_processes(two, tmp_path / "killed", env, kill=("robust_gate", 20, "after_save"))
-  for i, p in enumerate(procs):  # each dies once its checkpoint of step 20 is saved
-    assert p.wait(timeout=900) == -signal.SIGKILL, (tmp_path / "killed" / f"{i}.err").read_text()
-  assert _saved(two, "robust_gate") == ([10, 20], 20)
-  procs = _two_processes(two, tmp_path / "resumed", env)
-  for i, p in enumerate(procs):
-    assert p.wait(timeout=900) == 0, (tmp_path / "resumed" / f"{i}.err").read_text()[-3000:]
-  out0, out1 = ((tmp_path / "resumed" / f"{i}.out").read_text() for i in (0, 1))
-  assert "train_gate: 8 cpu device(s) in 2 process(es)" in out0
-  assert "robust_gate: resumed at step" in out0
-  # Process 1 prints nothing of its own: gloo's C++ connection messages aside, which
-  # its threads write unsynchronized (one can split another mid-line), so what must
-  # be left once every word of that message is removed is nothing.
-  gloo = r"\[Gloo\]|Rank|is connected to|peer ranks\.?|Expected number of connected|is :|\d+|\s"
-  assert not re.sub(gloo, "", out1), out1
-  _assert_same_results(_results(tiny_run[0]), _results(two))
 
 
 if __name__ == "__main__":  # python tests/test_pipeline.py MODEL STEP POINT LAUNCHER ARGS...

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from jax.experimental import multihost_utils
 from test_hostile import QUIET, ROOT, TINY, one_line, tiny
-from test_pipeline import ENV
 
 from robust_gate import checkpoints, cli, phases, pipeline, provenance, workdirs
 from robust_gate.checks import InputError
@@ -34,25 +33,10 @@ EVERYTHING_BUILT_FROM_EXPERTS = (
 )
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  """A finished tiny main job, never changed by the tests (launch/main.py, which finds
-  its programs compiled in the cache that test_pipeline.py's launchers share)."""
-  workdir = tmp_path_factory.mktemp("finished")
-  out = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "launch", "main.py"),
-      f"--workdir={workdir}",
-      f"--config={TINY}",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env=ENV,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  return workdir
+@pytest.fixture
+def finished(finished_tiny_job):
+  """The finished tiny main job every file shares (conftest.py), never changed here."""
+  return finished_tiny_job[0]
 
 
 def _copy(finished, tmp_path):
