@@ -6,6 +6,7 @@ pruning path chosen on validation, the EMA refit, weak duality along the game)."
 import copy
 import dataclasses
 import glob
+import importlib.util
 import itertools
 import json
 import math
@@ -407,3 +408,23 @@ def test_launcher_runs_an_experiment_by_name(tiny):
     timeout=300,
   )
   assert out.returncode != 0 and "--experiment" in out.stderr
+
+
+def test_launcher_settings_are_literals_for_experiments_that_take_them():
+  spec = importlib.util.spec_from_file_location(
+    "experiment_launcher", os.path.join(ROOT, "launch", "experiment.py")
+  )
+  launcher = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launcher)
+  pairs = ["steps=100", "sizes=(1.0, 2.0)", "sources=('train',)"]
+  assert launcher.settings(pairs, "student_size") == {
+    "steps": 100,
+    "sizes": (1.0, 2.0),
+    "sources": ("train",),
+  }
+  assert launcher.settings([], "mixtures") == {}
+  with pytest.raises(InputError, match="experiment mixtures takes no settings"):
+    launcher.settings(["steps=1"], "mixtures")
+  for bad in ("steps", "=3", "steps=a b"):
+    with pytest.raises(InputError, match="give NAME=VALUE"):
+      launcher.settings([bad], "student_size")
