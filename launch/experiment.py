@@ -11,15 +11,12 @@ provenance of the numbers) and .png. What an experiment trains it repeats over
 --config.experiment_seeds seeds (3 by default) and reports as mean ± sd.
 """
 
-import ast
-import inspect
 import os
 
 from absl import flags
 
 from robust_gate import cli
-from robust_gate.checks import InputError
-from robust_gate.experiments import EXPERIMENTS
+from robust_gate.experiments import EXPERIMENTS, parse_settings
 
 _EXPERIMENT = flags.DEFINE_enum(
   "experiment", None, list(EXPERIMENTS), "Which experiment to run.", required=True
@@ -32,27 +29,8 @@ _SETTINGS = flags.DEFINE_multi_string(
 )
 
 
-def settings(pairs: list[str], experiment: str) -> dict:
-  """--setting NAME=VALUE pairs as keyword arguments of the experiment's run; InputError
-  for a malformed pair or an experiment that takes no settings."""
-  if pairs and not any(
-    p.kind == p.VAR_KEYWORD for p in inspect.signature(EXPERIMENTS[experiment]).parameters.values()
-  ):
-    raise InputError(f"--setting: experiment {experiment} takes no settings.")
-  out = {}
-  for pair in pairs:
-    name, eq, value = pair.partition("=")
-    try:
-      out[name.strip()] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-      eq = ""
-    if not eq or not name.strip():
-      raise InputError(f"--setting={pair!r}: give NAME=VALUE with VALUE a Python literal.")
-  return out
-
-
 def run(config, workdir, log):
-  kwargs = settings(_SETTINGS.value, _EXPERIMENT.value)
+  kwargs = parse_settings(_SETTINGS.value, _EXPERIMENT.value)
   return EXPERIMENTS[_EXPERIMENT.value](config, workdir, log, **kwargs)
 
 

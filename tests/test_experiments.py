@@ -6,7 +6,6 @@ pruning path chosen on validation, the EMA refit, weak duality along the game)."
 import copy
 import dataclasses
 import glob
-import importlib.util
 import itertools
 import json
 import math
@@ -22,7 +21,16 @@ from tolerances import F32_RTOL
 
 from robust_gate import config_files, evaluate, models, pipeline, provenance, sampling
 from robust_gate.checks import InputError
-from robust_gate.experiments import EXPERIMENTS, common, convergence, extend, jsd, mixtures, prune
+from robust_gate.experiments import (
+  EXPERIMENTS,
+  common,
+  convergence,
+  extend,
+  jsd,
+  mixtures,
+  parse_settings,
+  prune,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "launch", "configs")
@@ -411,20 +419,15 @@ def test_launcher_runs_an_experiment_by_name(tiny):
 
 
 def test_launcher_settings_are_literals_for_experiments_that_take_them():
-  spec = importlib.util.spec_from_file_location(
-    "experiment_launcher", os.path.join(ROOT, "launch", "experiment.py")
-  )
-  launcher = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(launcher)
   pairs = ["steps=100", "sizes=(1.0, 2.0)", "sources=('train',)"]
-  assert launcher.settings(pairs, "student_size") == {
+  assert parse_settings(pairs, "student_size") == {
     "steps": 100,
     "sizes": (1.0, 2.0),
     "sources": ("train",),
   }
-  assert launcher.settings([], "mixtures") == {}
+  assert parse_settings([], "mixtures") == {}
   with pytest.raises(InputError, match="experiment mixtures takes no settings"):
-    launcher.settings(["steps=1"], "mixtures")
+    parse_settings(["steps=1"], "mixtures")
   for bad in ("steps", "=3", "steps=a b"):
     with pytest.raises(InputError, match="give NAME=VALUE"):
-      launcher.settings([bad], "student_size")
+      parse_settings([bad], "student_size")

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from robust_gate import config_files, data, models, pipeline, train
+from robust_gate import checkpoint_job, config_files, data, models, pipeline, train
 from robust_gate import dual as dual_lib
 from robust_gate.checks import InputError
 
@@ -79,7 +79,10 @@ def test_every_config_loads_and_is_valid(path):
   import wordfreq  # noqa: F401  the package, imported first: configs must not clash
 
   config = config_files.load(path)
-  if "data" in config:  # main-job configs
+  if "experts" in config:  # a checkpoint job's (launch/checkpoints.py)
+    assert checkpoint_job.expert_paths(config) and checkpoint_job.text_data(config).files
+    checkpoint_job.model_mesh(config)
+  elif "data" in config:  # main-job configs
     pipeline.check_config(config)
     models.LMConfig(
       vocab_size=256,

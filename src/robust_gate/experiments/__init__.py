@@ -30,8 +30,11 @@ numbers are outcomes, never used to choose.
                source validation picks (train, held-out, teacher samples): gap to the teacher
 """
 
+import ast
+import inspect
 from collections.abc import Callable
 
+from robust_gate.checks import InputError
 from robust_gate.experiments import (
   conflict,
   convergence,
@@ -59,3 +62,23 @@ EXPERIMENTS: dict[str, Callable[..., dict]] = {
   "sequence_gate": sequence_gate.run,
   "student_size": student_size.run,
 }
+
+
+def parse_settings(pairs: list[str], experiment: str) -> dict:
+  """`launch/experiment.py --setting NAME=VALUE` pairs as keyword arguments of the
+  experiment's run (VALUE a Python literal); InputError for a malformed pair, or for an
+  experiment whose run takes no settings."""
+  if pairs and not any(
+    p.kind == p.VAR_KEYWORD for p in inspect.signature(EXPERIMENTS[experiment]).parameters.values()
+  ):
+    raise InputError(f"--setting: experiment {experiment} takes no settings.")
+  out = {}
+  for pair in pairs:
+    name, eq, value = pair.partition("=")
+    try:
+      out[name.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      eq = ""
+    if not eq or not name.strip():
+      raise InputError(f"--setting={pair!r}: give NAME=VALUE with VALUE a Python literal.")
+  return out
