@@ -504,3 +504,22 @@ def test_the_gap_reading_says_whether_the_gate_is_at_equilibrium():
   )
   assert "not at the game's equilibrium" in off[0]
   assert "λ̄ puts 0.90 on x, while the worst λ for its losses puts 1.00 on y" in off[0]
+
+
+def test_a_named_config_counts_with_the_configs_it_loads_and_no_other(repo):
+  r, _, _ = repo
+  _commit(r, "launch/configs/base.py", "c = 1\n", "base config")
+  _commit(r, "launch/configs/top.py", 'load("base.py")\n', "top loads base")
+  ran = _commit(r, "launch/main.py", "x = 1\n", "the launcher")
+  prov = {**_prov(ran), "command": "main.py --config=launch/configs/top.py --workdir=/w"}
+  assert staleness.code_files(prov["command"], str(r)) == (
+    "launch/configs/base.py",
+    "launch/configs/top.py",
+    "launch/main.py",
+  )
+  _commit(r, "launch/configs/other.py", "c = 2\n", "a config it never reads")
+  assert report.stale_reason(prov, str(r)) is None
+  _commit(r, "launch/configs/base.py", "c = 3\n", "the config top loads")
+  assert "the config top loads" in report.stale_reason(prov, str(r))
+  outside = {**prov, "command": "main.py --config=/elsewhere/top.py"}  # cannot tell: all count
+  assert staleness.code_files(outside["command"], str(r))[-1] == "launch/configs"

@@ -12,6 +12,7 @@ behind. Where git cannot answer, the result is stale ("cannot tell"), never curr
 import ast
 import dataclasses
 import os
+import re
 import sys
 from typing import Any
 
@@ -36,25 +37,62 @@ def _subject(s: str) -> str:
 
 def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
   """The repository's files that the command `command` ran (repo-relative): its launcher
-  `launch/<script>`, the robust_gate modules that launcher imports, directly or through
-  each other, read from the checkout, and every config (configs load each other by
-  path). None where the command names no launcher of the checkout: then all of
-  CODE_PATHS counts.
+  `launch/<script>`, its config (`--config=`, else the launcher's default, and the
+  configs a config loads by file name; every config where one cannot be told), and the
+  robust_gate modules the launcher and
+  those configs import, directly or through each other, read from the checkout. None
+  where the command names no launcher of the checkout: then all of CODE_PATHS counts.
 
   A commit that changes none of these files leaves the result describing the code; one
   that changes which modules are imported changes an importing file, which is here."""
-  script = str(command).split(" ", 1)[0] if isinstance(command, str) else ""
+  words = str(command).split() if isinstance(command, str) else []
+  script = words[0] if words else ""
   launcher = os.path.join("launch", os.path.basename(script))
   if not script.endswith(".py") or not os.path.isfile(os.path.join(repo, launcher)):
     return None
-  found, todo = {launcher}, [launcher]
+  named = [w.partition("=")[2] for w in words if w.startswith("--config=")]
+  if not named:  # the launcher's default config, named in it by file name
+    named = [os.path.join(_CONFIGS, n) for n in _py_names(os.path.join(repo, launcher))]
+  configs = _configs(named, repo)
+  found, todo = {launcher, *configs}, [launcher, *configs]
   while todo:
-    for module in _imported_modules(os.path.join(repo, todo.pop())):
-      for path in _module_files(module, repo):
-        if path not in found:
-          found.add(path)
-          todo.append(path)
-  return (*sorted(found), os.path.join("launch", "configs"))
+    path = todo.pop()
+    for module in _imported_modules(os.path.join(repo, path)):
+      for module_path in _module_files(module, repo):
+        if module_path not in found:
+          found.add(module_path)
+          todo.append(module_path)
+  every_config = () if configs else (os.path.join("launch", "configs"),)
+  return (*sorted(found), *every_config)
+
+
+_CONFIGS = os.path.join("launch", "configs")
+
+
+def _configs(named: list[str], repo: str) -> list[str]:
+  """The config files `named` (paths as given to --config) and those they load by file
+  name (`"<name>.py"` literals naming a file of launch/configs), repo-relative; [] where
+  none is named or one lies outside launch/configs (then every config counts)."""
+  out: list[str] = []
+  todo = list(named)
+  while todo:
+    given = todo.pop()
+    full = given if os.path.isabs(given) else os.path.join(repo, given)
+    rel = os.path.relpath(os.path.realpath(full), os.path.realpath(repo))
+    if os.path.dirname(rel) != _CONFIGS or not os.path.isfile(full):
+      return []
+    if rel in out:
+      continue
+    out.append(rel)
+    loaded = [n for n in _py_names(full) if n != os.path.basename(rel)]
+    todo += [os.path.join(_CONFIGS, n) for n in loaded]
+  return out
+
+
+def _py_names(path: str) -> list[str]:
+  """The file names of a file's `"<path>.py"` string literals: the configs it names."""
+  with open(path, encoding="utf-8") as f:
+    return [os.path.basename(n) for n in re.findall(r"[\"']([\w./-]+\.py)[\"']", f.read())]
 
 
 def _code_differs(commit: str, paths: tuple[str, ...], repo: str) -> bool:
