@@ -150,7 +150,8 @@ def test_only_the_files_a_command_ran_make_its_result_stale(repo):
   r, _, _ = repo
   _commit(r, "src/robust_gate/__init__.py", "", "package")
   _commit(r, "src/robust_gate/b.py", "import robust_gate.a\n", "b imports a")
-  ran = _commit(r, "launch/main.py", "from robust_gate import b\n", "the launcher")
+  launcher = 'from robust_gate import b\nDEFAULT = "configs/digits.py"  # not there yet\n'
+  ran = _commit(r, "launch/main.py", launcher, "the launcher")
   assert staleness.code_files("main.py --workdir=/w", str(r)) == (
     "launch/main.py",
     "src/robust_gate/__init__.py",
@@ -523,3 +524,5 @@ def test_a_named_config_counts_with_the_configs_it_loads_and_no_other(repo):
   assert "the config top loads" in report.stale_reason(prov, str(r))
   outside = {**prov, "command": "main.py --config=/elsewhere/top.py"}  # cannot tell: all count
   assert staleness.code_files(outside["command"], str(r))[-1] == "launch/configs"
+  _commit(r, "launch/bench.py", "y = 1\n", "a launcher that reads no config")
+  assert staleness.code_files("bench.py --workdir=/w", str(r)) == ("launch/bench.py",)

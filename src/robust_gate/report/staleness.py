@@ -38,7 +38,8 @@ def _subject(s: str) -> str:
 def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
   """The repository's files that the command `command` ran (repo-relative): its launcher
   `launch/<script>`, its config (`--config=`, else the launcher's default, and the
-  configs a config loads by file name; every config where one cannot be told), and the
+  configs a config loads by file name; every config where one cannot be told; none for a
+  launcher that names no config, like the benchmark's), and the
   robust_gate modules the launcher and
   those configs import, directly or through each other, read from the checkout. None
   where the command names no launcher of the checkout: then all of CODE_PATHS counts.
@@ -51,9 +52,10 @@ def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
   if not script.endswith(".py") or not os.path.isfile(os.path.join(repo, launcher)):
     return None
   named = [w.partition("=")[2] for w in words if w.startswith("--config=")]
-  if not named:  # the launcher's default config, named in it by file name
+  if not named:  # the launcher's default config, named in it by file name, if any
     named = [os.path.join(_CONFIGS, n) for n in _py_names(os.path.join(repo, launcher))]
-  configs = _configs(named, repo)
+  configs = _configs(named, repo) if named else []
+  reads_configs = bool(named)
   found, todo = {launcher, *configs}, [launcher, *configs]
   while todo:
     path = todo.pop()
@@ -62,7 +64,7 @@ def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
         if module_path not in found:
           found.add(module_path)
           todo.append(module_path)
-  every_config = () if configs else (os.path.join("launch", "configs"),)
+  every_config = (_CONFIGS,) if reads_configs and not configs else ()
   return (*sorted(found), *every_config)
 
 
