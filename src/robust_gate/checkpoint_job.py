@@ -227,12 +227,11 @@ def distill_student(
     seed=config.seed,
     lam_K=lam_bar_K / jnp.sum(lam_bar_K),
   )
-  spec = {
-    "seed": config.seed,
-    "data": config.data.to_dict(),
+  spec = {  # the main job's student spec (phases.distill_student), the same keys
+    **phases._common_spec(config),
     "experts": caches.experts.digest,
     "robust_gate": experts.params_fingerprint(robust.state),
-    "distill": {k: v for k, v in config.distill.to_dict().items() if k != "steps"},
+    "distill": phases._section(config, "distill"),
     "dtype": config.dtype,
   }
   state = run(phases.Game("student", step, state, dc.steps, spec))
