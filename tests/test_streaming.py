@@ -28,6 +28,7 @@ from robust_gate.benchmark.phases import bitwise_equal
 from robust_gate.checks import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
 K, M, T, V = 3, 2, 8, 9
 B = 8  # per domain: divides over 8 devices
 STEPS, CHUNK = 6, 3  # two chunks of one compiled length
@@ -417,3 +418,30 @@ def test_an_on_disk_split_is_checked_when_opened(tmp_path):
   _flip(os.path.join(directory, "targets_NxT", "shard_00000.npy"), -1)
   with pytest.raises(InputError, match="cannot be computed here; write it again"):
     shards.open_split(directory, log=lambda s: None)
+
+
+def test_the_pipeline_reads_its_splits_from_disk(tmp_path, monkeypatch):
+  """The main job's splits are written once from the prepared dataset, then memory-mapped
+  from disk without reading it; a damaged split file is announced and written again."""
+  from robust_gate import config_files, pipeline  # pylint: disable=g-import-not-at-top
+
+  config = config_files.load(TINY)
+  data_dir = str(tmp_path / "data")
+  every = lambda splits: [getattr(splits, name) for name in ("train", "validation", "test")]
+  first = every(pipeline.load_splits(config, data_dir, log=lambda s: None))
+  assert all(isinstance(s.inputs_NxT, np.memmap) for s in first)
+  fingerprints = [s.fingerprint() for s in first]
+
+  def unread(*args, **kwargs):
+    raise AssertionError("the prepared dataset was read again")
+
+  with monkeypatch.context() as m:
+    m.setattr(data, "load_local", unread)
+    again = every(pipeline.load_splits(config, data_dir, log=pytest.fail))
+  assert [s.fingerprint() for s in again] == fingerprints
+  train_dir = os.path.join(pipeline.split_dir(config, data_dir), "train")
+  _flip(os.path.join(train_dir, "targets_NxT", "shard_00000.npy"), -1)
+  logs: list[str] = []
+  mended = every(pipeline.load_splits(config, data_dir, log=logs.append))
+  assert [s.fingerprint() for s in mended] == fingerprints
+  assert any(train_dir in line and "Writing it again" in line for line in logs), logs

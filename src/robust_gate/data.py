@@ -235,7 +235,7 @@ def load_local(
   A prepared dataset whose read fails with evidence of damage (`_damage`) is announced,
   deleted and prepared again by process 0 (made from installed packages: nothing is
   lost); other failures delete nothing: one line (OSError, array_record's errors) or a
-  traceback (a bug). Process 0 loads first, the others after a barrier (pipeline._splits).
+  traceback (a bug). Process 0 loads first, the others after a barrier (pipeline._read_prepared).
   """
   from robust_gate import datasets
 

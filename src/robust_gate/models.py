@@ -13,6 +13,7 @@ Token layout (robust_gate.data): inputs [BOS, x_1..x_n, pad], targets
 """
 
 import dataclasses
+import functools
 from typing import Literal, cast
 
 import chex
@@ -166,11 +167,14 @@ class TransformerLM(nn.Module):
     return nn.Dense(c.vocab_size, dtype=dt)(nn.LayerNorm(dtype=dt)(x))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_lm(config: LMConfig, key: jax.Array):
-  """Parameters of one TransformerLM."""
+  """Parameters of one TransformerLM (one compiled program: run op by op, flax's init
+  took about 15 s per launch on the 2-core CPU)."""
   return TransformerLM(config).init(key, jnp.zeros((1, config.max_len), jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def init_stacked_lm(config: LMConfig, key: jax.Array, num_models: int):
   """Parameters of `num_models` TransformerLMs stacked on a leading axis."""
   return jax.vmap(lambda k: init_lm(config, k))(jax.random.split(key, num_models))

@@ -42,6 +42,7 @@ from robust_gate import (
   phases,
   provenance,
   scoring,
+  shards,
   summary,
   workdirs,
 )
@@ -76,33 +77,59 @@ __all__ = [
 
 
 def load_splits(config, data_dir: str, log=print) -> Splits:
-  """The three splits, prepared under `data_dir` on first use (a damaged prepared
-  dataset is announced through `log` and prepared again)."""
+  """The three splits, their token arrays memory-mapped from files under `data_dir`
+  (`split_dir`; robust_gate.shards.open_split), so training reads rows from disk and a
+  split need not fit in memory once written. The first call writes those files from the
+  prepared dataset (robust_gate.datasets, prepared under `data_dir` on first use; a
+  damaged one is announced through `log` and prepared again); a damaged split file is
+  announced and written again. Every process calls it, in step."""
+  directory = split_dir(config, data_dir)
+  out = []
+  for split in datasets.SPLITS:
+    path = os.path.join(directory, split)
+    if os.path.exists(os.path.join(path, "split.json")):
+      try:
+        out.append(shards.open_split(path, log))
+        continue
+      except InputError as e:
+        log(f"{e} Writing it again from the prepared dataset.")
+    out.append(shards.write_split(path, _read_prepared(config, split, data_dir, log), log))
+  return Splits(*out)
+
+
+def split_dir(config, data_dir: str) -> str:
+  """Where `load_splits` keeps the splits' token files: beside the prepared dataset's
+  own directory, one per dataset, options and sequence length."""
   options = dict(config.data.options)
-  return Splits(
-    *(
-      data_lib.load_local(
-        config.data.name, split, data_dir, config.data.max_len, log=log, **options
-      )
-      for split in datasets.SPLITS
-    )
+  prepared = datasets.prepared_dir(config.data.name, data_dir, **options)  # checks options
+  return os.path.join(
+    data_dir, "splits", os.path.relpath(prepared, data_dir), f"max_len_{config.data.max_len}"
   )
+
+
+def _read_prepared(config, split: str, data_dir: str, log) -> data_lib.DomainData:
+  """One split read from the prepared dataset into memory: process 0 first (it prepares
+  the dataset when it is missing), the others after a barrier."""
+  if not parallel.is_main():
+    parallel.sync(f"data {data_dir} {split}")
+  d = data_lib.load_local(
+    config.data.name, split, data_dir, config.data.max_len, log=log, **dict(config.data.options)
+  )
+  if parallel.is_main():
+    parallel.sync(f"data {data_dir} {split}")
+  return d
 
 
 _SPLITS_CACHE: dict[tuple[str, str], Splits] = {}
 
 
 def _splits(config, workdir, log=print) -> Splits:
-  """The three splits (prepared once under the data dir; memoized per process)."""
+  """The three splits (`load_splits` under the data dir; memoized per process)."""
   data_dir = config.data_dir or os.path.join(workdir, "tfds")
   key = (json.dumps(config.data.to_dict(), sort_keys=True, default=list), data_dir)
   if key not in _SPLITS_CACHE:
     _SPLITS_CACHE.clear()
-    if not parallel.is_main():  # process 0 prepares the TFDS dataset, the others read it
-      parallel.sync(f"data {data_dir}")
     _SPLITS_CACHE[key] = load_splits(config, data_dir, log)
-    if parallel.is_main():
-      parallel.sync(f"data {data_dir}")
   return _SPLITS_CACHE[key]
 
 
