@@ -7,13 +7,17 @@ neither):
     python3 -m venv /tmp/hfvenv
     /tmp/hfvenv/bin/pip install torch transformers safetensors tokenizers numpy
     /tmp/hfvenv/bin/python launch/make_hf_fixtures.py
+    # only some, leaving the others' files as they are:
+    /tmp/hfvenv/bin/python launch/make_hf_fixtures.py --only llama_rope_llama3,llama_rope_linear
 
 Every checkpoint directory holds what `save_pretrained` writes (config.json and
 safetensors; `llama_untied` sharded, with model.safetensors.index.json), the one
-tokenizer.json all three share (a byte-level BPE trained here on the standard
+tokenizer.json they all share (a byte-level BPE trained here on the standard
 library's sources), and reference.npz: `ids_BxT` (token ids, BOS first and EOS
 last), `logp_BxT`, transformers' float32 log p(ids[t + 1] | ids[≤ t]), and the
-`versions` of torch and transformers that computed them.
+`versions` of torch and transformers that computed them. Each checkpoint's weights
+depend only on its place in `model_configs` (its seed), so writing some of them
+gives the files a full run would.
 """
 
 import argparse
@@ -52,9 +56,27 @@ def train_tokenizer() -> tokenizers.Tokenizer:
   return tok
 
 
-def model_configs() -> dict:
-  """The three checkpoints. Weights are redrawn by `randomize`, so initializer
-  options do not matter."""
+# The scaled rotary embeddings (robust_gate.hf.llama.Rope), θ = 10000 and head_dim 16:
+# wavelengths 2π·10^(i/2) = 6.3, 19.9, 62.8, 199, ... Linear divides every frequency
+# by 4; llama3 with a pre-training context of 128 and the band [128/8, 128] keeps the
+# first, mixes the next two (s = 0.78 and 0.15) and divides the other five by 8.
+ROPE_SCALING = {
+  "llama_rope_llama3": dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=8.0,
+    original_max_position_embeddings=128,
+  ),
+  "llama_rope_linear": dict(rope_type="linear", factor=4.0),
+}
+
+
+def model_configs(rope: bool = True) -> dict:
+  """The checkpoints, in seed order (new ones go last); `rope=False` gives the
+  scaled-rope ones the default rotary embedding instead (the same weights, to show
+  that the scaling changes the log-probs). Weights are redrawn by `randomize`, so
+  initializer options do not matter."""
   common = dict(vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS)
   llama = dict(
     hidden_size=64,
@@ -65,12 +87,22 @@ def model_configs() -> dict:
     max_position_embeddings=64,
     **common,
   )
-  return {
+  configs = {
     "gpt2": transformers.GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, **common),
     "llama_tied": transformers.LlamaConfig(rope_theta=10000.0, tie_word_embeddings=True, **llama),
     # Another rope_theta: a loader that ignored it would fail on one of the two.
     "llama_untied": transformers.LlamaConfig(rope_theta=500.0, tie_word_embeddings=False, **llama),
   }
+  for name, scaling in ROPE_SCALING.items():
+    # rope_scaling + rope_theta: what transformers 4.4x reads, and 5.x converts.
+    scaled = {"rope_scaling": dict(scaling)} if rope else {}
+    configs[name] = transformers.LlamaConfig(
+      rope_theta=10000.0,
+      tie_word_embeddings=False,
+      **scaled,
+      **(llama | dict(max_position_embeddings=512)),  # above the pre-training context
+    )
+  return configs
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -107,21 +139,38 @@ def reference_logprobs(model: torch.nn.Module, ids_BxT: np.ndarray) -> np.ndarra
   return logp.gather(-1, torch.from_numpy(ids_BxT[:, 1:, None]))[..., 0].numpy()
 
 
-def main(out: Path) -> None:
+def logprobs_of(config, seed: int, ids_BxT: np.ndarray) -> tuple[torch.nn.Module, np.ndarray]:
+  """The checkpoint of `config` with weights drawn from `seed`, and its reference log-probs."""
+  classes = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM}
+  model = classes[config.model_type](config).float().eval()
+  randomize(model, seed=seed)
+  return model, reference_logprobs(model, ids_BxT)
+
+
+def main(out: Path, only: list[str] | None) -> None:
+  configs = model_configs()
+  unknown = sorted(set(only or []) - set(configs))
+  if unknown:
+    raise SystemExit(f"--only: unknown checkpoints {unknown}; known: {', '.join(configs)}")
   torch.manual_seed(0)
   tok = train_tokenizer()
   ids_BxT = reference_ids(0)
-  classes = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM}
-  for i, (name, config) in enumerate(model_configs().items()):
-    model = classes[config.model_type](config).float().eval()
-    randomize(model, seed=i)
+  for i, (name, config) in enumerate(configs.items()):
+    if only and name not in only:
+      continue
+    model, logp_BxT = logprobs_of(config, i, ids_BxT)
+    if name in ROPE_SCALING:
+      assert model.model.rotary_emb.rope_type == ROPE_SCALING[name]["rope_type"], name
+      _, default_BxT = logprobs_of(model_configs(rope=False)[name], i, ids_BxT)
+      change = np.abs(logp_BxT - default_BxT).max()
+      print(f"{name}: max |Δ log-prob| against the default rotary embedding {change:.3f}")
+      assert change > 0.05, "the scaling should visibly change the log-probs"
     directory = out / name
     directory.mkdir(parents=True, exist_ok=True)
     # Sharded: the loader reads model.safetensors.index.json too.
     shard = "100KB" if name == "llama_untied" else "50GB"
     model.save_pretrained(directory, max_shard_size=shard)
     tok.save(str(directory / "tokenizer.json"))
-    logp_BxT = reference_logprobs(model, ids_BxT)
     np.savez(
       directory / "reference.npz",
       ids_BxT=ids_BxT,
@@ -136,4 +185,8 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="tests/fixtures/hf", help="where the checkpoints go")
-  main(Path(parser.parse_args(sys.argv[1:]).out))
+  parser.add_argument(
+    "--only", default="", help="comma-separated checkpoint names to write (default: all)"
+  )
+  args = parser.parse_args(sys.argv[1:])
+  main(Path(args.out), [n for n in args.only.split(",") if n] or None)

@@ -19,10 +19,13 @@ import robust_gate.hf as hf
 from robust_gate import data, experts, gating, models, sampling
 from robust_gate.checks import InputError
 from robust_gate.hf import checkpoint
+from robust_gate.hf.llama import Rope, config_from_json, inverse_frequencies
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 NAMES = ("gpt2", "llama_tied", "llama_untied")
 TOLERANCE = 1e-4  # float32 against transformers' float32, per token
+# Scaled rotary embeddings, by fixture name (launch/make_hf_fixtures.py --only ...).
+ROPE_FIXTURES = {"llama_rope_llama3": "llama3", "llama_rope_linear": "linear"}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +163,10 @@ def test_checkpoint_errors_are_one_line(tmp_path):
   assert "does not use, such as h.1" in _error(
     variant("shallower", config=lambda c: c.update(n_layer=1))
   )
-  assert "rope type 'llama3' is not supported" in _error(
+  assert "rope type 'dynamic', which is not supported" in _error(
+    variant("dynamic", "llama_tied", lambda c: c.update(rope_scaling={"type": "dynamic"}))
+  )
+  assert "rope_parameters of rope type 'llama3' has no 'factor'" in _error(
     variant("llama3", "llama_tied", lambda c: c.update(rope_parameters={"rope_type": "llama3"}))
   )
   no_weights = variant("no_weights")
@@ -174,6 +180,231 @@ def test_checkpoint_errors_are_one_line(tmp_path):
   assert "has no tokenizer.json" in _error(no_tokenizer)
   with pytest.raises(InputError, match="dtype must be one of"):
     hf.load(str(FIXTURES / "gpt2"), dtype="float16")
+
+
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+def _llama_config(**edits) -> dict:
+  """llama_tied's config.json with `edits` (None: the key removed)."""
+  config = json.loads((FIXTURES / "llama_tied" / "config.json").read_text())
+  config.update(edits)
+  return {key: value for key, value in config.items() if value is not None}
+
+
+def test_rope_records_read_alike_from_either_generation_of_keys():
+  llama3 = {"rope_type": "llama3", **LLAMA3, "original_max_position_embeddings": 8192}
+  want = Rope(500000.0, "llama3", 8.0, 1.0, 4.0, 8192)
+  readings = {
+    "transformers ≥ 5": _llama_config(rope_parameters={**llama3, "rope_theta": 500000}),
+    "transformers < 5": _llama_config(
+      rope_parameters=None, rope_scaling=llama3, rope_theta=500000.0
+    ),
+    "both, as exported": _llama_config(
+      rope_parameters={**llama3, "rope_theta": 5e5}, rope_scaling=llama3, rope_theta=5e5
+    ),
+  }
+  for what, config in readings.items():
+    assert config_from_json(config, "ckpt").rope == want, what
+  legacy = _llama_config(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2})
+  assert config_from_json(legacy, "ckpt").rope == Rope(10000.0, "linear", factor=2.0)
+  assert config_from_json(_llama_config(rope_parameters=None), "ckpt").rope == Rope(10000.0)
+  assert want.scaling() == llama3 and want.parameters() == {**llama3, "rope_theta": 500000.0}
+
+
+def test_scalings_that_change_no_frequency_are_the_default_rotary_embedding(tmp_path):
+  default_K2 = inverse_frequencies(Rope(500.0), 16)
+  np.testing.assert_array_equal(inverse_frequencies(Rope(500.0, "linear", 1.0), 16), default_K2)
+  unit = Rope(500.0, "llama3", 1.0, 1.0, 4.0, 8192)  # each band's ω·(1 − s + s), rounded
+  np.testing.assert_allclose(inverse_frequencies(unit, 16), default_K2, rtol=1e-6)
+  # A pre-training context far above every wavelength (2π·500^(7/8) ≈ 1440): all
+  # frequencies are "high" and kept whatever the factor.
+  long = Rope(500.0, "llama3", 8.0, 1.0, 4.0, 10**6)
+  np.testing.assert_array_equal(inverse_frequencies(long, 16), default_K2)
+  # Through a checkpoint: the same log-probs as its default rotary embedding, until a
+  # scaling changes frequencies.
+  model = hf.load(str(FIXTURES / "llama_untied"))
+  d, _ = _reference("llama_untied", model)
+  default_BxT = hf.token_logprobs(model, d.inputs_NxT, d.targets_NxT)
+  scalings = {
+    "linear_one": ({"rope_type": "linear", "factor": 1.0}, 0.0),
+    "llama3_one": (
+      {"rope_type": "llama3", **LLAMA3, "factor": 1.0, "original_max_position_embeddings": 64},
+      1e-5,
+    ),
+    "llama3_long": (
+      {"rope_type": "llama3", **LLAMA3, "original_max_position_embeddings": 10**6},
+      0.0,
+    ),
+  }
+  for name, (scaling, atol) in scalings.items():
+    path = tmp_path / name
+    shutil.copytree(FIXTURES / "llama_untied", path)
+    _edit_json(path / "config.json", lambda c, s=scaling: c["rope_parameters"].update(s))
+    scaled = hf.load(str(path))
+    assert scaled.config.rope.rope_type == scaling["rope_type"]
+    got_BxT = hf.token_logprobs(scaled, d.inputs_NxT, d.targets_NxT)
+    np.testing.assert_allclose(got_BxT, default_BxT, rtol=0, atol=atol, err_msg=name)
+  changed = dataclasses.replace(model.config, rope=Rope(500.0, "llama3", 8.0, 1.0, 4.0, 64))
+  changed_BxT = hf.token_logprobs(
+    dataclasses.replace(model, config=changed), d.inputs_NxT, d.targets_NxT
+  )
+  assert np.abs(changed_BxT - default_BxT).max() > 0.01  # the check can fail
+
+
+def test_llama3_frequencies_follow_the_closed_form_in_each_band():
+  """ω_i = 10000^(−i/8) for head_dim 16, wavelengths λ_i = 2π·10^(i/2) = 6.3, 19.9,
+  62.8, 199, ...; pre-training context L = 128, band [L/8, L] = [16, 128]: ω_0 kept,
+  ω_1 and ω_2 mixed, ω_3 .. ω_7 divided by the factor 8."""
+  rope = Rope(
+    10000.0,
+    "llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=8.0,
+    original_max_position_embeddings=128,
+  )
+  i = np.arange(8)
+  omega = 10.0 ** (-i / 2.0)
+  wavelength = 2 * np.pi * 10.0 ** (i / 2.0)
+  assert wavelength[0] < 16 < wavelength[1] < wavelength[2] < 128 < wavelength[3]
+  s1, s2 = (128 / wavelength[1:3] - 1.0) / (8.0 - 1.0)  # 1 at λ = 16, 0 at λ = 128
+  scale = np.array([1.0, (1 - s1) / 8 + s1, (1 - s2) / 8 + s2, 1 / 8, 1 / 8, 1 / 8, 1 / 8, 1 / 8])
+  np.testing.assert_allclose(inverse_frequencies(rope, 16), omega * scale, rtol=2e-6)
+
+
+REFUSED_ROPE = {
+  "dynamic": (
+    dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
+    "rope_parameters has rope type 'dynamic', which is not supported; supported: default, "
+    "linear, llama3.",
+  ),
+  "yarn": (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope type 'yarn', which is not"),
+  "longrope": (dict(rope_scaling={"rope_type": "longrope"}), "rope type 'longrope', which is not"),
+  "no factor": (
+    dict(rope_parameters={"rope_type": "linear"}),
+    "rope_parameters of rope type 'linear' has no 'factor'",
+  ),
+  "zero factor": (
+    dict(rope_parameters={"rope_type": "linear", "factor": 0}),
+    "rope_parameters.factor=0 must be a positive float",
+  ),
+  "negative factor": (
+    dict(rope_scaling={"rope_type": "llama3", **LLAMA3, "factor": -8.0}),
+    "rope_scaling.factor=-8.0 must be a positive float",
+  ),
+  "string factor": (
+    dict(rope_parameters={"rope_type": "linear", "factor": "4"}),
+    "rope_parameters.factor='4' must be a positive float",
+  ),
+  "no context": (
+    dict(rope_parameters={"rope_type": "llama3", **LLAMA3}),
+    "rope type 'llama3' has no 'original_max_position_embeddings'",
+  ),
+  "fractional context": (
+    dict(
+      rope_parameters={"rope_type": "llama3", **LLAMA3, "original_max_position_embeddings": 8192.5}
+    ),
+    "rope_parameters.original_max_position_embeddings=8192.5 must be a positive int",
+  ),
+  "low ≥ high": (
+    dict(
+      rope_parameters={
+        "rope_type": "llama3",
+        **LLAMA3,
+        "low_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+      }
+    ),
+    "rope_parameters.low_freq_factor=4.0 must be less than rope_parameters.high_freq_factor=4.0",
+  ),
+  "not an object": (
+    dict(rope_parameters="llama3"),
+    "rope_parameters='llama3' must be a JSON object",
+  ),
+  "theta": (dict(rope_parameters=None, rope_theta=0), "rope_theta=0 must be a positive float"),
+  "theta twice": (
+    dict(rope_theta=500.0),
+    "rope_theta=500.0 disagrees with rope_parameters.rope_theta=10000.0",
+  ),
+  "two embeddings": (
+    dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "rope_parameters {'rope_type': 'default', 'rope_theta': 10000.0} and rope_scaling",
+  ),
+  "partial": (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5 is not supported"),
+  "per layer type": (
+    dict(rope_parameters={"full_attention": {"rope_type": "default"}}),
+    "rope_parameters holds one rotary embedding per layer type",
+  ),
+  "context twice": (
+    dict(
+      rope_parameters={"rope_type": "llama3", **LLAMA3, "original_max_position_embeddings": 8192},
+      original_max_position_embeddings=4096,
+    ),
+    "original_max_position_embeddings=4096 disagrees with "
+    "rope_parameters.original_max_position_embeddings=8192",
+  ),
+}
+
+
+@pytest.mark.parametrize("what", REFUSED_ROPE)
+def test_unsupported_or_malformed_rotary_embeddings_are_refused_in_one_line(what):
+  edits, message = REFUSED_ROPE[what]
+  with pytest.raises(InputError) as e:
+    config_from_json(_llama_config(**edits), "ckpt")
+  assert str(e.value).startswith("ckpt/config.json: ") and "\n" not in str(e.value)
+  assert message in str(e.value)
+
+
+def test_export_writes_a_scaled_rotary_embedding_back_for_every_transformers_version(tmp_path):
+  model = hf.load(str(FIXTURES / "llama_untied"))
+  rope = Rope(500.0, "llama3", 8.0, 1.0, 4.0, 64)
+  scaled = dataclasses.replace(model, config=dataclasses.replace(model.config, rope=rope))
+  out = Path(hf.export.save(scaled, str(tmp_path / "out")))
+  config = json.loads((out / "config.json").read_text())
+  llama3 = {"rope_type": "llama3", **LLAMA3, "original_max_position_embeddings": 64}
+  assert config["rope_parameters"] == {**llama3, "rope_theta": 500.0}
+  assert config["rope_scaling"] == llama3 and config["rope_theta"] == 500.0
+  again = hf.load(str(out))
+  assert again.config == scaled.config and hf.fingerprint(again) == hf.fingerprint(scaled)
+  d, _ = _reference("llama_untied", model)
+  np.testing.assert_array_equal(
+    hf.token_logprobs(again, d.inputs_NxT, d.targets_NxT),
+    hf.token_logprobs(scaled, d.inputs_NxT, d.targets_NxT),
+  )
+  # Each generation's keys alone describe the same embedding.
+  for dropped in (("rope_scaling", "rope_theta"), ("rope_parameters",)):
+    alone = {k: v for k, v in config.items() if k not in dropped}
+    assert config_from_json(alone, str(out)).rope == rope, dropped
+  # Exported back to the default rotary embedding, it has no rope_scaling.
+  plain = hf.export.config_json(dataclasses.replace(again, config=model.config))
+  assert "rope_scaling" not in plain and plain["rope_parameters"] == model.config.rope.parameters()
+
+
+@pytest.mark.parametrize("name", ROPE_FIXTURES)
+def test_scaled_rotary_embeddings_match_transformers(name):
+  if not (FIXTURES / name).is_dir():
+    pytest.skip(
+      f"tests/fixtures/hf/{name} is not written yet: run `python launch/make_hf_fixtures.py "
+      f"--only {name}` where torch and transformers are installed"
+    )
+  model = hf.load(str(FIXTURES / name))
+  assert model.config.rope.rope_type == ROPE_FIXTURES[name]
+  d, want_BxT = _reference(name, model)
+  got_BxT = np.asarray(hf.token_logprobs(model, d.inputs_NxT, d.targets_NxT))[d.mask_NxT]
+  error = np.abs(got_BxT.reshape(want_BxT.shape) - want_BxT).max()
+  print(f"{name}: max |Δ log-prob| against transformers {error:.2e}")
+  assert error < TOLERANCE
+  assert want_BxT.std() > 1.0  # sharp distributions: a wrong forward pass would not agree
+  # The scaling matters: the same weights with the default rotary embedding disagree.
+  default = dataclasses.replace(model.config, rope=Rope(model.config.rope.rope_theta))
+  default_BxT = hf.token_logprobs(
+    dataclasses.replace(model, config=default), d.inputs_NxT, d.targets_NxT
+  )
+  assert (
+    np.abs(np.asarray(default_BxT)[d.mask_NxT].reshape(want_BxT.shape) - want_BxT).max()
+    > 100 * TOLERANCE
+  )
 
 
 def test_gpt2_refuses_sequences_past_its_positions(loaded):

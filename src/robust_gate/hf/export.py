@@ -90,6 +90,10 @@ def _family_fields(model: Model) -> dict:
       "add_cross_attention": False,
     }
   assert isinstance(c, llama.Config)
+  # transformers ≥ 5 reads rope_parameters (θ inside), earlier versions rope_theta and,
+  # for a scaled variant, rope_scaling (which transformers ≥ 5 reads first when there
+  # is one): all written, all equal, so every version computes the same frequencies.
+  scaling = {"rope_scaling": c.rope.scaling()} if c.rope.rope_type != "default" else {}
   return {
     "vocab_size": c.vocab_size,
     "hidden_size": c.d_model,
@@ -99,9 +103,9 @@ def _family_fields(model: Model) -> dict:
     "num_key_value_heads": c.num_kv_heads,
     "head_dim": c.head_dim,
     "rms_norm_eps": c.eps,
-    # transformers ≥ 5 reads rope_parameters, earlier versions rope_theta: both, equal.
-    "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-    "rope_theta": c.rope_theta,
+    "rope_parameters": c.rope.parameters(),
+    "rope_theta": c.rope.rope_theta,
+    **scaling,
     "tie_word_embeddings": c.tied,
     "hidden_act": "silu",
     "attention_bias": False,
@@ -112,7 +116,10 @@ def _family_fields(model: Model) -> dict:
 def config_json(model: Model) -> dict:
   """config.json of the exported checkpoint (see the module's docstring)."""
   config = _source_json(model, "config.json")
-  config.pop("rope_scaling", None)  # only the default rotary embedding is computed here
+  config.pop("rope_scaling", None)  # written again from the model's Config where scaled
+  # Llama 3's pre-training context is in the rope objects; transformers ≥ 5 would prefer
+  # a top-level copy over them, and the model's Config may no longer match the source's.
+  config.pop("original_max_position_embeddings", None)
   config.pop("torch_dtype", None)  # transformers < 5's name of "dtype"
   config.update(_family_fields(model))
   config.update(

@@ -2,14 +2,16 @@
 
 Token embedding without positions; pre-RMSNorm blocks of grouped-query attention
 (G = num_key_value_heads ≤ H query heads; rotary position embedding on queries and
-keys, frequencies θ^(−2i/K) with θ = rope_theta, applied to the two halves of each
-head as (x₁, x₂) ↦ (x₁ cos − x₂ sin, x₂ cos + x₁ sin), the layout of Hugging Face
-checkpoints) and a SwiGLU MLP down(silu(gate(x)) · up(x)); a final RMSNorm; logits
-against lm_head, or the embedding when tied. torch stores every projection
-[out, in]: each is transposed once, at load.
+keys, frequencies θ^(−2i/K) with θ = rope_theta, or their "linear" and "llama3"
+rescalings (`Rope`), applied to the two halves of each head as (x₁, x₂) ↦
+(x₁ cos − x₂ sin, x₂ cos + x₁ sin), the layout of Hugging Face checkpoints) and a
+SwiGLU MLP down(silu(gate(x)) · up(x)); a final RMSNorm; logits against lm_head, or
+the embedding when tied. torch stores every projection [out, in]: each is
+transposed once, at load.
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
@@ -18,6 +20,46 @@ import jax.numpy as jnp
 from robust_gate.checks import InputError
 from robust_gate.hf import checkpoint, layers
 from robust_gate.hf.checkpoint import Tensor, config_value
+
+ROPE_TYPES = ("default", "linear", "llama3")  # the rotary embeddings computed here
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """The rotary embedding's inverse frequencies ω_i, as config.json describes them.
+
+  "default": ω_i = θ^(−2i/K). "linear": each ω_i divided by `factor` (positions
+  interpolated `factor` times more finely). "llama3" (Llama 3.1 onwards): by
+  wavelength λ = 2π/ω against the pre-training context L =
+  `original_max_position_embeddings`: ω kept where λ < L / high_freq_factor (the
+  fast rotations, which resolve nearby tokens), divided by `factor` where λ > L /
+  low_freq_factor, and in between (1 − s) ω / factor + s ω with s = (L/λ − low) /
+  (high − low), continuous at both edges. None of the three scales cos/sin or the
+  attention, and none depends on the sequence length, so one table of frequencies
+  serves every batch; "dynamic" (frequencies that follow each batch's length) and
+  "yarn" (an attention factor as well) are refused. The fields keep transformers'
+  key names, so the record is written back to config.json as it is
+  (robust_gate.hf.export)."""
+
+  rope_theta: float = 10000.0
+  rope_type: str = "default"  # one of ROPE_TYPES
+  factor: float | None = None  # linear and llama3
+  low_freq_factor: float | None = None  # llama3
+  high_freq_factor: float | None = None  # llama3
+  original_max_position_embeddings: int | None = None  # llama3
+
+  def scaling(self) -> dict:
+    """transformers < 5's `rope_scaling` object (rope_type and the variant's fields,
+    θ apart as top-level rope_theta); {} for the default, which has none."""
+    if self.rope_type == "default":
+      return {}
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    del fields["rope_theta"]
+    return fields
+
+  def parameters(self) -> dict:
+    """transformers ≥ 5's `rope_parameters` object: the type, θ and the variant's fields."""
+    return {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.scaling()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,23 +72,88 @@ class Config:
   num_kv_heads: int  # G: key/value heads, each shared by H / G query heads
   head_dim: int
   eps: float  # RMSNorm's epsilon
-  rope_theta: float
+  rope: Rope
   tied: bool  # logits against the embedding (no lm_head)
 
 
-def _rope_theta(c: Mapping, path: str) -> float:
-  """θ from `rope_parameters` (transformers ≥ 5) or `rope_theta` (before); scaled
-  variants of the rotary embedding (llama3, linear, dynamic, yarn) are refused."""
-  rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+def _positive(value, name: str, path: str, kind: type = float):
+  """`value` as a finite positive `kind` (float accepts JSON's ints), or InputError
+  naming `name`, its key in config.json."""
+  kinds = (int,) if kind is int else (int, float)
+  valid = not isinstance(value, bool) and isinstance(value, kinds)
+  if not (valid and math.isfinite(value) and value > 0):
+    raise InputError(f"{path}/config.json: {name}={value!r} must be a positive {kind.__name__}.")
+  return kind(value)
+
+
+def _rope_from(c: Mapping, key: str | None, path: str) -> Rope:
+  """The Rope of the object config.json holds under `key` ("rope_parameters" or
+  "rope_scaling", or neither: None); θ from the object, else the top-level
+  rope_theta, else transformers' default 10000. Where both give θ they must agree:
+  transformers ≥ 5 reads the object's, earlier versions the top-level one."""
+  rope = {} if key is None else c[key]
   if not isinstance(rope, dict):
-    raise InputError(f"{path}/config.json: rope parameters {rope!r} must be a JSON object.")
+    raise InputError(f"{path}/config.json: {key}={rope!r} must be a JSON object.")
+  if any(isinstance(v, dict) for v in rope.values()):
+    raise InputError(f"{path}/config.json: {key} holds one rotary embedding per layer type.")
   kind = rope.get("rope_type", rope.get("type", "default"))
-  if kind != "default":
-    raise InputError(f"{path}/config.json: rope type {kind!r} is not supported, only 'default'.")
-  theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-  if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-    raise InputError(f"{path}/config.json: rope_theta={theta!r} must be a positive number.")
-  return float(theta)
+  if kind not in ROPE_TYPES:
+    raise InputError(
+      f"{path}/config.json: {key} has rope type {kind!r}, which is not supported; "
+      f"supported: {', '.join(ROPE_TYPES)}."
+    )
+  partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor"))
+  if partial not in (None, 1, 1.0):
+    raise InputError(f"{path}/config.json: partial_rotary_factor={partial!r} is not supported.")
+  outer = c.get("rope_theta")
+  theta = 10000.0 if outer is None else _positive(outer, "rope_theta", path)
+  if rope.get("rope_theta") is not None:
+    inner = _positive(rope["rope_theta"], f"{key}.rope_theta", path)
+    if outer is not None and inner != theta:
+      raise InputError(
+        f"{path}/config.json: rope_theta={outer!r} disagrees with {key}.rope_theta={inner!r}."
+      )
+    theta = inner
+
+  def field(name: str, as_type: type = float):
+    if rope.get(name) is None:
+      raise InputError(f"{path}/config.json: {key} of rope type {kind!r} has no {name!r}.")
+    return _positive(rope[name], f"{key}.{name}", path, as_type)
+
+  if kind == "default":
+    return Rope(rope_theta=theta)
+  factor = field("factor")
+  if kind == "linear":
+    return Rope(theta, kind, factor)
+  low, high = field("low_freq_factor"), field("high_freq_factor")
+  if not low < high:
+    raise InputError(
+      f"{path}/config.json: {key}.low_freq_factor={low} must be less than "
+      f"{key}.high_freq_factor={high}."
+    )
+  context = field("original_max_position_embeddings", int)
+  if c.get("original_max_position_embeddings", context) != context:
+    # transformers ≥ 5 would take the top-level one (as it does for Phi-3).
+    raise InputError(
+      f"{path}/config.json: original_max_position_embeddings="
+      f"{c['original_max_position_embeddings']!r} disagrees with "
+      f"{key}.original_max_position_embeddings={context}."
+    )
+  return Rope(theta, kind, factor, low, high, context)
+
+
+def _rope(c: Mapping, path: str) -> Rope:
+  """The rotary embedding of a config.json: `rope_parameters` (transformers ≥ 5),
+  `rope_scaling` (before; transformers ≥ 5 reads it too, first), or neither (the
+  default). A file with both is read only where they describe one embedding."""
+  keys = [key for key in ("rope_parameters", "rope_scaling") if c.get(key) is not None]
+  ropes = [_rope_from(c, key, path) for key in keys] or [_rope_from(c, None, path)]
+  if len(set(ropes)) > 1:
+    raise InputError(
+      f"{path}/config.json: rope_parameters {ropes[0].parameters()} and rope_scaling "
+      f"{ropes[1].parameters()} (θ from rope_theta) disagree."
+    )
+  return ropes[0]
 
 
 def config_from_json(c: Mapping, path: str) -> Config:
@@ -77,7 +184,7 @@ def config_from_json(c: Mapping, path: str) -> Config:
     num_kv_heads=num_kv_heads,
     head_dim=config_value(c, "head_dim", int, path, default=d_model // num_heads),
     eps=config_value(c, "rms_norm_eps", float, path, default=1e-6),
-    rope_theta=_rope_theta(c, path),
+    rope=_rope(c, path),
     tied=config_value(c, "tie_word_embeddings", bool, path, default=False),
   )
 
@@ -111,10 +218,29 @@ def spec(c: Config) -> checkpoint.Spec:
   )
 
 
-def rope_tables(T: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos and sin of the rotation angles t·θ^(−2i/K), [T, K] (float32; each frequency
+def inverse_frequencies(rope: Rope, head_dim: int) -> jax.Array:
+  """The rotation speeds ω_i of the head's K/2 pairs, [K/2] float32 (`Rope`: θ^(−2i/K),
+  rescaled by the variant). float32 throughout, as transformers computes them."""
+  omega_K2 = 1.0 / rope.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if rope.rope_type == "default":
+    return omega_K2
+  factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+  context = rope.original_max_position_embeddings  # L: the pre-training context
+  assert factor is not None  # every scaled variant has one (config_from_json)
+  if rope.rope_type == "linear":
+    return omega_K2 / factor
+  assert rope.rope_type == "llama3" and low and high and context
+  wavelength_K2 = 2 * math.pi / omega_K2
+  s_K2 = (context / wavelength_K2 - low) / (high - low)  # 1 at λ = L/high, 0 at λ = L/low
+  mixed_K2 = (1 - s_K2) * omega_K2 / factor + s_K2 * omega_K2
+  slow_K2 = jnp.where(wavelength_K2 > context / low, omega_K2 / factor, mixed_K2)
+  return jnp.where(wavelength_K2 < context / high, omega_K2, slow_K2)
+
+
+def rope_tables(T: int, head_dim: int, rope: Rope) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of the rotation angles t·ω_i, [T, K] (float32; each frequency
   twice, once per half of the head)."""
-  inv_freq_K2 = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  inv_freq_K2 = inverse_frequencies(rope, head_dim)
   angles_TxK2 = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_K2[None, :]
   angles_TxK = jnp.concatenate([angles_TxK2, angles_TxK2], axis=-1)
   return jnp.cos(angles_TxK), jnp.sin(angles_TxK)
@@ -134,7 +260,7 @@ def logits(c: Config, params, ids_BxT: jax.Array) -> jax.Array:
   """Next-token logits [B, T, V] (float32) for checkpoint token ids."""
   B, T = ids_BxT.shape
   prec = layers.precision(params["embed"].dtype)
-  cos_TxK, sin_TxK = rope_tables(T, c.head_dim, c.rope_theta)
+  cos_TxK, sin_TxK = rope_tables(T, c.head_dim, c.rope)
   x_BxTxD = jnp.take(params["embed"], ids_BxT, axis=0)
 
   def block(x_BxTxD, p):
