@@ -1,8 +1,9 @@
 """Golden regression test: the tiny main job's numbers, pinned on CPU.
 
-One run of `pipeline.run` on `launch/configs/tiny.py` (experts, the three gates, student,
-every baseline, evaluation), then every method's worst case and per-domain losses
-and the robust gate's λ̄ from results.json against the numbers below. A change that
+The tiny main job every test file shares (`launch/main.py` on `launch/configs/tiny.py`:
+experts, the three gates, student, every baseline, evaluation; tests/conftest.py):
+every method's worst case and per-domain losses and the robust gate's λ̄ from its
+results.json against the numbers below. A change that
 moves any of them (a different initialization, data order, step, loss, or
 evaluation) fails here even when every property test still passes.
 
@@ -15,7 +16,7 @@ for the losses near zero, where a relative tolerance means nothing): far above
 rounding, far below what any change of the computation (an initialization, the data
 order, a step, a loss) moves them by. If they move on purpose, regenerate them with
 
-  ROBUST_GATE_REGOLDEN=1 .venv/bin/pytest -n 0 tests/test_golden.py
+  ROBUST_GATE_REGOLDEN=1 .venv/bin/pytest -n 0 -p no:cacheprovider tests/test_golden.py
 
 which runs the job and FAILS with the new table in its message (it never rewrites
 this file): paste the printed GOLDEN over the one below and say in the commit why
@@ -29,10 +30,6 @@ import pprint
 import numpy as np
 import pytest
 
-from robust_gate import config_files, pipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
 RTOL = 1e-3  # after training, across jax versions: see the module docstring
 ATOL = 1e-5  # bits/token, for domain losses near zero
 
@@ -154,10 +151,9 @@ def _observed(results: dict) -> dict:
   }
 
 
-def test_tiny_main_job_reproduces_the_golden_numbers(tmp_path):
-  config = config_files.load(TINY)
-  pipeline.run(config, str(tmp_path), log=lambda s: None)
-  observed = _observed(json.loads((tmp_path / "results.json").read_text()))
+def test_tiny_main_job_reproduces_the_golden_numbers(finished_tiny_job):
+  workdir, _ = finished_tiny_job  # launch/main.py on launch/configs/tiny.py (conftest.py)
+  observed = _observed(json.loads((workdir / "results.json").read_text()))
   if os.environ.get("ROBUST_GATE_REGOLDEN"):
     pytest.fail(
       "ROBUST_GATE_REGOLDEN set: the new numbers (paste over GOLDEN in tests/test_golden.py):\n"

@@ -4,7 +4,9 @@ On 8 simulated CPU devices, split 1, 2, 4 and 8 ways, a group of a GPT-2 and two
 Llamas (tests/fixtures/hf) gives the cache that one device's `experts.build_cache`
 gives, to float32 rounding, while each device holds about 1/model_parallel of the
 parameters; the checkpoint job run with `--config.model_parallel=4` writes the caches
-one device writes. XLA_FLAGS must be set before jax starts its backend, and this
+one device writes. Distillation from a teacher split 2 and 4 ways takes the steps it
+takes with the teacher whole on every device, each device passed about 1/model_parallel
+of the teacher. XLA_FLAGS must be set before jax starts its backend, and this
 process's jax already runs on one device, so the 8-device runs are subprocesses that
 write what they measured into a directory; the tests compare it with this process.
 """
@@ -115,6 +117,83 @@ def one_device():
   return d, experts.build_cache([hf.expert_group(loaded)], d)
 
 
+# The distillation runs: a teacher of both families (GPT-2's head tied to its
+# embedding, the Llama's not), the student the Llama (λ̄'s largest domain), a few steps.
+TEACHER = ("gpt2", "llama_untied")
+DISTILL_SPLITS = (1, 2, 4)
+DISTILL_STEPS, DISTILL_LR = 3, 3e-4
+
+_DISTILL_CHILD = r"""
+import json, os, sys, types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from robust_gate import checkpoint_job, closures, models, train
+from robust_gate.hf import sharding
+from robust_gate.records import Gate
+sys.path.insert(0, "tests")
+from test_hf_sharding import DISTILL_LR, DISTILL_SPLITS, DISTILL_STEPS, PATHS, TEACHER
+from test_hf_sharding import _data, _example
+
+out_dir = sys.argv[1]
+c = _example(experts=ConfigDict({n: PATHS[n] for n in TEACHER}))
+c.distill.steps, c.distill.lr, c.distill.per_domain = DISTILL_STEPS, DISTILL_LR, 8
+gate_cfg = models.GateConfig(num_experts=len(TEACHER), vocab_size=384, max_len=32)
+gate = models.init_gate(gate_cfg, jax.random.PRNGKey(1))
+lam_K = jnp.array([0.3, 0.7])
+_, gate_state = train.make_game(
+  lambda p, b, k: jnp.zeros(2), gate, num_domains=2, lr=0.0, dual_lr=0.0, seed=0, lam_K=lam_K
+)
+robust = Gate(gate_cfg, gate_state, None)
+caches = types.SimpleNamespace(experts=types.SimpleNamespace(digest="test"))
+out = {"device_count": jax.device_count(), "losses": {}, "bytes": {}, "student_whole": {}}
+for mp in DISTILL_SPLITS:
+  c.model_parallel = mp
+  loaded = checkpoint_job.load_experts(c)  # split over the model axis as read
+  d = _data(next(iter(loaded.values())).tokenizer)
+
+  def run(game):
+    # The arrays the compiled step is passed: what closures.hoist hands primal_dual.run.
+    _, consts = closures.hoist(game.step, game.state, None)
+    out["bytes"][mp] = sharding.device_bytes(consts)
+    state, history = train.fit(game.step, game.state, game.steps, name="s", log=lambda s: None)
+    out["losses"][mp] = history["losses"].tolist()
+    return state
+
+  mesh = checkpoint_job.model_mesh(c)
+  student, init_from = checkpoint_job.distill_student(
+    c, types.SimpleNamespace(train=d), loaded, caches, robust, run, mesh
+  )
+  out["init_from"] = init_from
+  leaves = jax.tree.leaves(student.params)
+  out["student_whole"][mp] = all(a.sharding.is_fully_replicated for a in leaves)
+  np.savez(os.path.join(out_dir, f"student_{mp}.npz"), *map(np.asarray, leaves))
+  if mp == 1:
+    teacher = [m.params for m in loaded.values()]
+    out["teacher_bytes"] = sum(a.nbytes for a in jax.tree.leaves(teacher))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+  """checkpoint_job.distill_student on 8 devices, the teacher split 1, 2 and 4 ways."""
+  out_dir = tmp_path_factory.mktemp("distilled")
+  run = subprocess.run(
+    [sys.executable, "-c", _DISTILL_CHILD, str(out_dir)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=ENV,
+    cwd=ROOT,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  return out_dir, json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def test_the_rule_splits_matrices_along_their_largest_divisible_axis():
   assert sharding.param_spec((384, 64), 4, stacked=False) == P("model", None)  # vocabulary
   assert sharding.param_spec((2, 64, 192), 4, stacked=True) == P(None, None, "model")
@@ -216,3 +295,43 @@ def test_the_launcher_with_model_parallel_writes_the_one_device_caches(tmp_path)
     assert str(written["fingerprint"]) == experts.cache_fingerprint(getattr(splits, split), [group])
     one = experts.build_cache([group], getattr(splits, split))
     np.testing.assert_allclose(written["cache"], one, rtol=1e-5, atol=1e-5, err_msg=split)
+
+
+def test_distilling_from_a_split_teacher_equals_the_whole_one(distilled):
+  """The student's steps from a teacher split 2 and 4 ways are the unsplit teacher's:
+  every step's per-domain KL within 1e-5; the student's parameters too, but for a few.
+  Adam moves each parameter by about its learning rate per step whatever the size of
+  its gradient, so where a gradient is float32 rounding away from 0 the runs may step
+  opposite ways: those few differ by at most 2·lr·steps."""
+  out_dir, out = distilled
+  assert out["device_count"] == 8 and out["init_from"] == 1  # the student: the Llama
+  one = np.load(out_dir / "student_1.npz")
+  assert len(out["losses"]["1"]) == DISTILL_STEPS and out["student_whole"]["1"]
+  for mp in DISTILL_SPLITS[1:]:
+    np.testing.assert_allclose(
+      out["losses"][str(mp)], out["losses"]["1"], rtol=1e-5, atol=1e-6, err_msg=f"{mp=}"
+    )
+    assert out["student_whole"][str(mp)]  # returned whole on every device
+    split = np.load(out_dir / f"student_{mp}.npz")
+    assert list(split) == list(one)
+    a = np.concatenate([one[k].ravel() for k in one])
+    b = np.concatenate([split[k].ravel() for k in one])
+    assert np.mean(np.isclose(b, a, rtol=1e-5, atol=1e-5)) > 0.9999, mp
+    assert np.max(np.abs(b - a)) <= 2 * DISTILL_LR * DISTILL_STEPS, mp
+
+
+def test_each_device_is_passed_about_one_share_of_the_teacher(distilled):
+  """What the compiled distillation step is passed per device: the teacher's share,
+  1/model_parallel (and the norms' and biases' vectors whole), beside what every
+  device holds whole (the tokens, the gate). A teacher gathered to every device
+  would put all of its bytes on each."""
+  _, out = distilled
+  teacher, held = out["teacher_bytes"], out["bytes"]
+  assert len(held["1"]) == 8 and len(set(held["1"].values())) == 1
+  others = held["1"]["0"] - teacher  # unsplit: the teacher whole on every device
+  assert 0 < others < 0.1 * teacher
+  vectors = 0.02 * teacher
+  for mp in DISTILL_SPLITS[1:]:
+    assert len(held[str(mp)]) == 8, held[str(mp)]
+    for per_device in held[str(mp)].values():
+      assert teacher / mp <= per_device - others <= teacher / mp + vectors, (mp, held[str(mp)])

@@ -18,8 +18,9 @@ What it does, reusing the main job's machinery (robust_gate.phases, scoring, eva
    shape, started from the expert of the domain with the largest λ̄
    (`distill.student_init`'s rule) and trained on the train split with domain weights
    λ̄, the teacher's full next-token distributions computed on the fly
-   (`distill.kl_loss_fn`); exports it to `<workdir>/student_hf/` (robust_gate.hf.export:
-   a checkpoint transformers loads as is);
+   (`distill.kl_loss_fn`; with `config.model_parallel` > 1, the experts' parameters
+   still split, `distill_student`); exports it to `<workdir>/student_hf/`
+   (robust_gate.hf.export: a checkpoint transformers loads as is);
 4. evaluates every method on test (the gates, each expert, the uniform mixture, the
    student; all normalized models) with bootstrap intervals and the certificate
    (`evaluate.results_on_test`), into `<workdir>/results.json`.
@@ -35,7 +36,7 @@ from typing import cast
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from robust_gate import (
   checkpoint_data,
@@ -203,10 +204,24 @@ def teacher_fn(loaded: dict[str, hf_lib.Model], robust: Gate):
 
 
 def distill_student(
-  config, splits: Splits, loaded: dict[str, hf_lib.Model], caches: Caches, robust: Gate, run
+  config,
+  splits: Splits,
+  loaded: dict[str, hf_lib.Model],
+  caches: Caches,
+  robust: Gate,
+  run,
+  mesh: Mesh | None = None,
 ) -> tuple[hf_lib.Model, int]:
   """The student (the family and shape of the expert it starts from: the one of the
-  domain with the largest λ̄; float32 parameters) and that expert's index."""
+  domain with the largest λ̄; float32 parameters) and that expert's index.
+
+  With `mesh` (`model_mesh`), the teacher's parameters stay split over its model axis,
+  as `load_experts` placed them: the compiled step takes them as they are
+  (robust_gate.closures) and each batch is split over the data axis only
+  (`distill.kl_loss_fn`), so the teacher, M experts, is never gathered whole onto a
+  device. The student's own parameters and optimizer state, one expert in float32,
+  are whole on every device of the mesh: they start so, and are returned so (XLA may
+  split the step's outputs between chunks)."""
   lam_bar_K = robust.state.lam_avg_K
   init_from = int(jnp.argmax(lam_bar_K))
   start = list(loaded.values())[init_from]
@@ -217,7 +232,9 @@ def distill_student(
     dataclasses.replace(start, params=params), x
   )
   dc = config.distill
-  loss_fn = distill.kl_loss_fn(teacher_fn(loaded, robust), student_fn, splits.train, dc.per_domain)
+  loss_fn = distill.kl_loss_fn(
+    teacher_fn(loaded, robust), student_fn, splits.train, dc.per_domain, mesh
+  )
   step, state = train_lib.make_game(
     loss_fn,
     start.params,
@@ -227,6 +244,8 @@ def distill_student(
     seed=config.seed,
     lam_K=lam_bar_K / jnp.sum(lam_bar_K),
   )
+  if mesh is not None:  # on the teacher's mesh, as the step's other arguments
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
   spec = {  # the main job's student spec (phases.distill_student), the same keys
     **phases._common_spec(config),
     "experts": caches.experts.digest,
@@ -234,8 +253,10 @@ def distill_student(
     "distill": phases._section(config, "distill"),
     "dtype": config.dtype,
   }
-  state = run(phases.Game("student", step, state, dc.steps, spec))
-  return dataclasses.replace(start, params=state.params), init_from
+  params = run(phases.Game("student", step, state, dc.steps, spec)).params
+  if mesh is not None:
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+  return dataclasses.replace(start, params=params), init_from
 
 
 def _uniform_mixture(cache_NxTxM) -> np.ndarray:
@@ -305,11 +326,8 @@ def run(config, workdir: str, log=print, warm_start=None) -> Outcome:
     inner = run_game
     run_game = lambda g: inner(warm_start(g) if g.name == "robust_gate" else g)
   gates = phases.train_gates(config, caches, run_game)
-  # The teacher's parameters reach its compiled step whole on every device
-  # (closures.hoist); split ones are gathered first, so the step sees one mesh.
-  teachers = loaded if mesh is None else parallel.replicate(loaded)
   student, init_from = distill_student(
-    config, splits, teachers, caches, gates.robust_gate, _runner(config, workdir, log)
+    config, splits, loaded, caches, gates.robust_gate, _runner(config, workdir, log), mesh
   )
   student_dir = hf_lib.export.save(student, os.path.join(workdir, STUDENT_DIR))
   log(f"student ({student.family}, from expert {domains[init_from]!r}) exported to {student_dir}")

@@ -25,6 +25,7 @@ model here knows.
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from robust_gate import data as data_lib
 from robust_gate import gating, models, parallel, train
@@ -91,19 +92,33 @@ def distill_loss_fn(
   return kl_loss_fn(teacher_fn, student_fn, d, per_domain)
 
 
-def kl_loss_fn(teacher_fn, student_fn, d: data_lib.DomainData, per_domain: int):
+def kl_loss_fn(
+  teacher_fn, student_fn, d: data_lib.DomainData, per_domain: int, mesh: Mesh | None = None
+):
   """Per-domain mean token KL(teacher ‖ student) on a stratified batch, losses [K], for
   any teacher `(inputs_BxT, targets_BxT, mask_BxT) -> [B, T, V]` log-distributions and
   student `(params, inputs_BxT) -> [B, T, V]` (`distill_loss_fn` is this with
-  robust_gate's own transformers; robust_gate.checkpoint_job, with checkpoints)."""
+  robust_gate's own transformers; robust_gate.checkpoint_job, with checkpoints).
+
+  The batch is split over every device (`parallel.shard_batch`), or, given `mesh` (a
+  data × model mesh, robust_gate.hf.sharding), over its data axis only: a teacher whose
+  parameters are split over the model axis then runs as `hf.sharding.score` runs it,
+  each group of model devices on its rows, instead of gathering its parameters to
+  every device that holds rows."""
   arrays, index = train.device_arrays(d), data_lib.domain_index(d)
   parallel.check_divisible(per_domain, "per_domain (distill)")
+
+  def split(idx_N):
+    if mesh is None:
+      return parallel.shard_batch(idx_N)
+    rows = NamedSharding(mesh, PartitionSpec(parallel.AXIS))  # hf.sharding.DATA
+    return jax.lax.with_sharding_constraint(idx_N, rows)
 
   def loss_fn(student_params, batch, key):
     del batch
     idx_KxB = data_lib.stratified_batch(key, index, per_domain)
     K, B = idx_KxB.shape
-    flat = parallel.shard_batch(idx_KxB.reshape(-1))
+    flat = split(idx_KxB.reshape(-1))
     x, y, m = arrays["inputs"][flat], arrays["targets"][flat], arrays["mask"][flat]
     teacher = jax.lax.stop_gradient(teacher_fn(x, y, m))
     kl_KxBxT = token_kl(teacher, student_fn(student_params, x)).reshape(K, B, -1)

@@ -18,10 +18,15 @@ parameters' shardings and the batch's as `in_shardings`, and XLA's GSPMD partiti
 inserts the collectives. The function computed is the same; only the order of float32
 sums may differ (tests/test_hf_sharding.py: 1e-5 of one device's log-probs).
 
-Why a scorer of its own: `experts.build_cache` passes the parameters its experts close
-over to the compiled program whole on every device (robust_gate.closures), which is
-what data parallelism wants and what a model larger than a device cannot have.
-`score` gives the same [N, T, M] cache, masked and checked the same way.
+Why a scorer of its own: `experts.build_cache` splits every batch over every device,
+which is what data parallelism wants and what a model larger than a device cannot
+have (each device would need every parameter for its rows). `score` gives the same
+[N, T, M] cache, masked and checked the same way.
+
+Distillation keeps the teacher split too (`checkpoint_job.distill_student`): the
+compiled step takes arrays already split over every device as they are, the others
+whole on every device of the same mesh (robust_gate.closures), and its batch is split
+over the data axis only (`distill.kl_loss_fn`'s `mesh`), as `score` splits its batches.
 """
 
 import collections
