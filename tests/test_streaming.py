@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from robust_gate import checkpoints, data, experts, models, shards, streaming, train
+from robust_gate import checkpoints, data, distill, experts, models, shards, streaming, train
 from robust_gate.benchmark.phases import bitwise_equal
 from robust_gate.checks import InputError
 
@@ -80,6 +80,17 @@ def _expert_game(d):
   )
 
 
+def _distill_game(d):
+  """A student distilled from two stacked experts under a gate (the main job's
+  distillation, robust_gate.distill), its rows from `d`."""
+  experts_M = models.init_stacked_lm(LM, jax.random.PRNGKey(2), M)
+  gate = models.init_gate(GATE, jax.random.PRNGKey(1))
+  loss = distill.distill_loss_fn(LM, experts_M, GATE, gate, d, B)
+  student = models.init_lm(LM, jax.random.PRNGKey(4))
+  lam_K = jnp.asarray([0.5, 0.3, 0.2])
+  return train.make_game(loss, student, num_domains=K, lr=1e-2, dual_lr=0.0, seed=0, lam_K=lam_K)
+
+
 def _fit(game, steps=STEPS, **kwargs):
   step, state = game
   return train.fit(step, state, steps, name="g", log=lambda s: None, chunk=CHUNK, **kwargs)
@@ -96,6 +107,8 @@ def runs() -> dict:
     return {
       "experts": _fit(_expert_game(fit)),
       "experts_streamed": _fit(_expert_game(streaming.Source(on_disk, stream=True))),
+      "distill": _fit(_distill_game(fit)),
+      "distill_streamed": _fit(_distill_game(streaming.Source(on_disk, stream=True))),
       "gate": _fit(_gate_game(streaming.Source(fit, fit_c), streaming.Source(held, held_c))),
       "gate_streamed": _fit(
         _gate_game(streaming.Source(fit, fit_c, True), streaming.Source(held, held_c, True))
@@ -128,6 +141,12 @@ def test_streamed_experts_equal_resident_bitwise(one):
   """Expert training with its tokens memory-mapped from disk = from the devices."""
   assert bitwise_equal(one["experts_streamed"], one["experts"])
   assert int(one["experts"][0].step) == STEPS
+
+
+def test_streamed_distillation_equals_resident_bitwise(one):
+  """Distillation with the student's tokens memory-mapped from disk = from the devices."""
+  assert bitwise_equal(one["distill_streamed"], one["distill"])
+  assert int(one["distill"][0].step) == STEPS
 
 
 def test_streamed_gate_game_equals_resident_bitwise(one):
@@ -221,7 +240,7 @@ from robust_gate.benchmark.phases import bitwise_equal
 
 r = t.runs()
 out = {"devices": jax.device_count()}
-for name in ("experts", "gate"):
+for name in ("experts", "distill", "gate"):
   out[name + "_bitwise"] = bitwise_equal(r[name + "_streamed"], r[name])
   state, history = r[name + "_streamed"]
   out[name] = [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves((state, history))]
@@ -239,8 +258,8 @@ def test_eight_devices_stream_what_one_does(one):
   assert proc.returncode == 0, proc.stderr[-3000:]
   eight = json.loads(proc.stdout.strip().splitlines()[-1])
   assert eight["devices"] == 8
-  assert eight["experts_bitwise"] is True and eight["gate_bitwise"] is True
-  for name in ("experts", "gate"):
+  assert all(eight[f"{name}_bitwise"] is True for name in ("experts", "distill", "gate"))
+  for name in ("experts", "distill", "gate"):
     leaves = jax.tree_util.tree_leaves(one[name + "_streamed"])
     for got, want in zip(eight[name], leaves, strict=True):
       np.testing.assert_allclose(

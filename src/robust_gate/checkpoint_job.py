@@ -50,6 +50,7 @@ from robust_gate import (
   provenance,
   scoring,
   shards,
+  streaming,
   workdirs,
 )
 from robust_gate import hf as hf_lib
@@ -232,9 +233,8 @@ def distill_student(
     dataclasses.replace(start, params=params), x
   )
   dc = config.distill
-  loss_fn = distill.kl_loss_fn(
-    teacher_fn(loaded, robust), student_fn, splits.train, dc.per_domain, mesh
-  )
+  source = streaming.choose(splits.train, budget_bytes=config.get("device_budget_bytes"))
+  loss_fn = distill.kl_loss_fn(teacher_fn(loaded, robust), student_fn, source, dc.per_domain, mesh)
   step, state = train_lib.make_game(
     loss_fn,
     start.params,

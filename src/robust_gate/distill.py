@@ -25,10 +25,10 @@ model here knows.
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from robust_gate import data as data_lib
-from robust_gate import gating, models, parallel, train
+from robust_gate import gating, models, parallel, streaming, train
 
 
 def teacher_next_token_logprobs(
@@ -81,7 +81,7 @@ def distill_loss_fn(
   expert_params_M,
   gate_cfg: models.GateConfig,
   gate_params,
-  d: data_lib.DomainData,
+  d: data_lib.DomainData | streaming.Source,
   per_domain: int,
 ):
   """Per-domain mean token KL(teacher ‖ student) on a stratified batch: losses [K]."""
@@ -93,38 +93,36 @@ def distill_loss_fn(
 
 
 def kl_loss_fn(
-  teacher_fn, student_fn, d: data_lib.DomainData, per_domain: int, mesh: Mesh | None = None
+  teacher_fn,
+  student_fn,
+  d: data_lib.DomainData | streaming.Source,
+  per_domain: int,
+  mesh: Mesh | None = None,
 ):
   """Per-domain mean token KL(teacher ‖ student) on a stratified batch, losses [K], for
   any teacher `(inputs_BxT, targets_BxT, mask_BxT) -> [B, T, V]` log-distributions and
   student `(params, inputs_BxT) -> [B, T, V]` (`distill_loss_fn` is this with
   robust_gate's own transformers; robust_gate.checkpoint_job, with checkpoints).
 
-  The batch is split over every device (`parallel.shard_batch`), or, given `mesh` (a
+  `d` is a split (its rows on the devices) or a `streaming.Source` (on the devices, or
+  streamed from the host when larger than the device budget, as the other models' data
+  is; robust_gate.streaming). The batch is split over every device, or, given `mesh` (a
   data × model mesh, robust_gate.hf.sharding), over its data axis only: a teacher whose
   parameters are split over the model axis then runs as `hf.sharding.score` runs it,
   each group of model devices on its rows, instead of gathering its parameters to
   every device that holds rows."""
-  arrays, index = train.device_arrays(d), data_lib.domain_index(d)
+  source = d if isinstance(d, streaming.Source) else streaming.Source(d)
   parallel.check_divisible(per_domain, "per_domain (distill)")
+  K = source.data.num_domains
 
-  def split(idx_N):
-    if mesh is None:
-      return parallel.shard_batch(idx_N)
-    rows = NamedSharding(mesh, PartitionSpec(parallel.AXIS))  # hf.sharding.DATA
-    return jax.lax.with_sharding_constraint(idx_N, rows)
-
-  def loss_fn(student_params, batch, key):
-    del batch
-    idx_KxB = data_lib.stratified_batch(key, index, per_domain)
-    K, B = idx_KxB.shape
-    flat = split(idx_KxB.reshape(-1))
-    x, y, m = arrays["inputs"][flat], arrays["targets"][flat], arrays["mask"][flat]
+  def losses(student_params, rows):
+    x, y, m = rows["inputs"], rows["targets"], rows["mask"]
     teacher = jax.lax.stop_gradient(teacher_fn(x, y, m))
-    kl_KxBxT = token_kl(teacher, student_fn(student_params, x)).reshape(K, B, -1)
-    return train.per_domain_token_loss(kl_KxBxT, m.reshape(K, B, -1), 0.0)
+    kl_KxBxT = token_kl(teacher, student_fn(student_params, x)).reshape(K, per_domain, -1)
+    return train.per_domain_token_loss(kl_KxBxT, m.reshape(K, per_domain, -1), 0.0)
 
-  return loss_fn
+  columns = ("inputs", "targets", "mask")
+  return streaming.loss_fn(source, per_domain, columns, losses, axis=0, mesh=mesh)
 
 
 def student_init(expert_params_M, lam_bar_K):

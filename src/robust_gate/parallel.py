@@ -52,9 +52,16 @@ def _spec(ndim: int, axis: int) -> PartitionSpec:
   return PartitionSpec(*([None] * axis + [AXIS] + [None] * (ndim - axis - 1)))
 
 
-def shard_batch(x: jax.Array, axis: int = 0) -> jax.Array:
-  """Inside jit: `x` split over the devices along `axis` (a no-op on one device)."""
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh(), _spec(x.ndim, axis)))
+def shard_batch(x: jax.Array, axis: int = 0, over: Mesh | None = None) -> jax.Array:
+  """Inside jit: `x` split over the devices along `axis` (a no-op on one device); given
+  `over`, a mesh with an AXIS axis among others, over that axis only."""
+  return jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim, axis, over))
+
+
+def batch_sharding(ndim: int, axis: int, over: Mesh | None = None) -> NamedSharding:
+  """An [..., B, ...] array (B at `axis`) split along B over AXIS of `over` (default:
+  `mesh()`, every device)."""
+  return NamedSharding(mesh() if over is None else over, _spec(ndim, axis))
 
 
 def replicate(tree):

@@ -297,7 +297,9 @@ def distill_student(config, splits: Splits, caches: Caches, robust: Gate, run: R
   lam_bar = robust.state.lam_avg_K
   params, init_from = distill.student_init(ex.params, lam_bar)
   step, state = train_lib.make_game(
-    distill.distill_loss_fn(ex.lm_cfg, ex.params, robust.cfg, robust.params, tr, dc.per_domain),
+    distill.distill_loss_fn(
+      ex.lm_cfg, ex.params, robust.cfg, robust.params, _train_source(config, tr), dc.per_domain
+    ),
     params,
     num_domains=tr.num_domains,
     lr=dc.lr,

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from robust_gate import data as data_lib
 from robust_gate import parallel, shards
@@ -80,22 +80,31 @@ def choose(data: DomainData, cache=None, *, budget_bytes: int | None) -> Source:
   return Source(data, cache, stream)
 
 
-def loss_fn(source: Source, per_domain: int, columns: tuple[str, ...], losses: RowLoss, axis: int):
+def loss_fn(
+  source: Source,
+  per_domain: int,
+  columns: tuple[str, ...],
+  losses: RowLoss,
+  axis: int,
+  mesh: Mesh | None = None,
+):
   """A per-domain loss function `(params, batch, key) -> [K]` that reads `columns` at a
   stratified minibatch of `per_domain` rows per domain and returns `losses(params, rows)`,
   the rows [K·B, ...] (axis 0) or [K, B, ...] (axis 1), split over the devices along
-  that axis. Resident: the minibatch is drawn from `key` inside jit (`batch` unused);
+  that axis (given `mesh`, a data × model mesh of robust_gate.hf.sharding, over its data
+  axis only). Resident: the minibatch is drawn from `key` inside jit (`batch` unused);
   streamed: a StreamedLoss, its rows in `batch`."""
   if source.stream:
     index = jax.device_put(data_lib.domain_index(source.data), _cpu())
-    return StreamedLoss(source, per_domain, columns, losses, axis, index)
+    return StreamedLoss(source, per_domain, columns, losses, axis, index, mesh)
   arrays = {c: jnp.asarray(np.asarray(source.column(c))) for c in columns}
   index = data_lib.domain_index(source.data)
 
   def fn(params, batch, key):
     del batch
     idx = data_lib.stratified_batch(key, index, per_domain)
-    idx = parallel.shard_batch(idx, 1) if axis else parallel.shard_batch(idx.reshape(-1))
+    idx = idx if axis else idx.reshape(-1)
+    idx = parallel.shard_batch(idx, axis, mesh)
     return losses(params, {c: a[idx] for c, a in arrays.items()})
 
   return fn
@@ -112,6 +121,7 @@ class StreamedLoss:
   losses: RowLoss
   axis: int  # the rows' batch axis: 0 (flat, [K·B, ...]) or 1 ([K, B, ...])
   index: data_lib.DomainIndex  # on the host's CPU device
+  mesh: Mesh | None = None  # rows split over its data axis; None: over every device
 
   def __call__(self, params, batch, key):
     """In a streamed step `batch` is the step's rows. With a concrete `key` (outside
@@ -128,7 +138,8 @@ class StreamedLoss:
       with jax.ensure_compile_time_eval():  # concrete even where `params` are traced
         drawn = np.asarray(_draw(jax.device_put(keys, _cpu()), self.index, self.per_domain))
         batch = {c: x[0] for c, x in self.rows(drawn).items()}
-    return self.losses(params, {c: parallel.shard_batch(batch[c], self.axis) for c in self.columns})
+    rows = {c: parallel.shard_batch(batch[c], self.axis, self.mesh) for c in self.columns}
+    return self.losses(params, rows)
 
   def indices(self, base_key: np.ndarray, first: int, n: int, fold: int | None) -> np.ndarray:
     """[n, K, B]: the minibatches that steps first..first+n−1 of a game with key
@@ -143,9 +154,7 @@ class StreamedLoss:
     [S, K, B, ...] (axis 1), split over the devices along the batch axis; this process
     reads only the rows of its own devices' shards."""
     idx = idx_SxKxB.reshape(len(idx_SxKxB), -1) if self.axis == 0 else idx_SxKxB
-    spec: list[str | None] = [None] * idx.ndim
-    spec[self.axis + 1] = parallel.AXIS
-    sharding = NamedSharding(parallel.mesh(), PartitionSpec(*spec))
+    sharding = parallel.batch_sharding(idx.ndim, self.axis + 1, self.mesh)
     out = {}
     for c in self.columns:
       column = self.source.column(c)
