@@ -27,6 +27,9 @@ mkdir -p "$root"
 # jax's persistent compilation cache lets each compile once.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$root/jax_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}
+# A size limit turns on jax's file lock around every cache read and write: the chains
+# share one cache, and without it jax writes an entry in place and reads it unlocked.
+export JAX_COMPILATION_CACHE_MAX_SIZE=${JAX_COMPILATION_CACHE_MAX_SIZE:-17179869184}
 
 chain() {
   local name=$1 config=launch/configs/$1.py workdir=$root/$1
