@@ -84,7 +84,6 @@ _SLOW_FIRST = (
   "test_benchmark.py",
   "test_student_size.py",
   "test_checkpoint_job.py",
-  "test_golden.py",
   "test_parallel.py",
   "test_models.py",
   "test_distill.py",
