@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from devices import env_with_devices
 from tolerances import F32_RTOL
 
 from robust_gate import benchmark, closures, models, primal_dual
@@ -56,7 +57,7 @@ def test_launcher_writes_every_phase_on_two_devices(tmp_path):
   the step is split over."""
   launcher = os.path.join(ROOT, "launch", "benchmark.py")
   flags = [f"--{k}={v}" for k, v in TINY.items()] + ["--scan_unrolls=2", "--profile"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = env_with_devices(2)
   workdir = tmp_path / "bench"
   proc = subprocess.run(
     [sys.executable, launcher, f"--workdir={workdir}", *flags],

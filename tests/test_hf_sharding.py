@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 import pytest
+from devices import env_with_devices
 from jax.sharding import PartitionSpec as P
 
 import robust_gate.hf as hf
@@ -32,7 +33,7 @@ PATHS = {n: os.path.join(FIXTURES, n) for n in ("gpt2", "llama_tied", "llama_unt
 TEXTS = ["def f(x):\n    return x + 1\n", "The quick brown fox.", "import os", "Hello world."]
 SPLITS = (1, 2, 4, 8)  # model_parallel values on 8 devices
 BUDGET = 4 * 32 * 3 * 4  # bytes: 4 rows of the 13-row cache, so it is kept in row shards
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ENV = env_with_devices(8)
 
 
 def _data(tok):

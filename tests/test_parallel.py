@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from devices import env_with_devices
 
 from robust_gate import parallel
 
@@ -96,7 +97,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def eight():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = env_with_devices(8)
   out = subprocess.run(
     [sys.executable, "-c", _CHILD],
     capture_output=True,

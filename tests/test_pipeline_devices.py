@@ -3,6 +3,7 @@
 
 import subprocess
 
+from devices import env_with_devices
 from test_pipeline import ENV, _assert_same_results, _command, _results
 
 
@@ -14,7 +15,7 @@ def _one_device(request):
 
 def test_eight_devices_match_one(request, tmp_path):
   """Every phase data-parallel on 8 simulated CPU devices = the 1-device run."""
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = env_with_devices(8, ENV)
   out = subprocess.run(_command(tmp_path), capture_output=True, text=True, timeout=600, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "train_experts: 8 cpu device(s)" in out.stdout

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 
+from devices import env_with_devices
 from test_pipeline import ENV, _assert_same_results, _command, _killed, _results, _saved
 
 
@@ -36,7 +37,7 @@ def test_two_processes_killed_and_resumed_match_one(request, tmp_path):
   again = the 1-device run, every number; process 0 alone writes and prints. (Two
   devices a process keep both the across-process and the within-process split; 8
   devices in one process are tests/test_pipeline_devices.py's.)"""
-  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = env_with_devices(2, ENV)
   two = tmp_path / "two"
   procs = _two_processes(two, tmp_path / "killed", env, kill=("robust_gate", 20, "after_save"))
   for i, p in enumerate(procs):  # each dies once its checkpoint of step 20 is saved

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from devices import env_with_devices
 
 from robust_gate import checkpoints, data, distill, experts, models, shards, streaming, train
 from robust_gate.benchmark.phases import bitwise_equal
@@ -251,7 +252,7 @@ print(json.dumps(out))
 def test_eight_devices_stream_what_one_does(one):
   """On 8 simulated devices the streamed games equal the 8-device resident ones bit for
   bit, and the 1-device runs to float32 rounding (sums split over devices)."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = env_with_devices(8)
   proc = subprocess.run(
     [sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
   )
@@ -310,7 +311,7 @@ def test_each_of_two_processes_gathers_only_its_own_rows(one):
   with socket.socket() as sock:
     sock.bind(("localhost", 0))
     address = f"localhost:{sock.getsockname()[1]}"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = env_with_devices(4)
   procs = [
     subprocess.Popen(
       [sys.executable, "-c", _PROCESS, address, str(i)],
