@@ -17,14 +17,6 @@ os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 # compilation_cache.get_executable_and_time (a segfault, then an abort, the second time
 # with the lock on), each time in an in-process job, never in a launcher.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
-# Most of the suite's time is XLA compiling small programs, not running them: LLVM at
-# optimization level 0 compiles the tiny main job in 27% less CPU time (51 s against
-# 70 s), its results within 4e-7 relative of level 3's (BUILD_NOTES.md). Every process
-# the tests start inherits it (tests/devices.py adds device counts on top); what the
-# tests compare bitwise is computed under the same flags on both sides.
-os.environ["XLA_FLAGS"] = " ".join(
-  dict.fromkeys([*os.environ.get("XLA_FLAGS", "").split(), "--xla_backend_optimization_level=0"])
-)
 
 import jax
 import numpy as np
