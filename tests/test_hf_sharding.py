@@ -95,11 +95,10 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp("eight")
+def _run_child(script: str, out_dir) -> tuple:
+  """(out_dir, the JSON the child printed last): `script` run on 8 devices."""
   run = subprocess.run(
-    [sys.executable, "-c", _CHILD, str(out_dir)],
+    [sys.executable, "-c", script, str(out_dir)],
     capture_output=True,
     text=True,
     timeout=600,
@@ -108,6 +107,11 @@ def eight(tmp_path_factory):
   )
   assert run.returncode == 0, run.stderr[-3000:]
   return out_dir, json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+  return _run_child(_CHILD, tmp_path_factory.mktemp("eight"))
 
 
 @pytest.fixture(scope="module")
@@ -182,17 +186,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
   """checkpoint_job.distill_student on 8 devices, the teacher split 1, 2 and 4 ways."""
-  out_dir = tmp_path_factory.mktemp("distilled")
-  run = subprocess.run(
-    [sys.executable, "-c", _DISTILL_CHILD, str(out_dir)],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env=ENV,
-    cwd=ROOT,
-  )
-  assert run.returncode == 0, run.stderr[-3000:]
-  return out_dir, json.loads(run.stdout.strip().splitlines()[-1])
+  return _run_child(_DISTILL_CHILD, tmp_path_factory.mktemp("distilled"))
 
 
 def test_the_rule_splits_matrices_along_their_largest_divisible_axis():
