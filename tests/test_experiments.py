@@ -3,7 +3,6 @@ writes its JSON (with provenance, its seeds and mean ± sd over them) and PNG, a
 can be checked exactly is (grid maxima, λ̄-losses, the §3 identity, warm starts, the
 pruning path chosen on validation, the EMA refit, weak duality along the game)."""
 
-import copy
 import dataclasses
 import glob
 import itertools
@@ -11,12 +10,14 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from test_pipeline import ENV
 from tolerances import F32_RTOL
 
 from robust_gate import config_files, evaluate, models, pipeline, provenance, sampling
@@ -41,11 +42,11 @@ TEST_SEEDS = 2
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, finished_tiny_job):
+  """(config, workdir): a copy of the finished tiny main job every file shares
+  (conftest.py), which the experiments write into."""
   config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
-  workdir = str(tmp_path_factory.mktemp("experiments"))
-  pipeline.run(config, workdir, log=QUIET)
-  config = copy.deepcopy(config)
+  workdir = str(shutil.copytree(finished_tiny_job[0], tmp_path_factory.mktemp("e") / "tiny"))
   config.experiment_seeds = TEST_SEEDS
   return config, workdir
 
@@ -58,8 +59,15 @@ def _run(tiny, name, **kwargs) -> dict:
   """Runs experiment `name` on the tiny job; checks what every experiment writes."""
   config, workdir = tiny
   out = EXPERIMENTS[name](config, workdir, log=QUIET, **kwargs)
+  assert _written(tiny, name) == json.loads(json.dumps(out))  # the JSON is what it returned
+  return out
+
+
+def _written(tiny, name) -> dict:
+  """The JSON experiment `name` wrote in the tiny job's workdir, checked as every
+  experiment's is."""
+  config, workdir = tiny
   written = json.loads(pathlib.Path(workdir, "experiments", f"{name}.json").read_text())
-  assert written == json.loads(json.dumps(out))  # the JSON is what it returned
   assert written["experiment"] == name
   assert written["provenance"]["config"]["seed"] == config.seed
   assert written["provenance"]["commit"] and written["provenance"]["platform"] == "cpu"
@@ -67,7 +75,7 @@ def _run(tiny, name, **kwargs) -> dict:
     inputs = written[provenance.INPUTS_KEY]
     assert list(inputs) == [*provenance.MODEL_DIRS, "results.json"]
     assert inputs["results.json"] == [_results(workdir)["provenance"]]
-  flat = json.dumps(out)
+  flat = json.dumps(written)
   assert "NaN" not in flat and "Infinity" not in flat
   if name == "mixtures":  # it trains nothing: the main job's one run, and it says so
     assert written["seeds"] == [config.seed] and written["seeds_note"].startswith("1 seed")
@@ -82,7 +90,7 @@ def _run(tiny, name, **kwargs) -> dict:
       np.testing.assert_allclose(s["mean"], per_seed.mean(0), rtol=1e-12, atol=1e-12)
       np.testing.assert_allclose(s["sd"], per_seed.std(0, ddof=1), rtol=1e-12, atol=1e-12)
   assert pathlib.Path(workdir, "experiments", f"{name}.png").stat().st_size > 1000
-  return out
+  return written
 
 
 def _spreads(tree):
@@ -204,7 +212,18 @@ def test_jsd_run_trains_and_scores_a_main_job_per_similarity_and_seed(tiny):
   """`run` at one similarity: identical domains (JSD 0), a main job of that similarity
   for each seed in `s=<s>/seed=<seed>/`, and the provenance of what it read there."""
   config, workdir = tiny
-  out = _run(tiny, "jsd", similarities=(1.0,))
+  # In a process of its own (as the launcher runs it), which reads the compiled programs
+  # of the finished tiny job from the tests' shared cache: its main jobs differ from that
+  # one only in their data and seeds, which the programs take as arguments.
+  child = subprocess.run(
+    [sys.executable, "-c", _JSD_CHILD, os.path.join(CONFIGS, "tiny.py"), workdir, str(TEST_SEEDS)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=ENV,
+  )
+  assert child.returncode == 0, child.stderr[-3000:]
+  out = _written(tiny, "jsd")
   assert out["similarities"] == [1.0] and len(out["runs"]) == 1
   row = out["runs"][0]
   assert row["similarity"] == 1.0
@@ -222,8 +241,20 @@ def test_jsd_run_trains_and_scores_a_main_job_per_similarity_and_seed(tiny):
   read = (*provenance.MODEL_DIRS, "results.json")
   assert list(inputs) == [f"{n}/{r}" for n in names for r in read]
   assert [inputs[f"{n}/results.json"] for n in names] == [[sub["provenance"]] for sub in subs]
-  assert config.data.options.get("similarity", 0.0) == 0.0  # the caller's config unchanged
   assert config.seed == out["seeds"][0]
+
+
+# jsd.run at one similarity, as tests/test_experiments.py's jsd test runs it: argv is the
+# config file, the workdir and the number of seeds. The caller's config stays unchanged.
+_JSD_CHILD = """
+import sys
+from robust_gate import config_files
+from robust_gate.experiments import jsd
+config = config_files.load(sys.argv[1])
+config.experiment_seeds = int(sys.argv[3])
+jsd.run(config, sys.argv[2], log=lambda s: None, similarities=(1.0,))
+assert config.data.options.get("similarity", 0.0) == 0.0 and config.seed == 0, config
+"""
 
 
 def test_gate_size_runs_every_width_on_every_fraction(tiny):

@@ -1,12 +1,12 @@
-"""End-to-end: the main job on a tiny config, rerun, over its device budget, refused.
+"""End-to-end: the main job on a tiny config, rerun, refused.
 
 The rest of the end-to-end tests, in files of their own so that pytest-xdist runs them
 beside these: every phase launcher and the kill-and-resume guarantee
-(test_pipeline_resume.py), 8 devices (test_pipeline_devices.py), 2 processes
-(test_pipeline_processes.py). A run SIGKILLed at any moment and started again with the
-same command ends with the same results (bitwise on CPU); the kills are deterministic:
-run as a script, this file is a launcher that SIGKILLs itself at a named point of a
-named model's training (`_kill_self_at`).
+(test_pipeline_resume.py), 8 devices over the device budget, streaming
+(test_pipeline_devices.py), 2 processes (test_pipeline_processes.py). A run SIGKILLed at
+any moment and started again with the same command ends with the same results (bitwise
+on CPU); the kills are deterministic: run as a script, this file is a launcher that
+SIGKILLs itself at a named point of a named model's training (`_kill_self_at`).
 """
 
 import json
@@ -163,16 +163,6 @@ def test_rerun_resumes_everything_and_refuses_another_config(tiny_run, tmp_path)
   assert "Traceback" not in out.stderr
   assert _results(workdir) == before  # nothing lost or mixed
   assert listing() == files
-
-
-def test_a_job_over_its_device_budget_streams_to_the_same_results(tiny_run, tmp_path):
-  # A budget below every split and cache: the experts' and baselines' tokens and the
-  # gates' caches stream from the host, and the caches are written in shards on disk.
-  out = _main(tmp_path, "--config.device_budget_bytes=1000")
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "stream from the host" in out.stdout
-  assert (tmp_path / "cache_test").is_dir() and not (tmp_path / "cache_test.npz").exists()
-  assert _results(tmp_path) == _results(tiny_run[0])
 
 
 def test_the_gates_train_gate_returns_stay_usable_in_its_process(tiny_run, tmp_path):
