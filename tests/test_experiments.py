@@ -55,12 +55,49 @@ def _results(workdir) -> dict:
   return json.loads(pathlib.Path(workdir, "results.json").read_text())
 
 
-def _run(tiny, name, **kwargs) -> dict:
-  """Runs experiment `name` on the tiny job; checks what every experiment writes."""
+def _run(tiny, name, in_process=False, **kwargs) -> dict:
+  """Runs experiment `name` on the tiny job; checks what every experiment writes.
+
+  By default in a process of its own (as the launcher runs it), which finds what the
+  tiny job and the experiment's earlier seeds compiled in the tests' shared compilation
+  cache (the programs take data and seeds as arguments), and which leaves the pytest
+  worker's own process free of training (BUILD_NOTES: the workers' crashes). A test
+  that patches the library runs it in-process."""
   config, workdir = tiny
-  out = EXPERIMENTS[name](config, workdir, log=QUIET, **kwargs)
-  assert _written(tiny, name) == json.loads(json.dumps(out))  # the JSON is what it returned
-  return out
+  if in_process:
+    out = EXPERIMENTS[name](config, workdir, log=QUIET, **kwargs)
+    assert _written(tiny, name) == json.loads(json.dumps(out))  # the JSON is what it returned
+    return out
+  command = [
+    sys.executable,
+    "-c",
+    _CHILD,
+    name,
+    workdir,
+    str(config.experiment_seeds),
+    repr(kwargs),
+  ]
+  child = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+  assert child.returncode == 0, child.stderr[-3000:]
+  return _written(tiny, name)
+
+
+# An experiment on the tiny config, as `_run` runs it: argv is its name, the workdir, the
+# number of seeds and its keyword arguments (a Python literal). It checks that the JSON
+# written is what the experiment returned, and that the caller's config is unchanged.
+_CHILD = f"""
+import ast, json, os, sys
+from robust_gate import config_files
+from robust_gate.experiments import EXPERIMENTS
+name, workdir, seeds, kwargs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+config = config_files.load({os.path.join(CONFIGS, "tiny.py")!r})
+config.experiment_seeds = seeds
+before = repr(config.to_dict())
+out = EXPERIMENTS[name](config, workdir, log=lambda s: None, **ast.literal_eval(kwargs))
+with open(os.path.join(workdir, "experiments", name + ".json")) as f:
+  assert json.load(f) == json.loads(json.dumps(out)), "the JSON is not what it returned"
+assert repr(config.to_dict()) == before, "the experiment changed its caller's config"
+"""
 
 
 def _written(tiny, name) -> dict:
@@ -212,18 +249,7 @@ def test_jsd_run_trains_and_scores_a_main_job_per_similarity_and_seed(tiny):
   """`run` at one similarity: identical domains (JSD 0), a main job of that similarity
   for each seed in `s=<s>/seed=<seed>/`, and the provenance of what it read there."""
   config, workdir = tiny
-  # In a process of its own (as the launcher runs it), which reads the compiled programs
-  # of the finished tiny job from the tests' shared cache: its main jobs differ from that
-  # one only in their data and seeds, which the programs take as arguments.
-  child = subprocess.run(
-    [sys.executable, "-c", _JSD_CHILD, os.path.join(CONFIGS, "tiny.py"), workdir, str(TEST_SEEDS)],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env=ENV,
-  )
-  assert child.returncode == 0, child.stderr[-3000:]
-  out = _written(tiny, "jsd")
+  out = _run(tiny, "jsd", similarities=(1.0,))
   assert out["similarities"] == [1.0] and len(out["runs"]) == 1
   row = out["runs"][0]
   assert row["similarity"] == 1.0
@@ -242,19 +268,6 @@ def test_jsd_run_trains_and_scores_a_main_job_per_similarity_and_seed(tiny):
   assert list(inputs) == [f"{n}/{r}" for n in names for r in read]
   assert [inputs[f"{n}/results.json"] for n in names] == [[sub["provenance"]] for sub in subs]
   assert config.seed == out["seeds"][0]
-
-
-# jsd.run at one similarity, as tests/test_experiments.py's jsd test runs it: argv is the
-# config file, the workdir and the number of seeds. The caller's config stays unchanged.
-_JSD_CHILD = """
-import sys
-from robust_gate import config_files
-from robust_gate.experiments import jsd
-config = config_files.load(sys.argv[1])
-config.experiment_seeds = int(sys.argv[3])
-jsd.run(config, sys.argv[2], log=lambda s: None, similarities=(1.0,))
-assert config.data.options.get("similarity", 0.0) == 0.0 and config.seed == 0, config
-"""
 
 
 def test_gate_size_runs_every_width_on_every_fraction(tiny):
@@ -335,7 +348,7 @@ def test_prune_path_drops_the_least_used_expert_on_validation_first(tiny, monkey
   monkeypatch.setattr(common, "load", lambda config, workdir: (results, changed))
   assert np.argmin(prune.expert_mass(gate, test)) == unused  # else this test could not fail
   names = list(test.data.domains)
-  out = _run(tiny, "prune")
+  out = _run(tiny, "prune", in_process=True)
   path, mass = out["path"], out["mass_under_lambda_bar"]
   np.testing.assert_allclose(list(mass.values()), on_validation, rtol=F32_RTOL)
   assert "validation" in out["order_chosen_on"]
@@ -435,6 +448,7 @@ def test_launcher_runs_an_experiment_by_name(tiny):
     capture_output=True,
     text=True,
     timeout=300,
+    env=ENV,
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "grid worst" in out.stdout

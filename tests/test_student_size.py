@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from test_experiments import _run as run_experiment
 from tolerances import F32_RTOL
 
 from robust_gate import (
@@ -60,10 +61,10 @@ def tiny(tmp_path_factory, finished_tiny_job):
 
 @pytest.fixture(scope="module")
 def ran(tiny):
-  """The experiment on the tiny job, 10 steps a student (a third of the monolithic's)."""
-  config, workdir = tiny
+  """The experiment on the tiny job, 10 steps a student (a third of the monolithic's), in
+  a process of its own as tests/test_experiments.py runs every experiment: its JSON."""
   start = time.perf_counter()
-  out = student_size.run(config, workdir, log=QUIET, steps=10)
+  out = run_experiment(tiny, "student_size", steps=10)
   return out, time.perf_counter() - start
 
 
