@@ -10,7 +10,7 @@ import pytest
 from scipy import optimize
 from tolerances import F32_RTOL
 
-from robust_gate import data, evaluate, models, primal_dual, records, summary, uncertainty
+from robust_gate import data, evaluate, models, primal_dual, records, shards, summary, uncertainty
 from robust_gate.checks import InputError
 
 # Three examples, two domains: example 0 = [1, 2] and example 2 = [2, 2, 1] are
@@ -300,3 +300,42 @@ def test_methods_on_test_keeps_the_expert_baseline_per_sequence(scored):
   fixed, _ = evaluate.methods_on_test(m, "entropy")
   assert fixed.baseline_nll_N is None
   assert fixed.resampled("robust_gate")[1] is fixed.baseline_K
+
+
+@pytest.mark.parametrize("block_rows", [1, 2])
+def test_methods_on_test_in_blocks_reads_a_block_at_a_time_and_scores_the_same(
+  scored, block_rows, tmp_path, monkeypatch
+):
+  """The test split read `block_rows` sequences at a time, its cache from shards on disk:
+  the same scores and usage as one block in memory, and no read of more rows than a block."""
+  m, cache, (whole, whole_use) = scored
+  sharded = shards.build(
+    str(tmp_path / "cache"),
+    fingerprint="test",
+    shape=cache.shape,
+    dtype=np.float32,
+    shard_rows=1,
+    compute=lambda lo, hi: cache[lo:hi],
+    log=lambda s: None,
+  )
+  reads = []
+  read = shards.ShardedArray.__array__
+
+  def counted(self, *args, **kwargs):
+    reads.append(len(self))
+    return read(self, *args, **kwargs)
+
+  monkeypatch.setattr(shards.ShardedArray, "__array__", counted)
+  test = dataclasses.replace(m.caches.test, cache_NxTxM=sharded)
+  blocked = dataclasses.replace(m, caches=dataclasses.replace(m.caches, test=test))
+  scores, use = evaluate.methods_on_test(blocked, "expert", block_rows=block_rows)
+  assert reads and max(reads) <= block_rows and sum(reads) == len(cache)
+  assert list(scores.nll_N) == list(whole.nll_N) and list(use) == list(whole_use)
+  for name, nll_N in scores.nll_N.items():
+    np.testing.assert_allclose(nll_N, whole.nll_N[name], rtol=F32_RTOL, err_msg=name)
+  for name, u in use.items():
+    np.testing.assert_allclose(u, whole_use[name], rtol=F32_RTOL, err_msg=name)
+  np.testing.assert_array_equal(scores.tokens_N, whole.tokens_N)
+  np.testing.assert_array_equal(scores.baseline_nll_N, whole.baseline_nll_N)
+  with pytest.raises(InputError, match="block_rows must be at least 1"):
+    evaluate.methods_on_test(blocked, "expert", block_rows=0)

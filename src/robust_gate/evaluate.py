@@ -31,6 +31,7 @@ from robust_gate import (
   objectives,
   parallel,
   records,
+  shards,
 )
 from robust_gate.checks import InputError
 from robust_gate.data import DomainData
@@ -54,16 +55,26 @@ def domain_mean(values_NxT, data: DomainData) -> np.ndarray:
   Raises InputError naming a domain with no tokens, whose mean does not exist (a
   split or subset without its examples), rather than reporting NaN for it.
   """
+  return _per_domain(_sequence_sums(values_NxT, data.mask_NxT), data.mask_NxT.sum(axis=1), data)
+
+
+def _sequence_sums(values_NxT, mask_NxT) -> np.ndarray:
+  """Σ over each sequence's real tokens: [N] or [N, M], in the values' dtype."""
   values = np.asarray(values_NxT)
-  mask = data.mask_NxT.reshape(data.mask_NxT.shape + (1,) * (values.ndim - 2))
-  per_seq = np.where(mask, values, 0.0).sum(axis=1)  # [N] or [N, M]
+  mask = mask_NxT.reshape(mask_NxT.shape + (1,) * (values.ndim - 2))
+  return np.where(mask, values, 0.0).sum(axis=1)
+
+
+def _per_domain(sums_N, tokens_N, data: DomainData) -> np.ndarray:
+  """Per-sequence sums ([N] or [N, M]) over each domain's tokens: [K] or [K, M]."""
   K = data.num_domains
-  if per_seq.ndim == 1:
-    totals = np.bincount(data.domain_N, per_seq, K)
+  if sums_N.ndim == 1:
+    totals = np.bincount(data.domain_N, sums_N, K)
   else:
-    cols = [np.bincount(data.domain_N, per_seq[:, j], K) for j in range(per_seq.shape[1])]
-    totals = np.stack(cols, 1)
-  tokens = np.bincount(data.domain_N, data.mask_NxT.sum(axis=1), K)
+    totals = np.stack(
+      [np.bincount(data.domain_N, sums_N[:, j], K) for j in range(sums_N.shape[1])], 1
+    )
+  tokens = np.bincount(data.domain_N, tokens_N, K)
   for domain, n in zip(data.domains, tokens):
     if n == 0:
       raise InputError(f"domain {domain!r} has no tokens in this data: its mean is undefined.")
@@ -94,9 +105,15 @@ def gate_logprobs_and_usage(
   config: models.GateConfig, params, data: DomainData, cache_NxTxM
 ) -> tuple[np.ndarray, np.ndarray]:
   """The gated model's log-probs [N, T] and mean gate weights per domain [K, M]."""
+  logp, gate = _gate_logprobs_and_weights(config, params, data, cache_NxTxM)
+  return logp, usage(gate, data)
+
+
+def _gate_logprobs_and_weights(config: models.GateConfig, params, data: DomainData, cache_NxTxM):
+  """The gated model's log-probs [N, T] and its gate's weights [N, T, M]."""
   rows, n = parallel.put_rows(data.inputs_NxT, cache_NxTxM, data.mask_NxT)
   logp, gate = _gated(config, params, *rows)
-  return parallel.fetch(logp)[:n], usage(parallel.fetch(gate)[:n], data)
+  return parallel.fetch(logp)[:n], parallel.fetch(gate)[:n]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -167,48 +184,82 @@ def method_entry(ce_nats_K, baseline_nats_K, uncertainty, domains) -> dict:
 
 
 def methods_on_test(
-  m: records.TrainedModels, baseline: str
+  m: records.TrainedModels, baseline: str, block_rows: int | None = None
 ) -> tuple[SequenceScores, dict[str, np.ndarray]]:
   """Every method of docs/math.md §6 scored on the test split, per sequence.
+
+  The split is read `block_rows` sequences at a time (by default as many as hold
+  shards.SHARD_BYTES of the cache), so that a cache stored in shards on disk and a split
+  memory-mapped from its column files are never read whole into host memory: what is
+  kept is one number per sequence and method (and M per gate). The default depends on
+  the cache's shape only, so a job's numbers do not depend on its device budget.
 
   Args:
     m: the trained models: the gates (robust, ERM, best response to λ̄), the monolithic
       models, the student and the experts, whose cache also gives the uniform mixture
       and the posterior gate.
     baseline: config.baseline, the kind of `m.caches.test.baseline_K`.
+    block_rows: sequences scored at a time; None: the default above.
 
   Returns:
     (SequenceScores, {gate: `usage`, [K, M]}) for the trained gates and the posterior gate.
   """
-  te, cache, baseline_K = m.caches.test.data, m.caches.test.cache_NxTxM, m.caches.test.baseline_K
+  te, cache = m.caches.test.data, m.caches.test.cache_NxTxM
+  N, T, M = cache.shape
+  if block_rows is not None and block_rows < 1:
+    raise InputError(f"block_rows must be at least 1, got {block_rows}.")
+  rows = block_rows or shards.rows_per_shard(T * M * np.dtype(np.float32).itemsize)
+  nlls, sums, tokens = zip(
+    *(
+      _score_block(m, te.subset(slice(lo, lo + rows)), np.asarray(cache[lo : lo + rows]), baseline)
+      for lo in range(0, N, rows)
+    )
+  )
+  joined = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  nll_N, gate_sums, tokens_N = joined(nlls), joined(sums), np.concatenate(tokens)
+  scores = SequenceScores(
+    nll_N={k: v for k, v in nll_N.items() if k != _BASELINE},
+    tokens_N=tokens_N,
+    domain_N=np.asarray(te.domain_N),
+    domains=tuple(te.domains),
+    baseline_K=np.asarray(m.caches.test.baseline_K),
+    baseline_nll_N=nll_N[_BASELINE] if baseline == "expert" else None,
+  )
+  return scores, {k: _per_domain(v, tokens_N, te) for k, v in gate_sums.items()}
+
+
+# Where `_score_block` puts each sequence's NLL under its own domain's expert (the "expert"
+# baseline's b_k, measured on these sequences).
+_BASELINE = "own expert"
+
+
+def _score_block(
+  m: records.TrainedModels, te: DomainData, cache, baseline: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+  """One block of n test sequences: ({method: NLL [n]}, {gate: its weights summed over
+  each sequence's tokens [n, M]}, real tokens per sequence [n])."""
   K = te.num_domains
-  nll_N, use = {}, {}
+  nll_N, sums = {}, {}
   for name, gate in m.gates.items():
-    logp, use[name] = gate_logprobs_and_usage(gate.cfg, gate.params, te, cache)
-    nll_N[name] = sequence_nll(logp, te)
+    logp, weights = _gate_logprobs_and_weights(gate.cfg, gate.params, te, cache)
+    nll_N[name], sums[name] = sequence_nll(logp, te), _sequence_sums(weights, te.mask_NxT)
   uniform = np.full(cache.shape, -np.log(K), np.float32)
   nll_N["uniform_mixture"] = sequence_nll(fixed_gate_logprobs(uniform, cache), te)
   prefix_NxTxM = models.prefix_loglik(jnp.asarray(cache), jnp.asarray(te.mask_NxT))
   posterior = np.asarray(gating.posterior_log_gate(jnp.zeros(K), prefix_NxTxM.reshape(-1, K)))
   posterior = posterior.reshape(cache.shape)
   nll_N["posterior_gate"] = sequence_nll(fixed_gate_logprobs(posterior, cache), te)
-  use["posterior_gate"] = usage(np.exp(posterior), te)
+  sums["posterior_gate"] = _sequence_sums(np.exp(posterior), te.mask_NxT)
   for name in ("monolithic", "monolithic_large", "monolithic_dro"):
     mono = getattr(m.monoliths, name)
     nll_N[name] = sequence_nll(lm_logprobs(mono.lm_cfg, mono.params, te), te)
   nll_N["student"] = sequence_nll(lm_logprobs(m.student.lm_cfg, m.student.params, te), te)
   for j, d in enumerate(te.domains):
     nll_N[f"expert:{d}"] = sequence_nll(cache[..., j], te)
-  own_NxT = np.take_along_axis(cache, te.domain_N[:, None, None], axis=-1)[..., 0]
-  scores = SequenceScores(
-    nll_N=nll_N,
-    tokens_N=te.mask_NxT.sum(axis=1),
-    domain_N=te.domain_N,
-    domains=tuple(te.domains),
-    baseline_K=np.asarray(baseline_K),
-    baseline_nll_N=sequence_nll(own_NxT, te) if baseline == "expert" else None,
-  )
-  return scores, use
+  if baseline == "expert":
+    own_NxT = np.take_along_axis(cache, np.asarray(te.domain_N)[:, None, None], axis=-1)[..., 0]
+    nll_N[_BASELINE] = sequence_nll(own_NxT, te)
+  return nll_N, sums, te.mask_NxT.sum(axis=1)
 
 
 def bootstrap_key(seed: int) -> jax.Array:
