@@ -524,3 +524,87 @@ def test_fingerprints_tell_models_and_dtypes_apart(loaded):
   prints.add(hf.fingerprint(hf.load(str(FIXTURES / "gpt2"), dtype="bfloat16")))
   assert len(prints) == len(NAMES) + 1
   assert hf.fingerprint(hf.load(str(FIXTURES / "gpt2"))) == hf.fingerprint(loaded["gpt2"])
+
+
+def _fixture(loaded, name: str) -> hf.Model:
+  if name in loaded:
+    return loaded[name]
+  if not (FIXTURES / name).is_dir():
+    pytest.skip(f"tests/fixtures/hf/{name} is not written yet (launch/make_hf_fixtures.py)")
+  return hf.load(str(FIXTURES / name))
+
+
+@pytest.mark.parametrize("name", (*NAMES, *ROPE_FIXTURES))
+def test_decode_steps_over_the_key_value_cache_give_the_full_forward_pass(loaded, name):
+  """One position at a time over the cache (hf.decode_step), every position's whole
+  next-token distribution is the full forward's: learned positions (GPT-2), rotary ones
+  with their rescalings and grouped-query attention (Llama)."""
+  model = _fixture(loaded, name)
+  d, _ = _reference(name, model)
+  full_BxTxV = jax.jit(hf.next_token_logprobs)(model, d.inputs_NxT)
+  step_through = lambda m, x: sampling.step_through(sampling.checkpoint_stepper(m), x)
+  stepped_BxTxV = jax.jit(step_through)(model, d.inputs_NxT)
+  error = np.abs(np.asarray(stepped_BxTxV) - np.asarray(full_BxTxV))
+  print(
+    f"{name}: max |Δ log-prob| decode vs full {error.max():.2e}, relative "
+    f"{(error / np.abs(full_BxTxV)).max():.2e}"
+  )
+  # Relative: log-probs reach −20 here, and float32 sums in another order move them by
+  # ~1e-5 (so does the full forward itself, run on a shorter prefix or a smaller batch).
+  np.testing.assert_allclose(stepped_BxTxV, full_BxTxV, rtol=F32_RTOL, atol=1e-5)
+  np.testing.assert_allclose(np.exp(stepped_BxTxV), np.exp(full_BxTxV), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_untied", "llama_rope_llama3"])
+def test_cached_sampling_draws_the_tokens_of_uncached_sampling(loaded, name):
+  model = _fixture(loaded, name)
+  # The model an argument, not a constant of the program (sampling's module docstring).
+  next_fn = lambda m: lambda x: hf.next_token_logprobs(m, x)
+  uncached = jax.jit(lambda m, k: sampling.sample(next_fn(m), k, 8, 16, 0.8, 40))
+  cached = jax.jit(
+    lambda m, k: sampling.sample_cached(sampling.checkpoint_stepper(m), k, 8, 16, 0.8, 40)
+  )
+  for seed in range(4):
+    want, got = uncached(model, jax.random.key(seed)), cached(model, jax.random.key(seed))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_the_gated_checkpoint_mixture_samples_alike_with_and_without_the_cache():
+  """The gated mixture of a GPT-2 and a Llama expert, cached (each expert's keys and
+  values, the prefix log-likelihoods as a running sum): the same draws as rerunning the
+  prefix, and along them the same next-token distributions at every position. The gate
+  reads tokens and positions, and its correction network is not zero."""
+  paths = {"gpt2": str(FIXTURES / "gpt2"), "llama": str(FIXTURES / "llama_untied")}
+  ckpts = list(hf.load_models(paths).values())
+  V, T = ckpts[0].config.vocab_size, 12
+  gate_cfg = models.GateConfig(num_experts=2, vocab_size=V, max_len=T, token_embed=4, pos_embed=4)
+  gate_params = jax.tree.map(
+    lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape),
+    models.init_gate(gate_cfg, jax.random.PRNGKey(0)),
+  )
+  # Models and gate arguments, not constants of the program (sampling's module docstring).
+  next_fn = lambda ms, g: sampling.checkpoint_gated_next_fn(ms, gate_cfg, g)
+  stepper = lambda ms, g: sampling.checkpoint_gated_stepper(ms, gate_cfg, g)
+  uncached = jax.jit(lambda ms, g, k: sampling.sample(next_fn(ms, g), k, 6, T))
+  cached = jax.jit(lambda ms, g, k: sampling.sample_cached(stepper(ms, g), k, 6, T))
+  for seed in range(3):
+    key = jax.random.key(seed)
+    want, got = uncached(ckpts, gate_params, key), cached(ckpts, gate_params, key)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+  inputs_BxT = jnp.concatenate([jnp.zeros((6, 1), jnp.int32), got[0][:, :-1]], axis=1)
+  both = lambda ms, g, x: (
+    next_fn(ms, g)(x),
+    jnp.stack([hf.next_token_logprobs(m, x) for m in ms], 2),
+  )
+  full_BxTxV, experts_BxTxMxV = jax.jit(both)(ckpts, gate_params, inputs_BxT)
+  step_through = lambda ms, g, x: sampling.step_through(stepper(ms, g), x)
+  stepped_BxTxV = jax.jit(step_through)(ckpts, gate_params, inputs_BxT)
+  error = np.abs(np.asarray(stepped_BxTxV) - np.asarray(full_BxTxV)).max()
+  print(f"gated mixture: max |Δ log-prob| cached vs uncached {error:.2e}")
+  np.testing.assert_allclose(stepped_BxTxV, full_BxTxV, rtol=F32_RTOL, atol=1e-5)
+  # Both experts weigh in where the carried prefix likelihoods enter the gate (after the
+  # first position): there some mixtures are neither expert's distribution.
+  distance_BxTxM = np.abs(full_BxTxV[:, :, None] - experts_BxTxMxV).max(-1)
+  assert np.any(distance_BxTxM[:, 1:].min(-1) > 1e-2)

@@ -120,3 +120,73 @@ def test_expert_samples_are_each_experts_draws_in_the_data_layout():
 
 def _one(stacked, j):
   return jax.tree_util.tree_map(lambda a: a[j], stacked)
+
+
+def _rerun_stepper(next_fn) -> sampling.Stepper:
+  """`next_fn` as a Stepper whose state is the inputs so far (no cache: each step reruns
+  the prefix), to test `sample_cached`'s loop and `mixture_stepper` on any model."""
+
+  def step(inputs_BxT, inputs_B, t):
+    inputs_BxT = jax.lax.dynamic_update_slice_in_dim(inputs_BxT, inputs_B[:, None], t, 1)
+    return jax.lax.dynamic_index_in_dim(next_fn(inputs_BxT), t, 1, False), inputs_BxT
+
+  return sampling.Stepper(lambda B, T: jnp.zeros((B, T), jnp.int32), step)
+
+
+def _experts_next_fn(experts):
+  """The stacked experts' distributions, [B, T, M, V]."""
+
+  def next_fn(inputs_BxT):
+    logp_MxBxTxV = jax.vmap(models.next_token_logprobs, in_axes=(None, 0, None))(
+      CFG, experts, inputs_BxT
+    )
+    return jnp.moveaxis(logp_MxBxTxV, 0, 2)
+
+  return next_fn
+
+
+@pytest.mark.parametrize("which", ["expert", "gated"])
+def test_sampling_with_a_stepper_draws_what_sample_draws(which):
+  experts, gate = _models()
+  fn = lambda e, g: (
+    sampling.lm_next_fn(CFG, _one(e, 0))
+    if which == "expert"
+    else sampling.gated_next_fn(CFG, e, GATE, g)
+  )
+  full = jax.jit(lambda e, g, k: sampling.sample(fn(e, g), k, 64, CFG.max_len, 0.9, 4))
+  stepped = jax.jit(
+    lambda e, g, k: sampling.sample_cached(_rerun_stepper(fn(e, g)), k, 64, CFG.max_len, 0.9, 4)
+  )
+  for seed in range(3):
+    key = jax.random.PRNGKey(seed)
+    want, got = full(experts, gate, key), stepped(experts, gate, key)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+  assert not np.all(want[1])  # some sequences ended: the loop's EOS handling is exercised
+
+
+def test_the_mixture_stepper_carries_the_gates_inputs_as_the_full_mixture_computes_them():
+  """`mixture_stepper` (prefix log-likelihoods as a running sum, the gate rerun on the
+  prefix) gives `mixture_next_fn`'s distributions at every position, with a gate that
+  reads tokens and positions and whose correction network is not zero."""
+  experts, _ = _models()
+  gate_cfg = models.GateConfig(num_experts=3, vocab_size=5, max_len=6, token_embed=3)
+  gate = models.init_gate(gate_cfg, jax.random.PRNGKey(1))
+  gate = jax.tree_util.tree_map(
+    lambda a: a + 0.5 * jax.random.normal(jax.random.PRNGKey(2), a.shape), gate
+  )
+  # Parameters as arguments, not constants of the program (sampling's module docstring).
+  next_fn = lambda e, g: sampling.mixture_next_fn(_experts_next_fn(e), gate_cfg, g)
+  stepper = lambda e, g: sampling.mixture_stepper(_rerun_stepper(_experts_next_fn(e)), gate_cfg, g)
+  x = jax.random.randint(jax.random.PRNGKey(5), (8, CFG.max_len), 0, CFG.vocab_size)
+  x = x.at[:, 0].set(0)
+  stepped_BxTxV = jax.jit(lambda e, g, x: sampling.step_through(stepper(e, g), x))(experts, gate, x)
+  full_BxTxV = jax.jit(lambda e, g, x: next_fn(e, g)(x))(experts, gate, x)
+  np.testing.assert_allclose(stepped_BxTxV, full_BxTxV, atol=1e-5)
+  full = jax.jit(lambda e, g, k: sampling.sample(next_fn(e, g), k, 64, CFG.max_len))
+  stepped = jax.jit(lambda e, g, k: sampling.sample_cached(stepper(e, g), k, 64, CFG.max_len))
+  for seed in range(3):
+    key = jax.random.PRNGKey(seed)
+    want, got = full(experts, gate, key), stepped(experts, gate, key)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

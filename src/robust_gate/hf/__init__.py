@@ -8,11 +8,14 @@
 No PyTorch: the forward passes are written here from the architectures'
 definitions, the weights read with safetensors' numpy API. `export.save(model, dir)` writes a
 model back as a checkpoint transformers loads (the distilled student, for one);
-`sharding` splits experts larger than a device over a mesh's model axis.
+`sharding` splits experts larger than a device over a mesh's model axis; `decode`
+holds the key/value cache with which `decode_step` computes one position at a time
+(sampling).
 """
 
 from robust_gate.hf import (
   checkpoint,
+  decode,
   export,
   gpt2,
   llama,
@@ -23,9 +26,11 @@ from robust_gate.hf.model import (
   DTYPES,
   FAMILIES,
   Model,
+  decode_step,
   expert,
   expert_group,
   fingerprint,
+  init_cache,
   load,
   load_expert,
   load_experts,
@@ -39,11 +44,14 @@ __all__ = [
   "FAMILIES",
   "Model",
   "checkpoint",
+  "decode",
+  "decode_step",
   "expert",
   "expert_group",
   "export",
   "fingerprint",
   "gpt2",
+  "init_cache",
   "llama",
   "load",
   "load_expert",

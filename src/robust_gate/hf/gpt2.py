@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from robust_gate.checks import InputError
-from robust_gate.hf import checkpoint, layers
+from robust_gate.hf import checkpoint, decode, layers
 from robust_gate.hf.checkpoint import Tensor, config_value
 
 # The tanh approximation of GELU under its two names in transformers.
@@ -94,26 +94,59 @@ def spec(c: Config) -> checkpoint.Spec:
   )
 
 
-def logits(c: Config, params, ids_BxT: jax.Array) -> jax.Array:
-  """Next-token logits [B, T, V] (float32) for checkpoint token ids."""
-  B, T = ids_BxT.shape
-  if c.max_len < T:
-    raise InputError(f"sequences of {T} tokens exceed this GPT-2's n_positions={c.max_len}.")
-  dtype = params["wte"].dtype
-  prec = layers.precision(dtype)
+def _block(c: Config, prec, x_BxTxD, p, attend):
+  """One pre-LayerNorm block; `attend` is the full forward's attention or a decode
+  step's (robust_gate.hf.decode), the aux it returns passed on."""
+  B, T, _ = x_BxTxD.shape
   H = c.num_heads
-  x_BxTxD = jnp.take(params["wte"], ids_BxT, axis=0) + params["wpe"][None, :T]
+  h = layers.layer_norm(x_BxTxD, p["ln_1_scale"], p["ln_1_bias"], c.eps)
+  qkv_BxTx3D = layers.dense(h, p["qkv_w"], p["qkv_b"], precision=prec)
+  q, k, v = (a.reshape(B, T, H, -1) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
+  a, aux = attend(q, k, v, (c.d_model // H) ** -0.5, precision=prec)
+  x_BxTxD = x_BxTxD + layers.dense(a, p["attn_out_w"], p["attn_out_b"], precision=prec)
+  h = layers.layer_norm(x_BxTxD, p["ln_2_scale"], p["ln_2_bias"], c.eps)
+  h = jax.nn.gelu(layers.dense(h, p["fc_w"], p["fc_b"], precision=prec), approximate=True)
+  return x_BxTxD + layers.dense(h, p["proj_w"], p["proj_b"], precision=prec), aux
 
-  def block(x_BxTxD, p):
-    h = layers.layer_norm(x_BxTxD, p["ln_1_scale"], p["ln_1_bias"], c.eps)
-    qkv_BxTx3D = layers.dense(h, p["qkv_w"], p["qkv_b"], precision=prec)
-    q, k, v = (a.reshape(B, T, H, -1) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
-    a = layers.causal_attention(q, k, v, (c.d_model // H) ** -0.5, precision=prec)
-    x_BxTxD = x_BxTxD + layers.dense(a, p["attn_out_w"], p["attn_out_b"], precision=prec)
-    h = layers.layer_norm(x_BxTxD, p["ln_2_scale"], p["ln_2_bias"], c.eps)
-    h = jax.nn.gelu(layers.dense(h, p["fc_w"], p["fc_b"], precision=prec), approximate=True)
-    return x_BxTxD + layers.dense(h, p["proj_w"], p["proj_b"], precision=prec), None
 
-  x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, params["layers"])
+def _head(c: Config, params, x_BxTxD, prec) -> jax.Array:
   x_BxTxD = layers.layer_norm(x_BxTxD, params["ln_f_scale"], params["ln_f_bias"], c.eps)
   return layers.head_logits(x_BxTxD, params["wte"], precision=prec)
+
+
+def _check_length(c: Config, T: int) -> None:
+  if c.max_len < T:
+    raise InputError(f"sequences of {T} tokens exceed this GPT-2's n_positions={c.max_len}.")
+
+
+def logits(c: Config, params, ids_BxT: jax.Array) -> jax.Array:
+  """Next-token logits [B, T, V] (float32) for checkpoint token ids."""
+  T = ids_BxT.shape[1]
+  _check_length(c, T)
+  prec = layers.precision(params["wte"].dtype)
+  x_BxTxD = jnp.take(params["wte"], ids_BxT, axis=0) + params["wpe"][None, :T]
+  block = lambda x, p: _block(c, prec, x, p, decode.full_attention)
+  x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, params["layers"])
+  return _head(c, params, x_BxTxD, prec)
+
+
+def init_cache(c: Config, params, batch_size: int, max_len: int) -> decode.KVCache:
+  """An empty key/value cache for sequences of up to `max_len` tokens."""
+  _check_length(c, max_len)
+  dtype = params["wte"].dtype
+  H = c.num_heads
+  return decode.empty(c.num_layers, batch_size, max_len, H, c.d_model // H, dtype)
+
+
+def decode_step(
+  c: Config, params, cache: decode.KVCache, ids_B: jax.Array, t
+) -> tuple[jax.Array, decode.KVCache]:
+  """`logits`' row t, [B, V] (float32), from position t's ids and the cache of the
+  positions before it; returns the cache with position t added. t < the cache's length."""
+  _check_length(c, cache.k_LxBxSxGxK.shape[2])
+  prec = layers.precision(params["wte"].dtype)
+  pos_1xD = jax.lax.dynamic_slice_in_dim(params["wpe"], t, 1)
+  x_Bx1xD = jnp.take(params["wte"], ids_B[:, None], axis=0) + pos_1xD[None]
+  block = lambda x, p, attend: _block(c, prec, x, p, attend)
+  x_Bx1xD, cache = decode.step_layers(block, x_Bx1xD, params["layers"], cache, t)
+  return _head(c, params, x_Bx1xD, prec)[:, 0], cache

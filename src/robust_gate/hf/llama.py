@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from robust_gate.checks import InputError
-from robust_gate.hf import checkpoint, layers
+from robust_gate.hf import checkpoint, decode, layers
 from robust_gate.hf.checkpoint import Tensor, config_value
 
 ROPE_TYPES = ("default", "linear", "llama3")  # the rotary embeddings computed here
@@ -256,27 +256,61 @@ def rotate(x_BxTxHxK: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array) -> jax.
   return x_BxTxHxK * cos + rotated * sin
 
 
-def logits(c: Config, params, ids_BxT: jax.Array) -> jax.Array:
-  """Next-token logits [B, T, V] (float32) for checkpoint token ids."""
-  B, T = ids_BxT.shape
-  prec = layers.precision(params["embed"].dtype)
-  cos_TxK, sin_TxK = rope_tables(T, c.head_dim, c.rope)
-  x_BxTxD = jnp.take(params["embed"], ids_BxT, axis=0)
+def _block(c: Config, prec, cos_TxK, sin_TxK, x_BxTxD, p, attend):
+  """One pre-RMSNorm block at the positions whose rotations are cos_TxK, sin_TxK;
+  `attend` is the full forward's attention or a decode step's
+  (robust_gate.hf.decode), the aux it returns passed on."""
+  B, T, _ = x_BxTxD.shape
+  h = layers.rms_norm(x_BxTxD, p["input_norm"], c.eps)
+  q = layers.dense(h, p["q"], precision=prec).reshape(B, T, c.num_heads, c.head_dim)
+  k = layers.dense(h, p["k"], precision=prec).reshape(B, T, c.num_kv_heads, c.head_dim)
+  v = layers.dense(h, p["v"], precision=prec).reshape(B, T, c.num_kv_heads, c.head_dim)
+  q, k = rotate(q, cos_TxK, sin_TxK), rotate(k, cos_TxK, sin_TxK)
+  a, aux = attend(q, k, v, c.head_dim**-0.5, precision=prec)
+  x_BxTxD = x_BxTxD + layers.dense(a, p["o"], precision=prec)
+  h = layers.rms_norm(x_BxTxD, p["post_norm"], c.eps)
+  gated = jax.nn.silu(layers.dense(h, p["gate"], precision=prec))
+  h = layers.dense(gated * layers.dense(h, p["up"], precision=prec), p["down"], precision=prec)
+  return x_BxTxD + h, aux
 
-  def block(x_BxTxD, p):
-    h = layers.rms_norm(x_BxTxD, p["input_norm"], c.eps)
-    q = layers.dense(h, p["q"], precision=prec).reshape(B, T, c.num_heads, c.head_dim)
-    k = layers.dense(h, p["k"], precision=prec).reshape(B, T, c.num_kv_heads, c.head_dim)
-    v = layers.dense(h, p["v"], precision=prec).reshape(B, T, c.num_kv_heads, c.head_dim)
-    q, k = rotate(q, cos_TxK, sin_TxK), rotate(k, cos_TxK, sin_TxK)
-    a = layers.causal_attention(q, k, v, c.head_dim**-0.5, precision=prec)
-    x_BxTxD = x_BxTxD + layers.dense(a, p["o"], precision=prec)
-    h = layers.rms_norm(x_BxTxD, p["post_norm"], c.eps)
-    gated = jax.nn.silu(layers.dense(h, p["gate"], precision=prec))
-    h = layers.dense(gated * layers.dense(h, p["up"], precision=prec), p["down"], precision=prec)
-    return x_BxTxD + h, None
 
-  x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, params["layers"])
+def _head(c: Config, params, x_BxTxD, prec) -> jax.Array:
   x_BxTxD = layers.rms_norm(x_BxTxD, params["norm"], c.eps)
   head_VxD = params["embed"] if c.tied else params["lm_head"]
   return layers.head_logits(x_BxTxD, head_VxD, precision=prec)
+
+
+def logits(c: Config, params, ids_BxT: jax.Array) -> jax.Array:
+  """Next-token logits [B, T, V] (float32) for checkpoint token ids."""
+  T = ids_BxT.shape[1]
+  prec = layers.precision(params["embed"].dtype)
+  cos_TxK, sin_TxK = rope_tables(T, c.head_dim, c.rope)
+  x_BxTxD = jnp.take(params["embed"], ids_BxT, axis=0)
+  block = lambda x, p: _block(c, prec, cos_TxK, sin_TxK, x, p, decode.full_attention)
+  x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, params["layers"])
+  return _head(c, params, x_BxTxD, prec)
+
+
+def init_cache(c: Config, params, batch_size: int, max_len: int) -> decode.KVCache:
+  """An empty key/value cache for sequences of up to `max_len` tokens (keys stored
+  rotated: a key's rotation is fixed by its own position)."""
+  dtype = params["embed"].dtype
+  return decode.empty(c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim, dtype)
+
+
+def decode_step(
+  c: Config, params, cache: decode.KVCache, ids_B: jax.Array, t
+) -> tuple[jax.Array, decode.KVCache]:
+  """`logits`' row t, [B, V] (float32), from position t's ids and the cache of the
+  positions before it; returns the cache with position t added. t < the cache's length."""
+  prec = layers.precision(params["embed"].dtype)
+  # Row t of the tables the full forward computes, computed the same way.
+  S = cache.k_LxBxSxGxK.shape[2]
+  cos_1xK, sin_1xK = (
+    jax.lax.dynamic_slice_in_dim(table_SxK, t, 1)
+    for table_SxK in rope_tables(S, c.head_dim, c.rope)
+  )
+  x_Bx1xD = jnp.take(params["embed"], ids_B[:, None], axis=0)
+  block = lambda x, p, attend: _block(c, prec, cos_1xK, sin_1xK, x, p, attend)
+  x_Bx1xD, cache = decode.step_layers(block, x_Bx1xD, params["layers"], cache, t)
+  return _head(c, params, x_Bx1xD, prec)[:, 0], cache

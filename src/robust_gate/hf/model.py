@@ -4,9 +4,11 @@
 safetensors, tokenizer.json) of a supported family into a `Model`: a pytree whose
 only leaves are the parameters, so `jax.jit(token_logprobs)(model, x, y)` traces
 them as arguments. `next_token_logprobs` and `token_logprobs` take and give data
-ids (robust_gate.hf.tokenizer: 0 is BOS as an input and EOS as a target); `expert`
-wraps a model as an `experts.Expert`, and `load_experts` loads several and refuses
-them unless they share a tokenizer.
+ids (robust_gate.hf.tokenizer: 0 is BOS as an input and EOS as a target), as do
+`init_cache` and `decode_step`, one position's forward pass over a key/value cache
+(robust_gate.hf.decode), which sampling uses; `expert` wraps a model as an
+`experts.Expert`, and `load_experts` loads several and refuses them unless they
+share a tokenizer.
 """
 
 import dataclasses
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 
 from robust_gate import experts
 from robust_gate.checks import InputError
-from robust_gate.hf import checkpoint, gpt2, llama
+from robust_gate.hf import checkpoint, decode, gpt2, llama
 from robust_gate.hf import tokenizer as tokenizer_lib
 
 FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama}  # by config.json's model_type
@@ -88,15 +90,38 @@ def _checkpoint_logprobs(model: Model, inputs_BxT) -> jax.Array:
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
+def _in_data_order(model: Model, logp_xV: jax.Array) -> jax.Array:
+  """Log-distributions over checkpoint ids (last axis) as distributions over data ids."""
+  eos = model.tokenizer.eos_id
+  if eos == 0:
+    return logp_xV
+  swapped = logp_xV[..., jnp.array([eos, 0])]  # data id 0 is EOS; data id eos is token 0
+  return logp_xV.at[..., jnp.array([0, eos])].set(swapped)
+
+
 def next_token_logprobs(model: Model, inputs_BxT) -> jax.Array:
   """Full next-token log-distributions over data ids, [B, T, V] float32 (V: the
   model's output width); the distillation teacher and `sampling.sample` take these."""
-  logp_BxTxV = _checkpoint_logprobs(model, inputs_BxT)
-  eos = model.tokenizer.eos_id
-  if eos == 0:
-    return logp_BxTxV
-  swapped = logp_BxTxV[..., jnp.array([eos, 0])]  # data id 0 is EOS; data id eos is token 0
-  return logp_BxTxV.at[..., jnp.array([0, eos])].set(swapped)
+  return _in_data_order(model, _checkpoint_logprobs(model, inputs_BxT))
+
+
+def init_cache(model: Model, batch_size: int, max_len: int) -> decode.KVCache:
+  """An empty key/value cache for `decode_step`: sequences of up to `max_len` tokens."""
+  return FAMILIES[model.family].init_cache(model.config, model.params, batch_size, max_len)
+
+
+def decode_step(
+  model: Model, cache: decode.KVCache, inputs_B, t
+) -> tuple[jax.Array, decode.KVCache]:
+  """`next_token_logprobs`' row t, [B, V] float32 over data ids, from the inputs at
+  position t (data ids; 0 is BOS) and a cache holding positions < t (filled by the
+  steps at 0 … t − 1); returns the cache with position t added (robust_gate.hf.decode).
+  `sampling.checkpoint_stepper` samples with it."""
+  tok = model.tokenizer
+  ids_B = _checkpoint_ids(inputs_B, tok.eos_id, zero_as=tok.bos_id)
+  family = FAMILIES[model.family]
+  logits_BxV, cache = family.decode_step(model.config, model.params, cache, ids_B, t)
+  return _in_data_order(model, jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)), cache
 
 
 def token_logprobs(model: Model, inputs_BxT, targets_BxT) -> jax.Array:
