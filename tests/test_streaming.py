@@ -456,7 +456,7 @@ def test_the_pipeline_reads_its_splits_from_disk(tmp_path, monkeypatch):
     raise AssertionError("the prepared dataset was read again")
 
   with monkeypatch.context() as m:
-    m.setattr(data, "load_local", unread)
+    m.setattr(data, "read_local", unread)
     again = every(pipeline.load_splits(config, data_dir, log=pytest.fail))
   assert [s.fingerprint() for s in again] == fingerprints
   train_dir = os.path.join(pipeline.split_dir(config, data_dir), "train")
@@ -465,3 +465,29 @@ def test_the_pipeline_reads_its_splits_from_disk(tmp_path, monkeypatch):
   mended = every(pipeline.load_splits(config, data_dir, log=logs.append))
   assert [s.fingerprint() for s in mended] == fingerprints
   assert any(train_dir in line and "Writing it again" in line for line in logs), logs
+
+
+def test_the_pipeline_writes_a_split_a_block_at_a_time(tmp_path, monkeypatch):
+  """`load_splits` reads the prepared dataset a block of sequences at a time (here 7) and
+  writes the same split as one read into memory whole: every array and fingerprint."""
+  from robust_gate import config_files, datasets, pipeline  # pylint: disable=g-import-not-at-top
+
+  config = config_files.load(TINY)
+  data_dir, T, options = str(tmp_path / "data"), config.data.max_len, dict(config.data.options)
+  quiet = lambda s: None
+  whole = [
+    data.load_local(config.data.name, s, data_dir, T, quiet, **options) for s in datasets.SPLITS
+  ]
+  sizes, read = [], data.from_data_source
+  monkeypatch.setattr(
+    data, "from_data_source", lambda e, **kw: sizes.append(len(e)) or read(e, **kw)
+  )
+  monkeypatch.setattr(pipeline, "_BYTES_PER_TOKEN", shards.SHARD_BYTES // (7 * T))
+  splits = pipeline.load_splits(config, data_dir, log=quiet)
+  assert max(sizes) == 7 and sum(sizes) == sum(len(d.domain_N) for d in whole)
+  for d, name in zip(whole, datasets.SPLITS):
+    got = getattr(splits, name)
+    assert isinstance(got.inputs_NxT, np.memmap) and got.fingerprint() == d.fingerprint()
+    for column in ("inputs_NxT", "targets_NxT", "mask_NxT", "domain_N"):
+      np.testing.assert_array_equal(getattr(got, column), getattr(d, column))
+  assert not any(p.endswith(".writing") for p in os.listdir(pipeline.split_dir(config, data_dir)))

@@ -18,7 +18,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,8 @@ def encode(
   vocab_size: int,
   max_len: int,
   truncate: bool = False,
+  first: int = 0,
+  every_domain: bool = True,
 ) -> DomainData:
   """Encodes token sequences (values in 1..vocab_size−1) into a DomainData.
 
@@ -79,8 +82,9 @@ def encode(
   outside the vocabulary, sequences longer than `max_len − 1` (they need BOS/EOS
   room) unless `truncate` crops them (then the last target is a token, not EOS),
   labels that are not integers or lie outside the domain list, repeated domain
-  names, and domains without examples. Values are checked before any cast, so a
-  NaN or 1.7 is an error, not a token.
+  names, and (with `every_domain`) domains without examples. Values are checked before
+  any cast, so a NaN or 1.7 is an error, not a token. Messages number the sequences from
+  `first` (a block of a larger split).
   """
   vocab_size = checks.check_int(vocab_size, "vocab_size", 2, 2**31)  # tokens are int32
   max_len = checks.check_int(max_len, "max_len", 2)
@@ -93,7 +97,7 @@ def encode(
   bad = np.flatnonzero((labels < 0) | (labels >= len(domains)))
   if bad.size:
     raise InputError(
-      f"example {bad[0]} has domain label {labels[bad[0]]}, outside "
+      f"example {first + bad[0]} has domain label {labels[bad[0]]}, outside "
       f"the {len(domains)} domains {list(domains)}."
     )
   domain_N = labels.astype(np.int32)
@@ -102,20 +106,23 @@ def encode(
   targets = np.zeros((N, T), np.int32)
   mask = np.zeros((N, T), bool)
   for i, seq in enumerate(sequences):
-    seq = _integer_array(seq, f"example {i}", "token")
+    seq = _integer_array(seq, f"example {first + i}", "token")
     if seq.ndim != 1:
-      raise InputError(f"example {i} has shape {seq.shape}: a sequence is a 1-D array of tokens.")
+      raise InputError(
+        f"example {first + i} has shape {seq.shape}: a sequence is a 1-D array of tokens."
+      )
     if seq.size == 0:
-      raise InputError(f"example {i} (domain {domains[domain_N[i]]!r}) is empty.")
+      raise InputError(f"example {first + i} (domain {domains[domain_N[i]]!r}) is empty.")
     if seq.size > T - 1 and truncate:
       seq = seq[:T]
     elif seq.size > T - 1:
       raise InputError(
-        f"example {i} has {seq.size} tokens; the context holds {T - 1} plus BOS/EOS (max_len={T})."
+        f"example {first + i} has {seq.size} tokens; the context holds {T - 1} plus BOS/EOS "
+        f"(max_len={T})."
       )
     if seq.min() < 1 or seq.max() >= vocab_size:
       raise InputError(
-        f"example {i} has token {seq.min() if seq.min() < 1 else seq.max()} "
+        f"example {first + i} has token {seq.min() if seq.min() < 1 else seq.max()} "
         f"outside the vocabulary 1..{vocab_size - 1} (0 is BOS/EOS)."
       )
     n = seq.size
@@ -129,7 +136,7 @@ def encode(
       mask[i, : n + 1] = True
   data = DomainData(inputs, targets, mask, domain_N, domains, vocab_size)
   empty = np.flatnonzero(data.counts() == 0)
-  if empty.size:
+  if every_domain and empty.size:
     raise InputError(f"domain {domains[empty[0]]!r} has no examples.")
   return data
 
@@ -199,8 +206,11 @@ def from_data_source(
   tokens_key: str | None = "tokens",
   domain_key: str = "domain",
   truncate: bool = False,
+  first: int = 0,
+  every_domain: bool = True,
 ) -> DomainData:
-  """Reads a random-access TFDS data source (or any list of dicts)."""
+  """Reads a random-access TFDS data source (or any list of dicts) with `encode`; its
+  examples are numbered from `first` in messages (a block of a larger source)."""
   if len(source) == 0:
     raise InputError("the dataset split is empty.")
   names = list(_check_domain_names(domains))
@@ -210,16 +220,18 @@ def from_data_source(
     ex = source[i]
     for key in (domain_key, feature):
       if key not in ex:
-        raise InputError(f"example {i} has no key {key!r}; keys: {sorted(ex)}.")
+        raise InputError(f"example {first + i} has no key {key!r}; keys: {sorted(ex)}.")
     label = ex[domain_key]
     if isinstance(label, (bytes, str)):
       label = label.decode() if isinstance(label, bytes) else label
       if label not in names:
-        raise InputError(f"example {i} has domain {label!r}, not in the domain list {names}.")
+        raise InputError(
+          f"example {first + i} has domain {label!r}, not in the domain list {names}."
+        )
       label = names.index(label)
     labels.append(label)  # encode checks it is an integer in range
-    seqs.append(text_to_tokens(ex[feature], i) if text_key is not None else ex[feature])
-  return encode(seqs, labels, names, vocab_size, max_len, truncate)
+    seqs.append(text_to_tokens(ex[feature], first + i) if text_key is not None else ex[feature])
+  return encode(seqs, labels, names, vocab_size, max_len, truncate, first, every_domain)
 
 
 def load_local(
@@ -230,19 +242,44 @@ def load_local(
   log: Callable[[str], None] = print,
   **builder_overrides,
 ) -> DomainData:
-  """Prepares (once) and loads a split of a local dataset (robust_gate.datasets).
+  """Prepares (once) and loads a split of a local dataset (robust_gate.datasets) into
+  memory; `read_local` says what happens to a damaged one."""
+  return read_local(
+    name,
+    split,
+    data_dir,
+    lambda examples, domains, vocab: from_data_source(
+      examples, domains=domains, vocab_size=vocab, max_len=max_len
+    ),
+    log=log,
+    **builder_overrides,
+  )
+
+
+def read_local(
+  name: str,
+  split: str,
+  data_dir: str,
+  read: Callable[[Any, Sequence[str], int], Any],
+  log: Callable[[str], None] = print,
+  **builder_overrides,
+):
+  """`read(examples, domains, vocab_size)` of a split of a local dataset
+  (robust_gate.datasets), prepared once under `data_dir`; `examples` gives random
+  access (len() and [i]) to the prepared examples, read as `read` asks for them.
 
   A prepared dataset whose read fails with evidence of damage (`_damage`) is announced,
   deleted and prepared again by process 0 (made from installed packages: nothing is
-  lost); other failures delete nothing: one line (OSError, array_record's errors) or a
-  traceback (a bug). Process 0 loads first, the others after a barrier (pipeline._read_prepared).
+  lost), and `read` called again; other failures delete nothing: one line (OSError,
+  array_record's errors) or a traceback (a bug). Process 0 reads first, the others
+  after a barrier (pipeline.load_splits).
   """
   from robust_gate import datasets
 
   prepared = datasets.prepared_dir(name, data_dir, **builder_overrides)  # checks the options
   existed = os.path.isdir(prepared)
   try:
-    builder, examples = _read_local(name, split, data_dir, log, builder_overrides)
+    return _read_local(name, split, data_dir, log, builder_overrides, read)
   except InputError:
     raise
   except Exception as e:
@@ -258,19 +295,52 @@ def load_local(
       ) from e
     log(f"{name}: the prepared dataset {prepared} is damaged ({damage}); preparing it again.")
     shutil.rmtree(prepared)
-    builder, examples = _read_local(name, split, data_dir, log, builder_overrides)
-  domains = builder.info.features["domain"].names
-  vocab = BYTE_VOCAB if name in ("wordfreq", "source") else _token_vocab(name, builder)
-  return from_data_source(examples, domains=domains, vocab_size=vocab, max_len=max_len)
+    return _read_local(name, split, data_dir, log, builder_overrides, read)
 
 
-def _read_local(name, split, data_dir, log, overrides):
-  """(builder, every example of `split` read into memory) of a local dataset."""
+def _read_local(name, split, data_dir, log, overrides, read):
+  """`read` of a local dataset's split, prepared if it is not yet (no damage checks)."""
   from robust_gate import datasets
 
   builder = datasets.build(name, data_dir, log=log, **overrides)
   source = builder.as_data_source(split)
-  return builder, [source[i] for i in range(len(source))]
+  domains = builder.info.features["domain"].names
+  vocab = BYTE_VOCAB if name in ("wordfreq", "source") else _token_vocab(name, builder)
+  return read(source, domains, vocab)
+
+
+def blocks(
+  examples, *, domains: Sequence[str], vocab_size: int, max_len: int, rows: int
+) -> Iterator[DomainData]:
+  """The examples of a random-access source (`from_data_source`'s) as DomainData blocks
+  of `rows` sequences, in order, each read only when it is asked for."""
+  if len(examples) == 0:
+    raise InputError("the dataset split is empty.")
+  counts = np.zeros(len(domains), np.int64)
+  for lo in range(0, len(examples), rows):
+    part = _Rows(examples, lo, min(len(examples), lo + rows))
+    block = from_data_source(
+      part, domains=domains, vocab_size=vocab_size, max_len=max_len, first=lo, every_domain=False
+    )
+    counts += block.counts()
+    yield block
+  if np.any(counts == 0):  # raised before the caller has taken the split as written
+    raise InputError(f"domain {domains[int(np.argmin(counts))]!r} has no examples.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+  """Examples lo..hi−1 of a random-access source, numbered from 0."""
+
+  source: Any
+  lo: int
+  hi: int
+
+  def __len__(self) -> int:
+    return self.hi - self.lo
+
+  def __getitem__(self, i: int):
+    return self.source[self.lo + i]
 
 
 # array_record raises RuntimeError for damage and I/O errors alike. Damage: a record file

@@ -93,7 +93,7 @@ def load_splits(config, data_dir: str, log=print) -> Splits:
         continue
       except InputError as e:
         log(f"{e} Writing it again from the prepared dataset.")
-    out.append(shards.write_split(path, _read_prepared(config, split, data_dir, log), log))
+    out.append(_write_split(config, split, path, data_dir, log))
   return Splits(*out)
 
 
@@ -107,17 +107,27 @@ def split_dir(config, data_dir: str) -> str:
   )
 
 
-def _read_prepared(config, split: str, data_dir: str, log) -> data_lib.DomainData:
-  """One split read from the prepared dataset into memory: process 0 first (it prepares
-  the dataset when it is missing), the others after a barrier."""
-  if not parallel.is_main():
-    parallel.sync(f"data {data_dir} {split}")
-  d = data_lib.load_local(
-    config.data.name, split, data_dir, config.data.max_len, log=log, **dict(config.data.options)
-  )
+def _write_split(config, split: str, path: str, data_dir: str, log) -> data_lib.DomainData:
+  """Process 0 writes one split's token files at `path` from the prepared dataset (which
+  it prepares when missing), a block of sequences at a time (`shards.write_split_blocks`:
+  the split is never in memory whole); every process then opens them."""
   if parallel.is_main():
-    parallel.sync(f"data {data_dir} {split}")
-  return d
+    rows = shards.rows_per_shard(config.data.max_len * _BYTES_PER_TOKEN)
+
+    def write(examples, domains, vocab):
+      parts = data_lib.blocks(
+        examples, domains=domains, vocab_size=vocab, max_len=config.data.max_len, rows=rows
+      )
+      shards.write_split_blocks(path, parts, len(examples))
+
+    options = dict(config.data.options)
+    data_lib.read_local(config.data.name, split, data_dir, write, log=log, **options)
+  parallel.sync(f"split written {path}")
+  return shards.open_split(path, log)
+
+
+# A block's bytes per token: inputs and targets (int32) and the mask (bool).
+_BYTES_PER_TOKEN = 9
 
 
 _SPLITS_CACHE: dict[tuple[str, str], Splits] = {}

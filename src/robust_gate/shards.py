@@ -18,20 +18,20 @@ order so that a disk reads forward, and selects rows or last-axis entries lazily
 
 `write_split` / `open_split` keep a split's tokens on disk the same way (one shard per
 column, so each column is one memory-mapped `.npy` and the DomainData is an ordinary
-one): random access to any row at memory-copy speed, deterministic, no decoding. The
+one; `write_split_blocks` writes it from blocks of sequences, never holding it whole): random access to any row at memory-copy speed, deterministic, no decoding. The
 prepared TFDS array_record files also give random access, but decode a serialized
 example in Python and encode it to a row on every read, slower than a training step.
 """
 
 import concurrent.futures
 import dataclasses
-import functools
 import hashlib
 import io
 import json
 import os
 import re
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -319,27 +319,79 @@ _COLUMNS = ("inputs_NxT", "targets_NxT", "mask_NxT", "domain_N")
 
 def write_split(directory: str, d: DomainData, log: Callable[[str], None] = print) -> DomainData:
   """Writes `d` under `directory` once (a complete copy is kept) and returns it
-  memory-mapped (`open_split`)."""
-  fingerprint = d.fingerprint()
-  for column in _COLUMNS:
-    a: np.ndarray = getattr(d, column)
-    build(
-      os.path.join(directory, column),
-      fingerprint=fingerprint,
-      shape=a.shape,
-      dtype=a.dtype,
-      shard_rows=len(a),
-      compute=functools.partial(_rows, a),
-      log=log,
-    )
-  meta = {"fingerprint": fingerprint, "domains": list(d.domains), "vocab_size": d.vocab_size}
-  files.write_json(os.path.join(directory, "split.json"), meta)
+  memory-mapped (`open_split`). Every process calls it; process 0 writes."""
+  if parallel.is_main():
+    write_split_blocks(directory, [d], len(d.domain_N))
   parallel.sync(f"split written {directory}")
   return open_split(directory, log)
 
 
-def _rows(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
-  return a[lo:hi]
+def write_split_blocks(directory: str, blocks: Iterable[DomainData], rows: int) -> None:
+  """Writes a split of `rows` sequences under `directory` from its blocks, in order (each
+  a DomainData of the same domains, vocabulary and length), holding one block in memory
+  at a time: each column is filled in a staging file, then digested and moved into
+  place with its manifest. The files and fingerprint are those of the whole split
+  written at once. Process 0 only (the caller syncs; `open_split` reads it back)."""
+  staging = f"{directory}.writing"
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  maps: dict[str, np.memmap] = {}
+  first, lo = None, 0
+  for block in blocks:
+    n = len(block.domain_N)
+    if first is None:
+      first = block
+      for c in _COLUMNS:
+        a = getattr(block, c)
+        path = os.path.join(staging, f"{c}.npy")
+        maps[c] = np.lib.format.open_memmap(path, "w+", a.dtype, (rows, *a.shape[1:]))
+    elif (tuple(block.domains), block.vocab_size) != (tuple(first.domains), first.vocab_size):
+      raise ValueError(f"{directory}: a block of other domains or another vocabulary.")
+    if lo + n > rows:
+      raise ValueError(f"{directory}: its blocks hold more than the {rows} rows given.")
+    for c in _COLUMNS:
+      maps[c][lo : lo + n] = getattr(block, c)
+    lo += n
+  if first is None or lo != rows:
+    raise ValueError(f"{directory}: its blocks hold {lo} rows, not the {rows} given.")
+  h = hashlib.sha1()  # DomainData.fingerprint, read back a shard's worth of rows at a time
+  for c in _COLUMNS:
+    maps[c].flush()
+    step = rows_per_shard(maps[c][:1].nbytes)
+    for r in range(0, rows, step):
+      h.update(np.ascontiguousarray(maps[c][r : r + step]).tobytes())
+  domains, vocab_size = tuple(first.domains), first.vocab_size
+  h.update(repr((domains, vocab_size)).encode())
+  fingerprint = h.hexdigest()
+  shapes = {c: (m.shape, m.dtype) for c, m in maps.items()}
+  maps.clear()  # the staging files' memory maps closed before they are moved
+  for c in _COLUMNS:
+    _adopt(os.path.join(directory, c), os.path.join(staging, f"{c}.npy"), fingerprint, *shapes[c])
+  meta = {"fingerprint": fingerprint, "domains": list(domains), "vocab_size": vocab_size}
+  files.write_json(os.path.join(directory, "split.json"), meta)
+  shutil.rmtree(staging)
+
+
+def _adopt(directory: str, npy: str, fingerprint: str, shape: tuple, dtype: np.dtype) -> None:
+  """Moves the finished `.npy` file `npy` into `directory` as its one shard, then writes
+  the manifest `build` would have (its digest read back from the file)."""
+  h = hashlib.sha1()
+  with open(npy, "rb") as f:
+    while block := f.read(16 << 20):
+      h.update(block)
+    os.fsync(f.fileno())
+  os.makedirs(directory, exist_ok=True)
+  for old in os.listdir(directory):  # shards of an older layout
+    if _SHARD.fullmatch(old):
+      os.remove(os.path.join(directory, old))
+  os.replace(npy, _shard_path(directory, 0))
+  layout = {
+    "fingerprint": fingerprint,
+    "shape": list(shape),
+    "dtype": np.dtype(dtype).name,
+    "shard_rows": shape[0],
+  }
+  files.write_json(os.path.join(directory, MANIFEST), {**layout, "shards": {"0": h.hexdigest()}})
 
 
 def open_split(directory: str, log: Callable[[str], None] = print) -> DomainData:
