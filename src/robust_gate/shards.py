@@ -18,9 +18,10 @@ order so that a disk reads forward, and selects rows or last-axis entries lazily
 
 `write_split` / `open_split` keep a split's tokens on disk the same way (one shard per
 column, so each column is one memory-mapped `.npy` and the DomainData is an ordinary
-one; `write_split_blocks` writes it from blocks of sequences, never holding it whole): random access to any row at memory-copy speed, deterministic, no decoding. The
-prepared TFDS array_record files also give random access, but decode a serialized
-example in Python and encode it to a row on every read, slower than a training step.
+one; `write_split_blocks` writes it from blocks of sequences, never holding it whole):
+random access to any row at memory-copy speed, deterministic, no decoding. The prepared
+TFDS array_record files also give random access, but decode a serialized example in
+Python and encode it to a row on every read, slower than a training step.
 """
 
 import concurrent.futures
