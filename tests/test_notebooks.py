@@ -37,7 +37,7 @@ def _execute(path):
   return code
 
 
-def test_notebook_01_executes(monkeypatch):
+def test_notebook_01_executes():
   _execute(os.path.join(ROOT, "notebooks", "01_finite_minimax.ipynb"))
 
 
