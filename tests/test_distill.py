@@ -1,11 +1,17 @@
+import os
+
 import finite_sequences
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from finite_sequences import by_expert, expert_draws, features, outcomes, scored
 from tolerances import F32_RTOL
 
-from robust_gate import data, distill, gating, models, sequence_level, train
+from robust_gate import config_files, data, distill, gating, models, phases, sequence_level, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "launch", "configs")
 
 CFG = models.LMConfig(vocab_size=6, max_len=6, d_model=16, num_layers=1, num_heads=2, d_ff=16)
 GATE = models.GateConfig(num_experts=2, vocab_size=6, max_len=6)
@@ -39,6 +45,30 @@ def test_student_init_takes_the_largest_lambda_expert():
   np.testing.assert_array_equal(
     jax.tree_util.tree_leaves(student)[0], jax.tree_util.tree_leaves(experts)[0][1]
   )
+
+
+def test_student_weights_are_uniform_or_the_renormalized_lambda_bar():
+  lam_bar = jnp.array([0.2, 0.6, 0.4])  # λ̄ as a game averages it: not exactly on Δ
+  uniform = distill.student_weights("uniform", lam_bar)
+  np.testing.assert_allclose(uniform, [1 / 3] * 3, rtol=F32_RTOL)
+  np.testing.assert_allclose(
+    distill.student_weights("lam_bar", lam_bar), [1 / 6, 1 / 2, 1 / 3], rtol=F32_RTOL
+  )
+  with pytest.raises(ValueError, match="unknown distillation weights 'lambda'"):
+    distill.student_weights("lambda", lam_bar)
+
+
+def test_a_student_spec_leaves_out_the_weights_every_older_run_had():
+  """Workdirs written before config.distill.weights existed were distilled with λ̄:
+  at "lam_bar" the spec has no such key, so they load; at "uniform" it differs from
+  theirs, so such a student is trained again rather than restored."""
+  config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
+  assert config.distill.weights == "uniform"
+  assert phases._section(config, "distill")["weights"] == "uniform"
+  config.distill.weights = "lam_bar"
+  section = phases._section(config, "distill")
+  assert "weights" not in section and "steps" not in section
+  assert section == {"lr": config.distill.lr, "per_domain": config.distill.per_domain}
 
 
 def test_distillation_reduces_the_kl_to_the_teacher():

@@ -14,7 +14,8 @@ import traceback
 
 import pytest
 
-from robust_gate import checkpoints, cli, config_files, pipeline
+from robust_gate import checkpoint_job, checkpoints, cli, config_files, pipeline
+from robust_gate.checks import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
@@ -96,11 +97,32 @@ def one_line(phase, config, workdir, log=QUIET) -> str:
     ({"uncertainty": "box", "box_lo": 0.5}, "box admits no mixture"),
     ({"uncertainty": "box", "box_hi": 1.5}, "inside the simplex"),
     ({"data.options.num_domains": 0}, "num_domains=0 must be positive"),
+    # From Python, ml_collections adds a misspelled field silently: refused here.
+    ({"expert.stepz": 3}, "config.expert.stepz is not a field of config.expert"),
+    ({"distill.weights": "lambda"}, "config.distill.weights='lambda' must be one of"),
   ],
 )
 def test_a_bad_config_value_is_one_clear_line_before_any_training(tmp_path, fields, message):
   assert message in one_line(pipeline.run, tiny(**fields), tmp_path)
   assert not (tmp_path / "experts").exists()  # refused before any model was trained
+
+
+def test_a_config_without_a_field_is_one_clear_line(tmp_path):
+  """A config file written before a field was added (here config.distill.weights)."""
+  config = tiny()
+  del config.distill["weights"]
+  message = one_line(pipeline.run, config, tmp_path)
+  assert "config.distill lacks the field 'weights'" in message
+  assert not (tmp_path / "experts").exists()
+
+
+def test_the_checkpoint_job_refuses_a_misspelled_field_before_loading_anything(tmp_path):
+  config = config_files.load(os.path.join(os.path.dirname(TINY), "checkpoints_example.py"))
+  config.gate.dual_lrr = 0.1
+  config.experts = {"a": str(tmp_path / "no_such_checkpoint")}
+  with pytest.raises(InputError, match=r"config\.gate\.dual_lrr is not a field of config\.gate"):
+    checkpoint_job.run(config, str(tmp_path / "job"), log=QUIET)
+  assert not (tmp_path / "job").exists()
 
 
 def _deny(monkeypatch):

@@ -150,7 +150,11 @@ def test_student_size_settings_default_to_the_monolithic_and_refuse_bad_fields()
   config.student_size = ml_collections.ConfigDict({"steps": 7, "sources": ("held_out",)})
   s = student_size.settings(config, per_domain=16)
   assert (s.steps, s.per_domain, s.sources, s.lr) == (7, 16, ("held_out",), mc.lr)
+  # The domains' weights: config.distill's unless told.
+  assert s.weights == config.distill.weights == "uniform"
+  assert student_size.settings(config, weights="lam_bar").weights == "lam_bar"
   for bad, match in (
+    ({"weights": "lambda"}, "student_size.weights='lambda'"),
     ({"nosuch": 1}, "no setting 'nosuch'"),
     ({"sizes": (2, 4)}, "1 among them"),
     ({"sources": ("train", "test")}, "distinct names"),
@@ -212,6 +216,7 @@ def test_student_size_chooses_on_validation_and_reports_test_as_results_json(tin
     test = out["sources"][n]["worst_case"]["per_seed"]
     assert per_seed != test  # measured on validation's part, not on test
   assert "holdout" in out["selection_is"] and "test never chooses" in out["chosen_on"]
+  assert out["weights"] == config.distill.weights
   # Sizes: 1×, 2× and 4× an expert within 10%; the 1× is the expert's architecture.
   sizes = out["sizes"]
   assert list(sizes) == ["1x", "2x", "4x"]
@@ -257,6 +262,14 @@ def test_student_size_students_are_normalized_models(tiny):
   s = student_size.settings(config, steps=2)
   parts = student_size.validation_parts(config, m.caches)
   found, _ = student_size.sources(m, parts, s, config.seed, QUIET)
+  # The data sources' domains weighted as config.distill says (uniform), or by λ̄.
+  lam = np.asarray(m.gates.robust_gate.state.lam_avg_K, np.float64)
+  for n in ("train", "held_out"):
+    np.testing.assert_allclose(found[n].lam_K, np.full(len(lam), 1 / len(lam)), rtol=F32_RTOL)
+  by_lam, _ = student_size.sources(
+    m, parts, dataclasses.replace(s, weights="lam_bar", sources=("train",)), 0, QUIET
+  )
+  np.testing.assert_allclose(by_lam["train"].lam_K, lam / lam.sum(), rtol=F32_RTOL)
   x = jnp.asarray(m.splits.test.inputs_NxT[:8])
   for ratio in (1, 2):
     cfg = students.scaled(m.experts.lm_cfg, ratio)

@@ -72,4 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.steps = 50  # student steps (the teacher's M forward passes each step)
   c.distill.lr = 3e-4  # Adam learning rate of the student
   c.distill.per_domain = 4  # train sequences per domain per step
+  # Domain weights of the distillation loss: "uniform", or "lam_bar" (the robust gate's
+  # λ̄); chosen on validation (docs/math.md §5)
+  c.distill.weights = "uniform"
   return c

@@ -1,13 +1,15 @@
 """The source-file job for one H200: five domains, 25.6M-parameter experts, T = 256.
 
-Every phase in one launch of about 8.5 minutes on one H200 (commit f9e5f4f: 8 min 20 s;
-per-phase and per-model seconds on the results page, docs/results.md). Sizes:
+Every phase in one launch of 8 to 9 minutes on one H200 (runs at f9e5f4f, 6762001 and
+de945eb: 8 min 20 s, 7 min 51 s, 9 min 2 s; per-phase and per-model seconds on the
+results page, docs/results.md; the seconds below are f9e5f4f's). Sizes:
   experts            d 512 × 8 layers × d_ff 2048, 500 steps of 5 × 128 sequences
                      (82M expert-tokens; 66 s measured)
   monolithic, DRO    an expert's size, the same batch (5 × 128) and steps (57 s, 66 s)
   monolithic_large   d 1024 × 10 layers, 127M ≈ 5 experts; 250 steps of 5 × 64
                      sequences, at least the experts' compute (56 s)
-  distill            500 steps of 5 × 64 sequences, the teacher run on the fly (68 s)
+  distill            500 steps of 5 × 64 sequences, the teacher run on the fly (68 s),
+                     the domains weighted uniformly (config.distill.weights)
   gates              3 × 3000 steps of 5 × 256 cached sequences (caches 9 s, gates 17 s)
 Compilation, data loading, checkpoints and evaluation (77 s) take the rest.
 Data: 4 MB train, 0.5 MB validation and test per domain where the environment has

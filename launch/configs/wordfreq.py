@@ -77,4 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.steps = 600  # student steps (teacher evaluated on the fly each step)
   c.distill.lr = 1e-3  # Adam learning rate of the student
   c.distill.per_domain = 16  # train sequences per domain per step
+  # Domain weights of the distillation loss: "uniform", or "lam_bar" (the robust gate's
+  # λ̄); chosen on validation (docs/math.md §5)
+  c.distill.weights = "uniform"
   return c

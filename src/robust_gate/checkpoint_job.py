@@ -16,10 +16,11 @@ What it does, reusing the main job's machinery (robust_gate.phases, scoring, eva
    (`phases.train_gates`: checkpoints, resume, spec checks);
 3. distills the robust gated model into a student of the experts' own family and
    shape, started from the expert of the domain with the largest λ̄
-   (`distill.student_init`'s rule) and trained on the train split with domain weights
-   λ̄, the teacher's full next-token distributions computed on the fly
-   (`distill.kl_loss_fn`; with `config.model_parallel` > 1, the experts' parameters
-   still split, `distill_student`); exports it to `<workdir>/student_hf/`
+   (`distill.student_init`'s rule) and trained on the train split with the domain
+   weights config.distill.weights names (`distill.student_weights`), the teacher's
+   full next-token distributions computed on the fly (`distill.kl_loss_fn`; with
+   `config.model_parallel` > 1, the experts' parameters still split,
+   `distill_student`); exports it to `<workdir>/student_hf/`
    (robust_gate.hf.export: a checkpoint transformers loads as is);
 4. evaluates every method on test (the gates, each expert, the uniform mixture, the
    student; all normalized models) with bootstrap intervals and the certificate
@@ -47,6 +48,7 @@ from robust_gate import (
   models,
   parallel,
   phases,
+  preflight,
   provenance,
   scoring,
   shards,
@@ -242,7 +244,7 @@ def distill_student(
     lr=dc.lr,
     dual_lr=0.0,
     seed=config.seed,
-    lam_K=lam_bar_K / jnp.sum(lam_bar_K),
+    lam_K=distill.student_weights(dc.weights, lam_bar_K),
   )
   if mesh is not None:  # on the teacher's mesh, as the step's other arguments
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
@@ -299,6 +301,7 @@ def run(config, workdir: str, log=print, warm_start=None) -> Outcome:
   """The whole job in `workdir` (resumes; see the module's docstring). `warm_start`:
   a function from the fresh robust gate's parameters to its initial ones
   (robust_gate.checkpoint_edits, for an expert added to a fitted gate)."""
+  preflight.check_sections(config, ("gate", "distill"))
   workdirs.create(workdir)
   loaded = load_experts(config)
   domains = list(loaded)

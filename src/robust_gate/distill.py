@@ -5,10 +5,11 @@ over the frozen experts; its full next-token distributions are computed on the f
 inside the compiled step (they are [B, T, V] per expert: too large to cache at
 scale). The student q_θ has one expert's architecture and minimizes
 
-    Σ_k λ̄_k E_{x~D_k} mean_t KL( p_w(·|x_<t) ‖ q_θ(·|x_<t) )
+    Σ_k ω_k E_{x~D_k} mean_t KL( p_w(·|x_<t) ‖ q_θ(·|x_<t) )
 
-with λ̄ the robust gate's least-favorable mixture, held fixed (a game whose dual
-step is 0, started at λ̄).
+with ω held fixed (a game whose dual step is 0, started at ω): the uniform mixture, or
+the robust gate's least-favorable mixture λ̄ (`student_weights`, config.distill.weights;
+docs/math.md §5 says which wins where).
 
 A sequence-level gated model p_w (§2.2) is distilled into a causal gate, which samples
 token by token and needs no normalizer: exactly on a finite space
@@ -125,11 +126,31 @@ def kl_loss_fn(
   return streaming.loss_fn(source, per_domain, columns, losses, axis=0, mesh=mesh)
 
 
+# The domain weights ω of the distillation loss (config.distill.weights).
+DISTILL_WEIGHTS = ("uniform", "lam_bar")
+
+
+def student_weights(kind: str, lam_bar_K) -> jax.Array:
+  """The domain weights ω of the distillation loss, [K], summing to 1: "uniform", or
+  "lam_bar", the robust gate's least-favorable mixture λ̄ (renormalized).
+
+  λ̄ says where the teacher's own loss binds, not where the student is far from the
+  teacher; where λ̄ is concentrated (0.94 on one domain of the source files on an H200)
+  a student weighted by it imitates the teacher on that domain only (docs/math.md §5).
+  """
+  lam_bar_K = jnp.asarray(lam_bar_K, jnp.float32)
+  if kind == "uniform":
+    return jnp.full_like(lam_bar_K, 1.0 / lam_bar_K.shape[0])
+  if kind == "lam_bar":
+    return lam_bar_K / jnp.sum(lam_bar_K)
+  raise ValueError(f"unknown distillation weights {kind!r}; expected one of {DISTILL_WEIGHTS}.")
+
+
 def student_init(expert_params_M, lam_bar_K):
   """The student starts from the expert of the domain with the largest λ̄.
 
-  λ̄ weights the distillation loss; its largest entry is the domain the robust
-  objective binds on, so its expert is the closest start where the loss matters most.
+  λ̄'s largest entry is the domain the robust objective binds on, so its expert is the
+  closest start where the teacher's worst case is made.
   """
   j = int(jnp.argmax(lam_bar_K))
   return jax.tree_util.tree_map(lambda a: a[j], expert_params_M), j

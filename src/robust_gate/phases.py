@@ -208,9 +208,20 @@ def gate_training(config, dual_lr: float) -> Training:
   )
 
 
+# Fields added to a section after workdirs were written, with the value every run had
+# before: a spec leaves such a field out at that value, so those workdirs still load.
+_ADDED = {"distill": {"weights": "lam_bar"}}
+
+
 def _section(config, name):
-  """A config section as a dict, without `steps` (more steps extend a run)."""
-  return {k: v for k, v in config[name].to_dict().items() if k != "steps"}
+  """A config section as a dict, without `steps` (more steps extend a run) and without
+  an `_ADDED` field at its old value."""
+  old = _ADDED.get(name, {})
+  return {
+    k: v
+    for k, v in config[name].to_dict().items()
+    if k != "steps" and not (k in old and v == old[k])
+  }
 
 
 def _common_spec(config):
@@ -292,7 +303,8 @@ def train_gates(config, caches: Caches, run: Runner) -> Gates:
 
 
 def distill_student(config, splits: Splits, caches: Caches, robust: Gate, run: Runner) -> Student:
-  """One expert-sized student distilled from the robust gated model, weighted by λ̄."""
+  """One expert-sized student distilled from the robust gated model, its domains weighted
+  as config.distill.weights says (`distill.student_weights`)."""
   tr, dc, ex = splits.train, config.distill, caches.experts
   lam_bar = robust.state.lam_avg_K
   params, init_from = distill.student_init(ex.params, lam_bar)
@@ -305,7 +317,7 @@ def distill_student(config, splits: Splits, caches: Caches, robust: Gate, run: R
     lr=dc.lr,
     dual_lr=0.0,
     seed=config.seed,
-    lam_K=lam_bar / jnp.sum(lam_bar),
+    lam_K=distill.student_weights(dc.weights, lam_bar),
   )
   spec = {
     **_common_spec(config),

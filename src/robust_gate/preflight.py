@@ -10,10 +10,35 @@ import os
 
 import numpy as np
 
-from robust_gate import checkpoints, datasets, layout, models, scoring
+from robust_gate import checkpoints, datasets, distill, layout, models, scoring
 from robust_gate.checks import InputError
 
-# The fields of the models' config sections that may be floats; every other is an int.
+# Every field of the models' config sections (launch/configs/wordfreq.py sets each, and
+# says what it means). A section holds these and no other: a misspelled field, which
+# ml_collections would add silently from Python, is refused rather than ignored.
+_ARCHITECTURE = ("d_model", "num_layers", "num_heads", "d_ff")
+FIELDS = {
+  "expert": (*_ARCHITECTURE, "steps", "lr", "per_domain"),
+  "monolithic": ("steps", "lr", "per_domain", "dro_dual_lr"),
+  "monolithic_large": (*_ARCHITECTURE, "steps", "lr", "per_domain"),
+  "gate": (
+    "hidden",
+    "token_embed",
+    "pos_embed",
+    "steps",
+    "lr",
+    "dual_lr",
+    "dual_timescale",
+    "optimistic",
+    "dual_holdout",
+    "per_domain",
+    "ema_decay",
+  ),
+  "distill": ("steps", "lr", "per_domain", "weights"),
+}
+# The fields that name one of a few choices; every other is a number.
+_CHOICES = {"distill.weights": distill.DISTILL_WEIGHTS}
+# The numeric fields that may be floats; every other is an int.
 _FLOAT_KEYS = ("lr", "dual_lr", "dro_dual_lr", "ema_decay", "dual_holdout", "dual_timescale")
 
 
@@ -53,11 +78,37 @@ def check_config(config) -> None:
     isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
   ):
     raise InputError(f"config.device_budget_bytes={budget!r} must be a positive int or None.")
-  for section in layout.SECTIONS:
+  check_sections(config, layout.SECTIONS)
+
+
+def check_sections(config, sections) -> None:
+  """The models' config `sections`: each has exactly its FIELDS, each field a value of
+  its kind (a number in its range, or one of its choices)."""
+  for section in sections:
+    if section not in config:
+      raise InputError(f"config has no section {section!r}; it needs {FIELDS[section]}.")
+    have, want = set(config[section].keys()), FIELDS[section]
+    unknown = sorted(have - set(want))
+    if unknown:
+      raise InputError(
+        f"config.{section}.{unknown[0]} is not a field of config.{section}; its fields "
+        f"are {', '.join(want)}."
+      )
+    missing = [k for k in want if k not in have]
+    if missing:
+      raise InputError(
+        f"config.{section} lacks the field {missing[0]!r}; launch/configs/wordfreq.py "
+        f"sets every field of config.{section}."
+      )
     for key, value in config[section].items():
-      if value is None and f"{section}.{key}" in _DEFAULTED:
+      name = f"{section}.{key}"
+      if value is None and name in _DEFAULTED:
         continue
-      _check_field(f"config.{section}.{key}", key, value)
+      if name in _CHOICES:
+        if value not in _CHOICES[name]:
+          raise InputError(f"config.{name}={value!r} must be one of {_CHOICES[name]}.")
+        continue
+      _check_field(f"config.{name}", key, value)
 
 
 # Fields that may be None, meaning another field's value.

@@ -12,9 +12,10 @@ Data sources of the student (each distilled at 1×, for every seed):
                    .students.teacher_samples), as many as `held_out` has unless told;
                    drawn once, from config.seed, and shared by every seed
 
-The loss is the per-domain mean token KL(teacher ‖ student) weighted by the robust
-gate's λ̄, as the main job distills; a draw of the teacher belongs to no domain, so on
-its samples the loss is one mean over them (the teacher's own mixture in place of λ̄).
+The loss is the per-domain mean token KL(teacher ‖ student) weighted as the main job
+distills (config.distill.weights: uniform, or the robust gate's λ̄; the `weights`
+setting overrides it); a draw of the teacher belongs to no domain, so on its samples
+the loss is one mean over them (the teacher's own mixture in place of the weights).
 The source with the smallest mean worst case over seeds on validation's part no student
 and no gate trained on (`Validation.selection`) is chosen; test is never read before
 that choice, and its numbers for every source are outcomes. Then students of the
@@ -45,7 +46,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from robust_gate import bootstrap, evaluate, experts, models, objectives, scoring, students
+from robust_gate import bootstrap, distill, evaluate, experts, models, objectives, scoring, students
 from robust_gate import train as train_lib
 from robust_gate import uncertainty as uncertainty_lib
 from robust_gate.checks import InputError, check_int, check_real
@@ -93,6 +94,7 @@ class Settings:
   lr: float = 0.0  # Adam learning rate; 0: config.monolithic.lr
   teacher_samples: int = 0  # sequences drawn from the teacher; 0: held_out's count
   sample_batch: int = 256  # sequences drawn together
+  weights: str = ""  # the domains' weights (distill.DISTILL_WEIGHTS); "": config.distill's
 
 
 def settings(config, **overrides) -> Settings:
@@ -109,6 +111,9 @@ def settings(config, **overrides) -> Settings:
   if not sources or len(set(sources)) < len(sources) or not set(sources) <= set(SOURCES):
     raise InputError(f"student_size.sources={sources!r}: distinct names among {SOURCES}.")
   sizes = tuple(check_real(r, "student_size.sizes", 0.0, low_open=True) for r in s.sizes)
+  weights = s.weights or config.distill.weights
+  if weights not in distill.DISTILL_WEIGHTS:
+    raise InputError(f"student_size.weights={weights!r}: one of {distill.DISTILL_WEIGHTS}.")
   if 1.0 not in sizes or len(set(sizes)) < len(sizes):
     raise InputError(f"student_size.sizes={s.sizes!r}: distinct ratios, 1 among them.")
   mc = config.monolithic
@@ -120,6 +125,7 @@ def settings(config, **overrides) -> Settings:
     lr=check_real(s.lr or mc.lr, "student_size.lr", 0.0, low_open=True),
     teacher_samples=check_int(s.teacher_samples, "student_size.teacher_samples", 0),
     sample_batch=check_int(s.sample_batch, "student_size.sample_batch"),
+    weights=weights,
   )
 
 
@@ -175,9 +181,9 @@ def sources(
   m: TrainedModels, parts: Validation, s: Settings, seed: int, log
 ) -> tuple[dict[str, Source], dict]:
   """({name: Source} for `s.sources`, a record of the teacher's samples ({} without),
-  drawn from `seed`)."""
-  lam = np.asarray(m.gates.robust_gate.state.lam_avg_K, np.float64)
-  lam_K = (lam / lam.sum()).astype(np.float32)
+  drawn from `seed`); the data's domains weighted as `s.weights` says."""
+  lam_bar = np.asarray(m.gates.robust_gate.state.lam_avg_K, np.float64)
+  lam_K = np.asarray(distill.student_weights(s.weights, lam_bar / lam_bar.sum()), np.float32)
   K = len(lam_K)
   out: dict[str, Source] = {}
   record: dict = {}
@@ -476,6 +482,7 @@ def run(config, workdir: str, log=print, **overrides) -> dict:
     "steps": s.steps,
     "sequences_per_step": K * s.per_domain,
     "lr": s.lr,
+    "weights": s.weights,
     "initialization": INITIALIZATION,
     "flops_note": FLOPS_NOTE,
     "expert_params": expert_params,
