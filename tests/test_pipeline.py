@@ -121,6 +121,9 @@ def test_main_job_writes_results_plots_and_table(tiny_run):
   provenance = r["provenance"]  # where the numbers came from: the code, config, device
   assert provenance["command"].startswith("main.py") and provenance["platform"] == "cpu"
   assert provenance["config"]["gate"]["steps"] == 40 and provenance["commit"]
+  # The student: from the expert of λ̄'s largest entry, its domains weighted as configured.
+  assert r["student_init"] == max(r["lambda_bar"], key=r["lambda_bar"].get)
+  assert r["student_weights"] == provenance["config"]["distill"]["weights"] == "uniform"
   # Each model names the code that trained it: one training run each, by this commit.
   trained = r[provenance_lib.INPUTS_KEY]
   assert set(trained) == set(layout.MODEL_DIRS)

@@ -253,12 +253,18 @@ def _workdirs(tmp_path, first, second):
       "monolithic": _method([0.5, 0.125], 0.5123456),
     },
     "num_params": {"expert": 100, "gate": 7},
+    "student_init": "b",  # an older results.json: no student_weights
   }
   cur = tmp_path / "rg_cur"
   models = _inputs(experts=second, robust_gate=second)
   _write(
     cur / "results.json",
-    {**_with_intervals(results), "provenance": _prov(second), provenance.INPUTS_KEY: models},
+    {
+      **_with_intervals(results),
+      "student_weights": "uniform",
+      "provenance": _prov(second),
+      provenance.INPUTS_KEY: models,
+    },
   )
   (cur / "lambda.png").write_bytes(_PNG)
   mix = {
@@ -338,6 +344,9 @@ def test_generate(tmp_path, repo):
   assert f"## rg_cur: markov, config digits.py — commit `{second[:7]}`, 1 × H100" in page
   assert "## rg_old: markov, config unknown — commit `unknown`, unknown" in page
   assert "| λ̄ (average) | 0.2500 | 0.7500 |" in page
+  # How each main job's student was distilled; the older file's weights were λ̄.
+  assert "- student: from the b expert, domains weighted uniform" in cur_section
+  assert "- student: from the b expert, domains weighted lam_bar (not recorded)" in old_section
   # STALE exactly twice: the experiment made before the code changed, and rg_old.
   assert page.count("STALE") == 2
   assert f"### Experiment `mixtures` (rg_cur) — commit `{first[:7]}`, 8 × cpu" in page

@@ -350,6 +350,7 @@ def evaluate_all(config, workdir: str, log=print) -> dict:
       "gate": evaluate.gradient_conflict(robust.loss_fn, robust.params, conflict_key).tolist(),
     },
     "student_init": domains[m.student.init_from],
+    "student_weights": config.distill.weights,  # its loss's domain weights (distill)
     "num_params": {
       "expert": num_params(m.experts.params) // K,
       "student": num_params(m.student.params),

@@ -87,6 +87,15 @@ def _provenance(origin: Origin, extra: list[tuple[str, str]] | None = None) -> l
   return [*(f"- {k}: {v}" for k, v in items), ""]
 
 
+def _student_line(res: dict) -> list[tuple[str, str]]:
+  """How the main job's student was distilled, where results.json says (runs before
+  config.distill.weights existed weighted by λ̄ and did not record it)."""
+  if "student_init" not in res:
+    return []
+  weights = res.get("student_weights", "lam_bar (not recorded)")
+  return [("student", f"from the {res['student_init']} expert, domains weighted {weights}")]
+
+
 def _config_name(origin: Origin) -> str:
   """The config file the command named (`--config=`), else the launcher's default."""
   if origin.provenance is None:
@@ -127,6 +136,7 @@ def result_section(r: Result, figures: dict[str, str]) -> list[str]:
         ("seeds", str(held_out.seeds(res))),
         ("Λ", str(res.get("uncertainty", "unknown"))),
         ("baseline b_k", str(res.get("baseline", "unknown"))),
+        *_student_line(res),
       ],
     )
     lines += held_out.section_body(res)
