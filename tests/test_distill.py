@@ -60,8 +60,8 @@ def test_student_weights_are_uniform_or_the_renormalized_lambda_bar():
 
 def test_a_student_spec_leaves_out_the_weights_every_older_run_had():
   """Workdirs written before config.distill.weights existed were distilled with λ̄:
-  at "lam_bar" the spec has no such key, so they load; at "uniform" it differs from
-  theirs, so such a student is trained again rather than restored."""
+  at "lam_bar" the spec has no such key, so their student loads; at "uniform" it
+  differs from theirs, so the student's spec check refuses it (a clear InputError)."""
   config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
   assert config.distill.weights == "uniform"
   assert phases._section(config, "distill")["weights"] == "uniform"
