@@ -49,13 +49,18 @@ SEEDS_NOTE = (
 )
 
 
-def _trained(m: TrainedModels) -> dict[str, tuple[Any, Any]]:
-  """The main job's three models as {name: (lm_cfg, params)}."""
-  out = {"student": (m.student.lm_cfg, m.student.params)}
+def _three(student, monoliths) -> dict[str, tuple[Any, Any]]:
+  """The student and the same-size models as {name: (lm_cfg, params)}."""
+  out = {"student": (student.lm_cfg, student.params)}
   for n in SAME_SIZE:
-    model = getattr(m.monoliths, n)
+    model = getattr(monoliths, n)
     out[n] = (model.lm_cfg, model.params)
   return out
+
+
+def _trained(m: TrainedModels) -> dict[str, tuple[Any, Any]]:
+  """The main job's three models."""
+  return _three(m.student, m.monoliths)
 
 
 def train_seed(config, m: TrainedModels, seed: int, log=print) -> dict[str, tuple[Any, Any]]:
@@ -80,12 +85,7 @@ def train_seed(config, m: TrainedModels, seed: int, log=print) -> dict[str, tupl
     return state
 
   student = phases.distill_student(seeded, m.splits, m.caches, m.gates.robust_gate, run)
-  monoliths = phases.train_monoliths(seeded, m.splits, m.caches, run)
-  out = {"student": (student.lm_cfg, student.params)}
-  for n in SAME_SIZE:
-    model = getattr(monoliths, n)
-    out[n] = (model.lm_cfg, model.params)
-  return out
+  return _three(student, phases.train_monoliths(seeded, m.splits, m.caches, run))
 
 
 def score_seed(config, m: TrainedModels, trained: dict[str, tuple[Any, Any]]) -> tuple[dict, float]:
