@@ -128,6 +128,7 @@ def test_job_writes_results_for_every_method_and_a_loadable_student(finished):
   lam = results["lambda_bar"]
   init = max(lam, key=lam.get)
   assert results["student"]["init_from"] == init
+  assert results["student"]["weights"] == results["provenance"]["config"]["distill"]["weights"]
   exported = hf.load(str(Path(workdir, checkpoint_job.STUDENT_DIR)))
   start = hf.load(out.results["experts"][init])
   assert exported.family == start.family and exported.config == start.config

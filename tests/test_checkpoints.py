@@ -321,3 +321,12 @@ def test_non_finite_loss_stops_without_overwriting_good_state(tmp_path):
   rows = checkpoints.read_metrics(str(tmp_path))
   assert [r["step"] for r in rows] == list(range(1, last + 1))  # nothing after the last good
   assert np.all(np.isfinite([r["losses"] for r in rows]))
+
+
+def test_a_refusal_names_each_nested_field_that_differs(tmp_path):
+  _fit(tmp_path, 10, spec={"distill": {"lr": 0.5}, "seed": 0})
+  with pytest.raises(
+    InputError,
+    match=r"\(distill\.lr: saved 0\.5, now 0\.25; distill\.weights: saved \(absent\), now 'uniform'\)",
+  ):
+    _fit(tmp_path, 20, spec={"distill": {"lr": 0.25, "weights": "uniform"}, "seed": 0})

@@ -122,6 +122,13 @@ def test_the_checkpoint_job_refuses_a_misspelled_field_before_loading_anything(t
   config.experts = {"a": str(tmp_path / "no_such_checkpoint")}
   with pytest.raises(InputError, match=r"config\.gate\.dual_lrr is not a field of config\.gate"):
     checkpoint_job.run(config, str(tmp_path / "job"), log=QUIET)
+  del config.gate["dual_lrr"]
+  del config.distill["weights"]  # a copy of the example made before the field existed
+  with pytest.raises(
+    InputError,
+    match=r"config\.distill lacks the field 'weights'; launch/configs/checkpoints_example\.py sets",
+  ):
+    checkpoint_job.run(config, str(tmp_path / "job"), log=QUIET)
   assert not (tmp_path / "job").exists()
 
 

@@ -32,6 +32,7 @@ from robust_gate import (
   uncertainty,
 )
 from robust_gate import provenance as provenance_lib
+from robust_gate.checks import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
@@ -266,3 +267,27 @@ if __name__ == "__main__":  # python tests/test_pipeline.py MODEL STEP POINT LAU
   _kill_self_at(sys.argv[1], int(sys.argv[2]), sys.argv[3])
   sys.argv = sys.argv[4:]
   runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def test_a_workdir_from_before_a_config_field_loads_at_the_field_s_old_value(tiny_run, tmp_path):
+  """A workdir made before config.distill.weights existed: its student was distilled
+  with λ̄ and its config.json lacks the field. saved_config gives it the old value, so
+  load_models restores that student; the new default is refused, naming the field."""
+  workdir = shutil.copytree(tiny_run[0], tmp_path / "workdir")
+  shutil.rmtree(workdir / "student")
+  old = config_files.load(TINY)
+  old.distill.weights = "lam_bar"
+  distilled = pipeline.distill_student(old, str(workdir), log=lambda s: None)
+  saved = json.loads((workdir / "config.json").read_text())
+  del saved["distill"]["weights"]  # as such a workdir wrote it
+  (workdir / "config.json").write_text(json.dumps(saved))
+  config = pipeline.saved_config(str(workdir))
+  assert config.distill.weights == "lam_bar"
+  models = pipeline.load_models(config, str(workdir), log=lambda s: None)
+  assert experts.params_fingerprint(models.student.params) == experts.params_fingerprint(
+    distilled.params
+  )
+  with pytest.raises(
+    InputError, match=r"different configuration .*distill\.weights: saved \(absent\), now 'uniform'"
+  ):
+    pipeline.distill_student(config_files.load(TINY), str(workdir), log=lambda s: None)

@@ -63,6 +63,8 @@ from robust_gate.data import DomainData
 from robust_gate.records import Caches, Experts, Gate, Gates, Splits
 
 STUDENT_DIR = "student_hf"
+# The config file this job's users copy: it sets every field the job reads.
+CONFIG_EXAMPLE = "launch/configs/checkpoints_example.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +303,7 @@ def run(config, workdir: str, log=print, warm_start=None) -> Outcome:
   """The whole job in `workdir` (resumes; see the module's docstring). `warm_start`:
   a function from the fresh robust gate's parameters to its initial ones
   (robust_gate.checkpoint_edits, for an expert added to a fitted gate)."""
-  preflight.check_sections(config, ("gate", "distill"))
+  preflight.check_sections(config, ("gate", "distill"), example=CONFIG_EXAMPLE)
   workdirs.create(workdir)
   loaded = load_experts(config)
   domains = list(loaded)
@@ -348,7 +350,12 @@ def run(config, workdir: str, log=print, warm_start=None) -> Outcome:
     "worst_case": {n: m["worst_case"] for n, m in on_test["methods"].items()},
     **on_test,
     "gate_usage": {k: v.tolist() for k, v in use.items()},
-    "student": {"init_from": domains[init_from], "family": student.family, "path": student_dir},
+    "student": {
+      "init_from": domains[init_from],
+      "weights": config.distill.weights,  # its loss's domain weights (distill)
+      "family": student.family,
+      "path": student_dir,
+    },
     "num_params": {
       "student": experts.num_params(student.params),
       "gate": experts.num_params(gates.robust_gate.params),

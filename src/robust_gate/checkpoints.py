@@ -105,6 +105,26 @@ def _remedy(directory: str, name: str) -> str:
   return f"restore it from a copy, or delete {directory} to train {name} again"
 
 
+_ABSENT = object()
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+  """(dotted key, saved value, value now) of every field where two specs differ, nested
+  sections field by field; _ABSENT for a field one side lacks."""
+  out = []
+  for k in sorted(set(saved) | set(now)):
+    old, new = saved.get(k, _ABSENT), now.get(k, _ABSENT)
+    if isinstance(old, dict) and isinstance(new, dict):
+      out += _differences(old, new, f"{prefix}{k}.")
+    elif old != new:
+      out.append((f"{prefix}{k}", old, new))
+  return out
+
+
+def _shown(value) -> str:
+  return "(absent)" if value is _ABSENT else repr(value)
+
+
 class Checkpointer:
   """One phase directory: spec check, restore with fallback, save, metrics."""
 
@@ -148,8 +168,9 @@ class Checkpointer:
         f"checkpoints beside it belong to): {_remedy(self.directory, self.name)}."
       )
     if stored != spec:
-      keys = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
-      diffs = "; ".join(f"{k}: saved {stored.get(k)!r}, now {spec.get(k)!r}" for k in keys)
+      diffs = "; ".join(
+        f"{k}: saved {_shown(old)}, now {_shown(new)}" for k, old, new in _differences(stored, spec)
+      )
       raise InputError(
         f"{self.directory} holds a {self.name} run started with a different "
         f"configuration or inputs ({diffs}). Refusing to mix them: use another "

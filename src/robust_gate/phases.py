@@ -210,13 +210,13 @@ def gate_training(config, dual_lr: float) -> Training:
 
 # Fields added to a section after workdirs were written, with the value every run had
 # before: a spec leaves such a field out at that value, so those workdirs still load.
-_ADDED = {"distill": {"weights": "lam_bar"}}
+ADDED = {"distill": {"weights": "lam_bar"}}
 
 
 def _section(config, name):
   """A config section as a dict, without `steps` (more steps extend a run) and without
-  an `_ADDED` field at its old value."""
-  old = _ADDED.get(name, {})
+  an `ADDED` field at its old value."""
+  old = ADDED.get(name, {})
   return {
     k: v
     for k, v in config[name].to_dict().items()

@@ -290,7 +290,8 @@ def train_gate(config, workdir: str, log=print) -> Gates:
 
 
 def distill_student(config, workdir: str, log=print) -> Student:
-  """Phase 3: the student, distilled from the robust gated model with weights λ̄."""
+  """Phase 3: the student, distilled from the robust gated model (its domains weighted
+  as config.distill.weights says)."""
   return _finished(config, workdir, _start(config, workdir, log, "distill").student)
 
 
@@ -308,7 +309,9 @@ def load_models(config, workdir: str, log=print) -> TrainedModels:
 
 
 def saved_config(workdir: str):
-  """The config the phases last ran with in `workdir` (workdir/config.json)."""
+  """The config the phases last ran with in `workdir` (workdir/config.json). A field
+  added to a section since that file was written (`phases.ADDED`) is given the value
+  every run had before it existed, so an older workdir's models load."""
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(workdir, "config.json")
@@ -316,12 +319,18 @@ def saved_config(workdir: str):
     raise InputError(f"{workdir} has no config.json: no phase has finished there.")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
+    config = ml_collections.ConfigDict(saved)
   except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
     raise InputError(
       f"{path} is damaged ({type(e).__name__}); run any phase there again (with the "
       f"config it ran with) to rewrite it."
     ) from e
+  for section, fields in phases.ADDED.items():
+    for field, old in fields.items():
+      if isinstance(saved.get(section), dict) and field not in saved[section]:
+        config[section][field] = old
+  return config
 
 
 def evaluate_all(config, workdir: str, log=print) -> dict:

@@ -81,9 +81,10 @@ def check_config(config) -> None:
   check_sections(config, layout.SECTIONS)
 
 
-def check_sections(config, sections) -> None:
+def check_sections(config, sections, example: str = "launch/configs/wordfreq.py") -> None:
   """The models' config `sections`: each has exactly its FIELDS, each field a value of
-  its kind (a number in its range, or one of its choices)."""
+  its kind (a number in its range, or one of its choices). `example`: the config file a
+  missing field's message points to, which sets every field."""
   for section in sections:
     if section not in config:
       raise InputError(f"config has no section {section!r}; it needs {FIELDS[section]}.")
@@ -97,8 +98,8 @@ def check_sections(config, sections) -> None:
     missing = [k for k in want if k not in have]
     if missing:
       raise InputError(
-        f"config.{section} lacks the field {missing[0]!r}; launch/configs/wordfreq.py "
-        f"sets every field of config.{section}."
+        f"config.{section} lacks the field {missing[0]!r}; {example} sets every field "
+        f"of config.{section}."
       )
     for key, value in config[section].items():
       name = f"{section}.{key}"
