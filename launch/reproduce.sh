@@ -15,11 +15,12 @@ configs=("$@")
 # Most telling first, so a run cut short by a time limit has them.
 experiments=(convergence ema prune mixtures prior gate_size extend conflict)
 # Experiments of some configs only, after the shared ones: the sequence-level gate on the
-# Markov chains and digits (docs/math.md §2.2); students of 1×, 2× and 4× an expert on the
-# source files (docs/math.md §5).
+# Markov chains and digits (docs/math.md §2.2); on the source files, students of 1×, 2×
+# and 4× an expert, and the main job's student against the same-size models over seeds
+# (docs/math.md §5).
 declare -A only=(
   [synthetic]="sequence_gate" [digits]="sequence_gate"
-  [source_small]="student_size" [source_h200]="student_size"
+  [source_small]="student_size student_seeds" [source_h200]="student_size student_seeds"
 )
 cd "$(dirname "$0")/.."
 mkdir -p "$root"

@@ -476,3 +476,25 @@ def test_launcher_settings_are_literals_for_experiments_that_take_them():
   for bad in ("steps", "=3", "steps=a b"):
     with pytest.raises(InputError, match="give NAME=VALUE"):
       parse_settings([bad], "student_size")
+
+
+def test_looking_an_experiment_up_imports_its_module_and_no_other():
+  """The registry lists every experiment module without importing one; a lookup imports
+  that experiment (and what it imports), so its results depend on its own code only."""
+  probe = (
+    "import sys, json; from robust_gate.experiments import EXPERIMENTS as E; names = list(E); "
+    "before = sorted(m for m in sys.modules if m.startswith('robust_gate.experiments.')); "
+    "run = E['ema']; "
+    "after = sorted(m for m in sys.modules if m.startswith('robust_gate.experiments.')); "
+    "print(json.dumps([names, before, after, run.__module__, 'common' in E]))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=ENV
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  names, before, after, module, helper = json.loads(out.stdout.splitlines()[-1])
+  assert {"ema", "jsd", "student_size", "student_seeds"} <= set(names) and not helper
+  assert before == [] and module == "robust_gate.experiments.ema"
+  assert "robust_gate.experiments.ema" in after and "robust_gate.experiments.jsd" not in after
+  with pytest.raises(KeyError):
+    EXPERIMENTS["reporting"]

@@ -535,3 +535,29 @@ def test_a_named_config_counts_with_the_configs_it_loads_and_no_other(repo):
   assert staleness.code_files(outside["command"], str(r))[-1] == "launch/configs"
   _commit(r, "launch/bench.py", "y = 1\n", "a launcher that reads no config")
   assert staleness.code_files("bench.py --workdir=/w", str(r)) == ("launch/bench.py",)
+
+
+def test_an_experiment_s_result_depends_on_its_own_module_not_the_others(repo):
+  """launch/experiment.py imports the experiment `--experiment=` names, and only it:
+  a commit to another experiment, or a new one, leaves the result current."""
+  r, _, _ = repo
+  _commit(r, "src/robust_gate/__init__.py", "", "package")
+  _commit(r, "src/robust_gate/experiments/__init__.py", "import robust_gate.a\n", "registry")
+  _commit(r, "src/robust_gate/experiments/one.py", "from robust_gate import b\n", "one")
+  _commit(r, "src/robust_gate/b.py", "y = 1\n", "b")
+  ran = _commit(r, "launch/experiment.py", "from robust_gate import experiments\n", "launcher")
+  prov = {**_prov(ran), "command": "experiment.py --experiment=one --workdir=/w"}
+  assert staleness.code_files(prov["command"], str(r)) == (
+    "launch/experiment.py",
+    "src/robust_gate/__init__.py",
+    "src/robust_gate/a.py",
+    "src/robust_gate/b.py",
+    "src/robust_gate/experiments/__init__.py",
+    "src/robust_gate/experiments/one.py",
+  )
+  spaced = "experiment.py --experiment one --workdir=/w"  # absl takes the value either way
+  assert staleness.code_files(spaced, str(r)) == staleness.code_files(prov["command"], str(r))
+  _commit(r, "src/robust_gate/experiments/two.py", "z = 1\n", "another experiment")
+  assert report.stale_reason(prov, str(r)) is None
+  _commit(r, "src/robust_gate/b.py", "y = 2\n", "what one imports")
+  assert "what one imports" in report.stale_reason(prov, str(r))

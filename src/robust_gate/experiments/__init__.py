@@ -28,40 +28,44 @@ numbers are outcomes, never used to choose.
                and distilled into a causal gate
   student_size students of 1×, 2×, 4× an expert distilled from the robust gate on the data
                source validation picks (train, held-out, teacher samples): gap to the teacher
+  student_seeds the main job's student against the single models of its size (monolithic,
+               group DRO), each trained again per seed: is the student lower beyond noise?
 """
 
 import ast
+import importlib
 import inspect
-from collections.abc import Callable
+import pkgutil
+from collections.abc import Callable, Iterator, Mapping
 
 from robust_gate.checks import InputError
-from robust_gate.experiments import (
-  conflict,
-  convergence,
-  ema,
-  extend,
-  gate_size,
-  jsd,
-  mixtures,
-  prior,
-  prune,
-  sequence_gate,
-  student_size,
-)
 
-EXPERIMENTS: dict[str, Callable[..., dict]] = {
-  "mixtures": mixtures.run,
-  "conflict": conflict.run,
-  "jsd": jsd.run,
-  "gate_size": gate_size.run,
-  "prior": prior.run,
-  "extend": extend.run,
-  "prune": prune.run,
-  "ema": ema.run,
-  "convergence": convergence.run,
-  "sequence_gate": sequence_gate.run,
-  "student_size": student_size.run,
-}
+# The modules of this package that are no experiment: what the experiments share.
+_HELPERS = ("common", "reporting")
+
+
+class _Experiments(Mapping[str, Callable[..., dict]]):
+  """Every module of this package but the helpers, by name; an experiment's module is
+  imported when it is looked up. So running one experiment imports its own code (and
+  what that imports), and adding an experiment changes no other's code
+  (robust_gate.report.staleness follows `--experiment=` to the module)."""
+
+  def _names(self) -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _HELPERS)
+
+  def __getitem__(self, name: str) -> Callable[..., dict]:
+    if name not in self._names():
+      raise KeyError(name)
+    return importlib.import_module(f"{__name__}.{name}").run
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._names())
+
+  def __len__(self) -> int:
+    return len(self._names())
+
+
+EXPERIMENTS: Mapping[str, Callable[..., dict]] = _Experiments()
 
 
 def parse_settings(pairs: list[str], experiment: str) -> dict:

@@ -23,9 +23,7 @@ student is better; `student_size.on_test`); over seeds, mean ± sd of each, and 
 many seeds each difference exceeds the test set's noise either way. Nothing is chosen
 here: test numbers are outcomes.
 
-Not yet one of `launch/experiment.py`'s experiments: registering one there marks every
-published experiment result STALE (BUILD_NOTES.md says why), so it waits for a session
-with the device time to rerun them. From Python: `student_seeds.run(config, workdir)`.
+  python3 launch/experiment.py --experiment=student_seeds --config=<the job's> --workdir=<it>
 """
 
 import copy

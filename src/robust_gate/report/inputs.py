@@ -13,7 +13,7 @@ from robust_gate.report.staleness import check, short
 # Where experiments write `<name>.json` and `.png` in a workdir: the current location
 # first; `paper/` is where launch/paper.py wrote them before (read where no newer one is).
 EXPERIMENT_DIRS = ("experiments", "paper")
-# The experiments' order on the page (robust_gate.experiments.EXPERIMENTS's); others follow by name.
+# The experiments' order on the page; others follow by name.
 EXPERIMENT_ORDER = (
   "mixtures",
   "conflict",
@@ -26,6 +26,7 @@ EXPERIMENT_ORDER = (
   "convergence",
   "sequence_gate",
   "student_size",
+  "student_seeds",
 )
 # Keys that are metadata of a JSON, not its body.
 META_KEYS = ("provenance", INPUTS_KEY, "experiment")

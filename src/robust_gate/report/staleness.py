@@ -41,7 +41,9 @@ def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
   configs a config loads by file name; every config where one cannot be told; none for a
   launcher that names no config, like the benchmark's), and the
   robust_gate modules the launcher and
-  those configs import, directly or through each other, read from the checkout. None
+  those configs import, directly or through each other, read from the checkout, with the
+  module a launcher imports by a flag's name (`_SELECTS`: launch/experiment.py's
+  `--experiment=<name>` runs `robust_gate.experiments.<name>`). None
   where the command names no launcher of the checkout: then all of CODE_PATHS counts.
 
   A commit that changes none of these files leaves the result describing the code; one
@@ -57,6 +59,15 @@ def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
   configs = _configs(named, repo) if named else []
   reads_configs = bool(named)
   found, todo = {launcher, *configs}, [launcher, *configs]
+  flag, package = _SELECTS.get(launcher, ("", ""))
+  for i, w in enumerate(words if flag else []):  # the modules it imports by name
+    name = w.partition("=")[2] if w.startswith(f"--{flag}=") else None
+    if w == f"--{flag}" and i + 1 < len(words):
+      name = words[i + 1]
+    for module_path in _module_files(f"{package}.{name}", repo) if name else []:
+      if module_path not in found:
+        found.add(module_path)
+        todo.append(module_path)
   while todo:
     path = todo.pop()
     for module in _imported_modules(os.path.join(repo, path)):
@@ -69,6 +80,9 @@ def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
 
 
 _CONFIGS = os.path.join("launch", "configs")
+# Launchers that import a module named by a flag: {launcher: (flag, package)}; the
+# module `<package>.<the flag's value>` counts as imported.
+_SELECTS = {os.path.join("launch", "experiment.py"): ("experiment", "robust_gate.experiments")}
 
 
 def _configs(named: list[str], repo: str) -> list[str]:
