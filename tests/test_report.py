@@ -323,6 +323,7 @@ def test_generate(tmp_path, repo):
     "- best response to λ̄: +0.0065 [-0.0040, +0.0150]: within its noise (the interval contains 0)."
   ) in page
   assert "- robust_gate:" not in page
+  assert "Better than the robust gate beyond noise" not in page  # none is
   assert "Differences that exceed their noise: 1 of 2 (monolithic); 1 training seed" in page
   # The certificate with its intervals; the lower value is marked as an estimate.
   assert "| upper U = max over Λ of Σ λ_k L_k(robust gate) | 0.0235 | [0.0200, 0.0300] |" in page
@@ -561,3 +562,30 @@ def test_an_experiment_s_result_depends_on_its_own_module_not_the_others(repo):
   assert report.stale_reason(prov, str(r)) is None
   _commit(r, "src/robust_gate/b.py", "y = 2\n", "what one imports")
   assert "what one imports" in report.stale_reason(prov, str(r))
+
+
+def test_a_model_better_than_the_robust_gate_is_shown_against_the_experts():
+  """Where b_k is each domain's expert, a model below the robust gate beyond noise is
+  shown with the domains where it is below the experts themselves (L_k < 0)."""
+  from robust_gate.report import held_out
+
+  results = {
+    "baseline": "expert",
+    "bootstrap": {"level": 0.95},
+    "methods": {
+      "robust_gate": {**_method([-0.01, 0.03], 0.03), "vs_robust_gate": {"worst_case": [0, 0, 0]}},
+      "monolithic": {
+        **_method([-0.2, -0.02], -0.02),
+        "vs_robust_gate": {"worst_case": [-0.05, -0.06, -0.04]},
+      },
+      "student": {**_method([0.0, 0.05], 0.05), "vs_robust_gate": {"worst_case": [0.02, -0.01, 0.05]}},
+    },
+  }
+  text = "\n".join(held_out.differences(results))
+  assert (
+    "Better than the robust gate beyond noise: monolithic. With b_k the loss of domain k's own "
+    "expert, L_k < 0 is a model better than that expert on its own domain: monolithic on 2 of 2 "
+    "domains, by up to 0.2000; robust_gate on 1 of 2 domains, by up to 0.0100."
+  ) in text
+  results["baseline"] = "entropy"  # L_k < 0 says nothing about the experts then
+  assert "Better than the robust gate" not in "\n".join(held_out.differences(results))
