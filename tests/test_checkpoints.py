@@ -327,6 +327,7 @@ def test_a_refusal_names_each_nested_field_that_differs(tmp_path):
   _fit(tmp_path, 10, spec={"distill": {"lr": 0.5}, "seed": 0})
   with pytest.raises(
     InputError,
-    match=r"\(distill\.lr: saved 0\.5, now 0\.25; distill\.weights: saved \(absent\), now 'uniform'\)",
+    match=r"\(distill\.lr: saved 0\.5, now 0\.25; "
+    r"distill\.weights: saved \(absent\), now 'uniform'\)",
   ):
     _fit(tmp_path, 20, spec={"distill": {"lr": 0.25, "weights": "uniform"}, "seed": 0})

@@ -578,7 +578,10 @@ def test_a_model_better_than_the_robust_gate_is_shown_against_the_experts():
         **_method([-0.2, -0.02], -0.02),
         "vs_robust_gate": {"worst_case": [-0.05, -0.06, -0.04]},
       },
-      "student": {**_method([0.0, 0.05], 0.05), "vs_robust_gate": {"worst_case": [0.02, -0.01, 0.05]}},
+      "student": {
+        **_method([0.0, 0.05], 0.05),
+        "vs_robust_gate": {"worst_case": [0.02, -0.01, 0.05]},
+      },
     },
   }
   text = "\n".join(held_out.differences(results))
