@@ -6,9 +6,10 @@ r"""The paper's claims, measured: one experiment per run.
 --experiment is one of mixtures, conflict, jsd, gate_size, prior, extend, prune, ema,
 convergence, sequence_gate, student_size, student_seeds (robust_gate.experiments says
 what each measures; only the one named is imported). Every experiment but jsd reads
-the finished main job in --workdir, run with the same --config; results go to <workdir>/experiments/<experiment>.json (with the
-provenance of the numbers) and .png. What an experiment trains it repeats over
---config.experiment_seeds seeds (3 by default) and reports as mean ± sd.
+the finished main job in --workdir, run with the same --config; results go to
+<workdir>/experiments/<experiment>.json (with the provenance of the numbers) and .png.
+What an experiment trains it repeats over --config.experiment_seeds seeds (3 by
+default) and reports as mean ± sd.
 """
 
 import os
