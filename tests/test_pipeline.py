@@ -263,12 +263,6 @@ def _assert_same_results(one, eight):
     np.testing.assert_allclose(eight["gate_usage"][name], use, rtol=1e-5, atol=1e-6)
 
 
-if __name__ == "__main__":  # python tests/test_pipeline.py MODEL STEP POINT LAUNCHER ARGS...
-  _kill_self_at(sys.argv[1], int(sys.argv[2]), sys.argv[3])
-  sys.argv = sys.argv[4:]
-  runpy.run_path(sys.argv[0], run_name="__main__")
-
-
 def test_a_workdir_from_before_a_config_field_loads_at_the_field_s_old_value(tiny_run, tmp_path):
   """A workdir made before config.distill.weights existed: its student was distilled
   with λ̄ and its config.json lacks the field. saved_config gives it the old value, so
@@ -291,3 +285,9 @@ def test_a_workdir_from_before_a_config_field_loads_at_the_field_s_old_value(tin
     InputError, match=r"different configuration .*distill\.weights: saved \(absent\), now 'uniform'"
   ):
     pipeline.distill_student(config_files.load(TINY), str(workdir), log=lambda s: None)
+
+
+if __name__ == "__main__":  # python tests/test_pipeline.py MODEL STEP POINT LAUNCHER ARGS...
+  _kill_self_at(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+  sys.argv = sys.argv[4:]
+  runpy.run_path(sys.argv[0], run_name="__main__")

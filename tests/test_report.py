@@ -160,10 +160,10 @@ def test_only_the_files_a_command_ran_make_its_result_stale(repo):
     "launch/configs",
   )
   _commit(r, "src/robust_gate/other.py", "y = 1\n", "a module main.py never imports")
-  _commit(r, "launch/experiment.py", "from robust_gate import other\n", "another launcher")
+  _commit(r, "launch/sample.py", "from robust_gate import other\n", "another launcher")
   assert report.stale_reason(_prov(ran), str(r)) is None
-  experiment = {**_prov(ran), "command": "experiment.py --workdir=/w"}
-  assert "2 commits changed the files it ran since" in report.stale_reason(experiment, str(r))
+  sample = {**_prov(ran), "command": "sample.py --workdir=/w"}
+  assert "2 commits changed the files it ran since" in report.stale_reason(sample, str(r))
   # Comments, docstrings and layout are not code: the syntax trees are compared.
   doc = '"""What a is."""\n\n# x is two\nx = (\n  2\n)\n'
   _commit(r, "src/robust_gate/a.py", doc, "document a")
@@ -562,6 +562,14 @@ def test_an_experiment_s_result_depends_on_its_own_module_not_the_others(repo):
   assert report.stale_reason(prov, str(r)) is None
   _commit(r, "src/robust_gate/b.py", "y = 2\n", "what one imports")
   assert "what one imports" in report.stale_reason(prov, str(r))
+  # An experiment the checkout does not have (renamed, deleted, misspelled, none named):
+  # what it ran cannot be told, so every commit to the code counts.
+  for unknown in ("--experiment=two_", "--experiment=../b", "--experiment", ""):
+    assert staleness.code_files(f"experiment.py {unknown} --workdir=/w", str(r)) is None
+  _git(r, "rm", "-q", "src/robust_gate/experiments/one.py")
+  _git(r, "commit", "-q", "-m", "one removed")
+  assert staleness.code_files(prov["command"], str(r)) is None
+  assert "changed src/robust_gate, launch since" in report.stale_reason(prov, str(r))
 
 
 def test_a_model_better_than_the_robust_gate_is_shown_against_the_experts():
@@ -588,17 +596,23 @@ def test_a_model_better_than_the_robust_gate_is_shown_against_the_experts():
         **_method([-0.1, 0.01], 0.01),
         "vs_robust_gate": {"worst_case": [-0.02, -0.03, -0.01]},
       },
+      "expert:a": {
+        **_method([0.0, 0.02], 0.02),
+        "vs_robust_gate": {"worst_case": [-0.01, -0.02, -0.005]},
+      },
     },
   }
   text = "\n".join(held_out.differences(results))
   assert (
-    "Better than the robust gate beyond noise: monolithic, erm_gate. erm_gate mixes the same "
-    "experts: a lower worst case among such mixtures is what the certificate's gap (below) "
-    "measures. With b_k the loss of domain k's own expert, L_k < 0 is a model better than that "
-    "expert on its own domain: monolithic on 2 of 2 domains, by up to 0.2000; robust_gate on 1 "
-    "of 2 domains, by up to 0.0100."
+    "Better than the robust gate beyond noise: monolithic, erm_gate, expert:a. erm_gate, "
+    "expert:a mix the same experts: a lower worst case among such mixtures is what the "
+    "certificate's gap (below) measures. With b_k the loss of domain k's own expert, L_k < "
+    "0 is a model better than that expert on its own domain: monolithic on 2 of 2 domains, "
+    "by up to 0.2000; robust_gate on 1 of 2 domains, by up to 0.0100. A gate goes below an "
+    "expert on its own domain only as far as mixing in the other experts takes it; a single "
+    "model trained on every domain is bound by no expert."
   ) in text
   results["baseline"] = "entropy"  # L_k < 0 says nothing about the experts then
   text = "\n".join(held_out.differences(results))
-  assert "Better than the robust gate beyond noise: monolithic, erm_gate." in text
+  assert "Better than the robust gate beyond noise: monolithic, erm_gate, expert:a." in text
   assert "L_k < 0" not in text

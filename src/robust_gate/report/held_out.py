@@ -124,15 +124,16 @@ def differences(results: dict[str, Any]) -> list[str]:
 
 def _below_the_experts(results: dict[str, Any], names: list[str]) -> list[str]:
   """Why models beat the robust gate beyond noise. A mixture of the same experts (a gate
-  of `gate_usage`, the uniform mixture) does where the robust gate is off its game's
-  equilibrium, which the certificate's gap measures. A single model does, where b_k is
-  each domain's own expert, by being below that expert on its own domain (L_k < 0): on
-  how many domains, beside the robust gate."""
+  of `gate_usage`, the uniform mixture, the posterior gate, an expert alone) does where
+  the robust gate is off its game's equilibrium, which the certificate's gap measures.
+  A single model does, where b_k is each domain's own expert, by being below that
+  expert on its own domain (L_k < 0): on how many domains, beside the robust gate."""
   if not names:
     return []
-  mixtures = {*results.get("gate_usage", {}), "uniform_mixture"}
-  mixed = [n for n in names if n in mixtures]
-  single = [n for n in names if n not in mixtures]
+  mixtures = {*results.get("gate_usage", {}), "uniform_mixture", "posterior_gate"}
+  is_mixture = lambda n: n in mixtures or n.startswith("expert:")  # an expert: a one-hot gate
+  mixed = [n for n in names if is_mixture(n)]
+  single = [n for n in names if not is_mixture(n)]
   lines = ["Better than the robust gate beyond noise: " + _labels(names) + "."]
   if mixed:
     lines.append(
@@ -151,8 +152,8 @@ def _below_the_experts(results: dict[str, Any], names: list[str]) -> list[str]:
       "With b_k the loss of domain k's own expert, L_k < 0 is a model better than that "
       "expert on its own domain: "
       + "; ".join(below(n) for n in [*single, REFERENCE])
-      + ". A gate only mixes the experts' predictions; a single model below the experts "
-      "on their own domains has learned what none of them did."
+      + ". A gate goes below an expert on its own domain only as far as mixing in the "
+      "other experts takes it; a single model trained on every domain is bound by no expert."
     )
   return [" ".join(lines), ""]
 

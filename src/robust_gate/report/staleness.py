@@ -11,6 +11,7 @@ behind. Where git cannot answer, the result is stale ("cannot tell"), never curr
 
 import ast
 import dataclasses
+import itertools
 import os
 import re
 import sys
@@ -43,7 +44,8 @@ def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
   robust_gate modules the launcher and
   those configs import, directly or through each other, read from the checkout, with the
   module a launcher imports by a flag's name (`_SELECTS`: launch/experiment.py's
-  `--experiment=<name>` runs `robust_gate.experiments.<name>`). None
+  `--experiment=<name>` runs `robust_gate.experiments.<name>`; None where the command
+  names none, or one the checkout no longer has). None
   where the command names no launcher of the checkout: then all of CODE_PATHS counts.
 
   A commit that changes none of these files leaves the result describing the code; one
@@ -60,14 +62,18 @@ def code_files(command: Any, repo: str) -> tuple[str, ...] | None:
   reads_configs = bool(named)
   found, todo = {launcher, *configs}, [launcher, *configs]
   flag, package = _SELECTS.get(launcher, ("", ""))
-  for i, w in enumerate(words if flag else []):  # the modules it imports by name
-    name = w.partition("=")[2] if w.startswith(f"--{flag}=") else None
-    if w == f"--{flag}" and i + 1 < len(words):
-      name = words[i + 1]
-    for module_path in _module_files(f"{package}.{name}", repo) if name else []:
-      if module_path not in found:
-        found.add(module_path)
-        todo.append(module_path)
+  if flag:  # the module it imports by name: unknown (None) where the name has no file
+    name = None  # the last one given, as absl takes it
+    for word, after in itertools.pairwise([*words, ""]):
+      if word.startswith(f"--{flag}="):
+        name = word.partition("=")[2]
+      elif word == f"--{flag}":
+        name = after
+    selected = _module_file(f"{package}.{name}", repo) if name else None
+    if selected is None:
+      return None
+    todo.append(selected)
+    found.add(selected)
   while todo:
     path = todo.pop()
     for module in _imported_modules(os.path.join(repo, path)):
@@ -176,6 +182,16 @@ def _module_files(module: str, repo: str) -> list[str]:
       if os.path.isfile(os.path.join(repo, path)):
         out.append(path)
   return out
+
+
+def _module_file(module: str, repo: str) -> str | None:
+  """The file of a module named by a dotted `module` (a module, not a package), if the
+  checkout has it and the name is one."""
+  parts = module.split(".")
+  if not all(p.isidentifier() for p in parts):
+    return None
+  path = os.path.join("src", *parts) + ".py"
+  return path if os.path.isfile(os.path.join(repo, path)) else None
 
 
 def code_commits_since(
