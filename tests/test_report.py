@@ -616,3 +616,32 @@ def test_a_model_better_than_the_robust_gate_is_shown_against_the_experts():
   text = "\n".join(held_out.differences(results))
   assert "Better than the robust gate beyond noise: monolithic, erm_gate, expert:a." in text
   assert "L_k < 0" not in text
+
+
+def test_the_student_is_set_against_the_single_models_of_its_size_by_their_intervals():
+  """Disjoint intervals: lower or higher beyond noise; overlapping: not told apart; a
+  results.json without intervals, or without a student, gives no line."""
+  from robust_gate.report import held_out
+
+  def method(worst, low, high):
+    return {"worst_case": worst, "intervals": {"worst_case": [low, high]}}
+
+  results = {
+    "methods": {
+      "student": method(-0.10, -0.13, -0.08),
+      "monolithic": method(0.17, 0.15, 0.20),
+      "monolithic_dro": method(-0.09, -0.12, -0.05),
+    }
+  }
+  text = " ".join(held_out.student_against_its_size(results))
+  assert "student -0.1000 [-0.1300, -0.0800]" in text
+  assert "monolithic 0.1700 [0.1500, 0.2000] (the student is lower, beyond noise)" in text
+  assert "monolithic_dro -0.0900 [-0.1200, -0.0500] (the intervals overlap" in text
+  assert "1 training seed" in text
+  results["methods"]["monolithic"] = method(-0.3, -0.35, -0.25)
+  text = " ".join(held_out.student_against_its_size(results))
+  assert "(the student is higher, beyond noise)" in text
+  del results["methods"]["student"]["intervals"]
+  assert held_out.student_against_its_size(results) == []
+  del results["methods"]["student"]
+  assert held_out.student_against_its_size(results) == []
