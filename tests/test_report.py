@@ -620,7 +620,8 @@ def test_a_model_better_than_the_robust_gate_is_shown_against_the_experts():
 
 def test_the_student_is_set_against_the_single_models_of_its_size_by_their_intervals():
   """Disjoint intervals: lower or higher beyond noise; overlapping: not told apart; a
-  results.json without intervals, or without a student, gives no line."""
+  rival without a finite interval is shown without one; a student without an interval,
+  or no student, gives no line."""
   from robust_gate.report import held_out
 
   def method(worst, low, high):
@@ -641,6 +642,9 @@ def test_the_student_is_set_against_the_single_models_of_its_size_by_their_inter
   results["methods"]["monolithic"] = method(-0.3, -0.35, -0.25)
   text = " ".join(held_out.student_against_its_size(results))
   assert "(the student is higher, beyond noise)" in text
+  results["methods"]["monolithic"] = method(0.17, float("nan"), float("nan"))
+  text = " ".join(held_out.student_against_its_size(results))
+  assert "monolithic 0.1700 (no interval)" in text  # never read as an overlap
   del results["methods"]["student"]["intervals"]
   assert held_out.student_against_its_size(results) == []
   del results["methods"]["student"]

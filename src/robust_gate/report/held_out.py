@@ -6,6 +6,7 @@ results.json written before the intervals renders its point estimates and says t
 they have none.
 """
 
+import math
 from typing import Any
 
 from robust_gate.evaluate import REFERENCE
@@ -27,7 +28,11 @@ def _trained(results: dict[str, Any]) -> str:
 
 
 def _bounds(found: Any) -> list[float] | None:
-  return found if isinstance(found, list) and len(found) == 2 else None
+  """An interval [lo, hi] of finite numbers, else None."""
+  ok = isinstance(found, list) and len(found) == 2
+  return (
+    found if ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in found) else None
+  )
 
 
 def _bracket(low_high: list[float], sign: str = "") -> str:
