@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from robust_gate.evaluate import REFERENCE
+from robust_gate.experiments.student_size import SAME_SIZE
 from robust_gate.report.tables import table
 from robust_gate.summary import method_label
 
@@ -163,11 +164,6 @@ def _below_the_experts(results: dict[str, Any], names: list[str]) -> list[str]:
   return [" ".join(lines), ""]
 
 
-# The single models of one expert's size the student must beat (issue: "lower than every
-# single model of its size trained with at least the same compute").
-_SAME_SIZE = ("monolithic", "monolithic_dro")
-
-
 def student_against_its_size(results: dict[str, Any]) -> list[str]:
   """The student's worst case against each single model of its size, by their intervals:
   intervals that do not overlap make a difference beyond the test set's noise (a
@@ -175,7 +171,7 @@ def student_against_its_size(results: dict[str, Any]) -> list[str]:
   narrower); overlapping ones leave it untold here."""
   methods = results["methods"]
   student = methods.get("student")
-  rivals = [n for n in _SAME_SIZE if n in methods]
+  rivals = [n for n in SAME_SIZE if n in methods]  # the single models of its size
   if student is None or not rivals:
     return []
   mine = _bounds((student.get("intervals") or {}).get("worst_case"))
