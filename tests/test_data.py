@@ -89,3 +89,37 @@ def test_catalog_dataset_by_name_with_mock_data():
   lengths = [min(len(data.text_to_tokens(e["description"])) + 1, 32) for e in examples]
   np.testing.assert_array_equal(d.mask_NxT.sum(axis=1), lengths)
   assert len(examples) == 40 and len(set(lengths)) > 1
+
+
+class _Batched:
+  """A random-access source that counts its single and batched reads."""
+
+  def __init__(self, examples):
+    self.examples, self.single, self.batched = examples, 0, []
+
+  def __len__(self):
+    return len(self.examples)
+
+  def __getitem__(self, i):
+    self.single += 1
+    return self.examples[i]
+
+  def __getitems__(self, keys):
+    self.batched.append(list(keys))
+    return [self.examples[k] for k in keys]
+
+
+def test_sources_are_read_in_batches_with_the_same_examples(monkeypatch):
+  monkeypatch.setattr(data, "_READ_CHUNK", 4)
+  examples = [{"tokens": [3, i + 1], "domain": i % 2} for i in range(10)]
+  kw = dict(domains=["a", "b"], vocab_size=16, max_len=4)
+  one_by_one = data.from_data_source(list(examples), **kw)
+  source = _Batched(examples)
+  assert data.from_data_source(source, **kw).fingerprint() == one_by_one.fingerprint()
+  assert source.single == 0 and source.batched == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+  source = _Batched(examples)
+  got = list(data.blocks(source, rows=6, **kw))
+  assert source.single == 0 and source.batched == [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9]]
+  assert [len(b.domain_N) for b in got] == [6, 4]
+  assert np.array_equal(np.concatenate([b.inputs_NxT for b in got]), one_by_one.inputs_NxT)

@@ -216,8 +216,7 @@ def from_data_source(
   names = list(_check_domain_names(domains))
   seqs, labels = [], []
   feature = text_key if text_key is not None else tokens_key
-  for i in range(len(source)):
-    ex = source[i]
+  for i, ex in enumerate(_examples(source)):
     for key in (domain_key, feature):
       if key not in ex:
         raise InputError(f"example {first + i} has no key {key!r}; keys: {sorted(ex)}.")
@@ -232,6 +231,19 @@ def from_data_source(
     labels.append(label)  # encode checks it is an integer in range
     seqs.append(text_to_tokens(ex[feature], first + i) if text_key is not None else ex[feature])
   return encode(seqs, labels, names, vocab_size, max_len, truncate, first, every_domain)
+
+
+_READ_CHUNK = 1024  # examples per batched read of a data source
+
+
+def _examples(source) -> Iterator[Any]:
+  """The examples of a random-access source in order, read `_READ_CHUNK` at a time through
+  `__getitems__` where the source has it (tfds's array_record sources read such a batch
+  in parallel; one `source[i]` at a time is a read call per record), else one by one."""
+  many = getattr(source, "__getitems__", None)
+  for lo in range(0, len(source), _READ_CHUNK):
+    idx = range(lo, min(len(source), lo + _READ_CHUNK))
+    yield from (many(list(idx)) if many is not None else (source[i] for i in idx))
 
 
 def load_local(
@@ -341,6 +353,12 @@ class _Rows:
 
   def __getitem__(self, i: int):
     return self.source[self.lo + i]
+
+  def __getitems__(self, idx: Sequence[int]) -> list:
+    """Examples `idx` (numbered from 0) in one batched read where the source has one."""
+    keys = [self.lo + i for i in idx]
+    many = getattr(self.source, "__getitems__", None)
+    return list(many(keys)) if many is not None else [self.source[k] for k in keys]
 
 
 # array_record raises RuntimeError for damage and I/O errors alike. Damage: a record file
