@@ -498,3 +498,26 @@ def test_looking_an_experiment_up_imports_its_module_and_no_other():
   assert "robust_gate.experiments.ema" in after and "robust_gate.experiments.jsd" not in after
   with pytest.raises(KeyError):
     EXPERIMENTS["reporting"]
+
+
+def test_the_registry_lists_experiment_modules_only(tmp_path, monkeypatch):
+  """Private, non-identifier and package entries beside the experiments are no
+  experiments, membership imports nothing, and a listed module without run() is a bug."""
+  from robust_gate import experiments
+
+  for name in ("_private", "not-a-name", "norun", "works"):
+    (tmp_path / f"{name}.py").write_text("def run(config, workdir, log):\n  return {}\n")
+  (tmp_path / "norun.py").write_text("X = 1\n")
+  (tmp_path / "subpackage").mkdir()
+  (tmp_path / "subpackage" / "__init__.py").write_text("")
+  monkeypatch.setattr(experiments, "__path__", [str(tmp_path)])
+  monkeypatch.syspath_prepend(str(tmp_path))
+  registry = experiments._Experiments()
+  assert list(registry) == ["norun", "works"] and "works" in registry
+  assert "_private" not in registry and "subpackage" not in registry
+  monkeypatch.setattr(
+    experiments.importlib, "import_module", lambda n: __import__(n.rsplit(".", 1)[-1])
+  )
+  assert registry["works"]({}, "", print) == {}
+  with pytest.raises(TypeError, match="norun is listed as an experiment but has no run"):
+    registry["norun"]

@@ -237,3 +237,19 @@ def test_bad_digits_options_are_one_line(options, message):
   config = config_files.load(os.path.join(ROOT, "launch", "configs", "digits.py"))
   config.data.options = options
   assert message in _check_config_message(config)
+
+
+@pytest.mark.parametrize(
+  "text, why",
+  [
+    ("{", r"damaged \(JSONDecodeError\)"),
+    ("null", r"damaged \(JSON null, not an object\)"),
+    ("[1, 2]", r"damaged \(JSON list, not an object\)"),
+    ('{"a.b": 1}', r"damaged \(ValueError: .*a\.b"),
+  ],
+)
+def test_a_damaged_saved_config_is_one_line(tmp_path, text, why):
+  (tmp_path / "config.json").write_text(text)
+  with pytest.raises(InputError, match=why + r".*run any phase there again") as e:
+    pipeline.saved_config(str(tmp_path))
+  assert "\n" not in str(e.value)

@@ -317,15 +317,19 @@ def saved_config(workdir: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise InputError(f"{workdir} has no config.json: no phase has finished there.")
+  rewrite = "run any phase there again (with the config it ran with) to rewrite it."
   try:
     with open(path) as f:
       saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise InputError(f"{path} is damaged ({type(e).__name__}); {rewrite}") from e
+  if not isinstance(saved, dict):
+    what = "null" if saved is None else type(saved).__name__
+    raise InputError(f"{path} is damaged (JSON {what}, not an object); {rewrite}")
+  try:
     config = ml_collections.ConfigDict(saved)
-  except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-    raise InputError(
-      f"{path} is damaged ({type(e).__name__}); run any phase there again (with the "
-      f"config it ran with) to rewrite it."
-    ) from e
+  except (TypeError, ValueError) as e:  # e.g. a key with a dot in it
+    raise InputError(f"{path} is damaged ({type(e).__name__}: {e}); {rewrite}") from e
   for section, fields in phases.ADDED.items():
     for field, old in fields.items():
       if isinstance(saved.get(section), dict) and field not in saved[section]:

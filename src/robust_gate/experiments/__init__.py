@@ -51,12 +51,26 @@ class _Experiments(Mapping[str, Callable[..., dict]]):
   (robust_gate.report.staleness follows `--experiment=` to the module)."""
 
   def _names(self) -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _HELPERS)
+    """Experiment modules: plain modules named as identifiers, not private, no helper."""
+    return sorted(
+      m.name
+      for m in pkgutil.iter_modules(__path__)
+      if not m.ispkg
+      and m.name.isidentifier()
+      and not m.name.startswith("_")
+      and m.name not in _HELPERS
+    )
+
+  def __contains__(self, name: object) -> bool:  # without importing the module
+    return name in self._names()
 
   def __getitem__(self, name: str) -> Callable[..., dict]:
-    if name not in self._names():
+    if name not in self:
       raise KeyError(name)
-    return importlib.import_module(f"{__name__}.{name}").run
+    run = getattr(importlib.import_module(f"{__name__}.{name}"), "run", None)
+    if not callable(run):  # a module of this package that breaks its contract: a bug
+      raise TypeError(f"{__name__}.{name} is listed as an experiment but has no run().")
+    return run
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._names())
