@@ -14,8 +14,10 @@ dirtiness).
 """
 
 import os
+import shutil
 
 from robust_gate import files, provenance
+from robust_gate.checks import InputError
 from robust_gate.report import inputs, pages
 from robust_gate.report.inputs import Benchmark, Experiment, Origin, Result
 from robust_gate.report.staleness import Verdict, check, stale_reason
@@ -29,6 +31,7 @@ __all__ = [
   "Verdict",
   "check",
   "generate",
+  "keep",
   "stale_reason",
 ]
 
@@ -64,3 +67,48 @@ def generate(
   if workdirs:
     pages.remove_unlinked_figures(out, set(pending))
   return [os.path.join(out, p) for p in ("results.md", "performance.md") if p in pending]
+
+
+def keep(
+  workdirs: list[str], bench_workdirs: list[str], folder: str, repo: str = REPO
+) -> tuple[list[str], list[str]]:
+  """Copies what the pages read from each workdir (results.json and its figures,
+  experiments/ or paper/ with theirs, benchmark.json) into `folder`/<name>/, <name> as
+  on the page, replacing an earlier copy; returns the copies' paths in the same order.
+
+  A workdir lives where its job ran (often a /tmp that goes with its machine); its
+  copies, committed, let anyone generate the pages again from a clone. Every input is
+  read (InputError) before anything is written; a workdir that is already its own copy
+  is left as it is.
+  """
+  results = inputs.read_results(workdirs, repo)
+  benchmarks = inputs.read_benchmarks(bench_workdirs, repo)
+  plan: dict[str, tuple[str, list[str]]] = {}  # name: (workdir, its files)
+  for r in results:
+    paths = [r.origin.path] if r.origin else []
+    paths += list(r.figures)
+    for e in r.experiments:
+      paths += [e.origin.path] + ([e.figure] if e.figure else [])
+    plan[r.name] = (r.workdir, paths)
+  for b in benchmarks:
+    if b.name in plan:
+      raise InputError(
+        f"--bench_workdirs: {b.workdir!r} has the name {b.name!r} of a main-job workdir; "
+        f"rename one."
+      )
+    plan[b.name] = (b.workdir, [b.origin.path])
+  copies = {}
+  for name, (workdir, paths) in plan.items():
+    dest = os.path.join(folder, name)
+    copies[name] = dest
+    if os.path.realpath(workdir) == os.path.realpath(dest):
+      continue
+    content = {os.path.relpath(p, workdir): inputs.read_bytes(p) for p in paths}
+    staging = os.path.join(folder, f".{name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for rel, data in content.items():
+      os.makedirs(os.path.dirname(os.path.join(staging, rel)), exist_ok=True)
+      files.atomic_write(os.path.join(staging, rel), data)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(staging, dest)
+  return [copies[r.name] for r in results], [copies[b.name] for b in benchmarks]
