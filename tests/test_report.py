@@ -688,3 +688,28 @@ def test_kept_inputs_regenerate_the_same_pages(tmp_path, repo):
   again = (tmp_path / "b" / "results.md").read_text()
   assert again.split("\n", 1)[1] == page.split("\n", 1)[1]
   assert report.keep(*args[:2], str(keep), report.REPO) == args[:2]  # its own copy: as is
+
+
+def test_keep_writes_nothing_when_an_input_is_unreadable_or_names_clash(
+  tmp_path, repo, monkeypatch
+):
+  r, first, second = repo
+  cur, old, bench = _workdirs(tmp_path, first, second)
+  keep = tmp_path / "kept"
+  real = report.inputs.read_bytes
+
+  def failing(path):
+    if path.endswith("mixtures.png"):
+      raise InputError(f"{path}: cannot be read (Permission denied).")
+    return real(path)
+
+  monkeypatch.setattr(report.inputs, "read_bytes", failing)
+  with pytest.raises(InputError, match=r"mixtures\.png: cannot be read"):
+    report.keep([str(old), str(cur)], [], str(keep), str(r))  # rg_old's copy would come first
+  assert not keep.exists()
+  monkeypatch.setattr(report.inputs, "read_bytes", real)
+  clash = tmp_path / "x" / "rg_cur"
+  shutil.copytree(bench, clash)
+  with pytest.raises(InputError, match="has the name 'rg_cur' of a main-job workdir"):
+    report.keep([str(cur)], [str(clash)], str(keep), str(r))
+  assert not keep.exists()

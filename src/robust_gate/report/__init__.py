@@ -97,16 +97,17 @@ def keep(
         f"rename one."
       )
     plan[b.name] = (b.workdir, [b.origin.path])
-  copies = {}
-  for name, (workdir, paths) in plan.items():
-    dest = os.path.join(folder, name)
-    copies[name] = dest
-    if os.path.realpath(workdir) == os.path.realpath(dest):
-      continue
-    content = {os.path.relpath(p, workdir): inputs.read_bytes(p) for p in paths}
+  copies = {name: os.path.join(folder, name) for name in plan}
+  content = {  # every file read before any is written
+    name: {os.path.relpath(p, workdir): inputs.read_bytes(p) for p in paths}
+    for name, (workdir, paths) in plan.items()
+    if os.path.realpath(workdir) != os.path.realpath(copies[name])
+  }
+  for name, kept in content.items():
+    dest = copies[name]
     staging = os.path.join(folder, f".{name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    for rel, data in content.items():
+    for rel, data in kept.items():
       os.makedirs(os.path.dirname(os.path.join(staging, rel)), exist_ok=True)
       files.atomic_write(os.path.join(staging, rel), data)
     shutil.rmtree(dest, ignore_errors=True)
