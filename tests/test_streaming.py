@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from devices import env_with_devices
 
 from robust_gate import checkpoints, data, distill, experts, models, shards, streaming, train
@@ -44,8 +45,10 @@ def _split(n: int, seed: int) -> data.DomainData:
 
 
 def _cache(d: data.DomainData, seed: int) -> np.ndarray:
-  noise = jax.random.normal(jax.random.PRNGKey(seed), (*d.inputs_NxT.shape, M, V))
-  logp = np.asarray(jax.nn.log_softmax(noise))[..., 0]
+  """Each expert's log-probabilities of the targets, drawn on the host (numpy: no
+  program compiled for test data)."""
+  noise = np.random.default_rng(seed).normal(size=(*d.inputs_NxT.shape, M, V))
+  logp = (noise - scipy.special.logsumexp(noise, axis=-1, keepdims=True))[..., 0]
   return np.where(d.mask_NxT[..., None], logp, 0.0).astype(np.float32)
 
 
@@ -74,8 +77,16 @@ def _gate_game(fit: streaming.Source, held: streaming.Source):
   )
 
 
+def _lms(seed: int, n: int):
+  """n ≤ K language models from init_stacked_lm at (LM, K): one compiled program for
+  every model these tests initialize (compiling it takes seconds on CPU; each other
+  static argument would compile it again)."""
+  stack = models.init_stacked_lm(LM, jax.random.PRNGKey(seed), K)
+  return jax.tree_util.tree_map(lambda x: x[:n], stack)
+
+
 def _expert_game(d):
-  params = models.init_stacked_lm(LM, jax.random.PRNGKey(0), K)
+  params = _lms(0, K)
   return train.make_game(
     train.expert_loss_fn(LM, d, B), params, num_domains=K, lr=1e-2, dual_lr=0.0, seed=0
   )
@@ -84,10 +95,10 @@ def _expert_game(d):
 def _distill_game(d):
   """A student distilled from two stacked experts under a gate (the main job's
   distillation, robust_gate.distill), its rows from `d`."""
-  experts_M = models.init_stacked_lm(LM, jax.random.PRNGKey(2), M)
+  experts_M = _lms(2, M)
   gate = models.init_gate(GATE, jax.random.PRNGKey(1))
   loss = distill.distill_loss_fn(LM, experts_M, GATE, gate, d, B)
-  student = models.init_lm(LM, jax.random.PRNGKey(4))
+  student = jax.tree_util.tree_map(lambda x: x[0], _lms(4, 1))
   lam_K = jnp.asarray([0.5, 0.3, 0.2])
   return train.make_game(loss, student, num_domains=K, lr=1e-2, dual_lr=0.0, seed=0, lam_K=lam_K)
 
