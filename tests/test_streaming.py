@@ -10,6 +10,7 @@ from its checkpoint ends where an uninterrupted one does; 8 simulated devices gi
 shard is found and rebuilt.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -77,12 +78,17 @@ def _gate_game(fit: streaming.Source, held: streaming.Source):
   )
 
 
-def _lms(seed: int, n: int):
-  """n ≤ K language models from init_stacked_lm at (LM, K): one compiled program for
-  every model these tests initialize (compiling it takes seconds on CPU; each other
-  static argument would compile it again)."""
-  stack = models.init_stacked_lm(LM, jax.random.PRNGKey(seed), K)
-  return jax.tree_util.tree_map(lambda x: x[:n], stack)
+def _lms(seed: int, n: int | None = None):
+  """The first n of K language models from init_stacked_lm at (LM, K) (n None: the
+  first, unstacked): one compiled program for every model these tests initialize (each
+  other static argument would compile it again), drawn with an "rbg" key (XLA's
+  RngBitGenerator compiles in about a second on CPU, threefry's init in several)."""
+  return _first(models.init_stacked_lm(LM, jax.random.key(seed, impl="rbg"), K), n)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first(stack, n: int | None):
+  return jax.tree_util.tree_map(lambda x: x[0] if n is None else x[:n], stack)
 
 
 def _expert_game(d):
@@ -98,7 +104,7 @@ def _distill_game(d):
   experts_M = _lms(2, M)
   gate = models.init_gate(GATE, jax.random.PRNGKey(1))
   loss = distill.distill_loss_fn(LM, experts_M, GATE, gate, d, B)
-  student = jax.tree_util.tree_map(lambda x: x[0], _lms(4, 1))
+  student = _lms(4)
   lam_K = jnp.asarray([0.5, 0.3, 0.2])
   return train.make_game(loss, student, num_domains=K, lr=1e-2, dual_lr=0.0, seed=0, lam_K=lam_K)
 
