@@ -143,13 +143,16 @@ def run_here(workdir: str, seeds: int, runs: dict[str, dict]) -> dict[str, dict]
   after the other, on the tiny config with `seeds` seeds; {name: {"error": its traceback
   or None, "prune": what `_worse_test_for_prune` returned}}. Checks, as `_CHILD` does,
   that each JSON written is what the experiment returned and that the caller's config
-  is unchanged."""
+  is unchanged. A name `_<test>` is that test's body, called with the config and workdir."""
   done = {}
   for name, kwargs in runs.items():
     config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
     config.experiment_seeds = seeds
     done[name] = {"error": None}
     try:
+      if name.startswith("_"):
+        globals()[name](config, workdir)
+        continue
       with pytest.MonkeyPatch.context() as mp:
         if name == "prune":
           done[name]["prune"] = _worse_test_for_prune(config, workdir, mp)
@@ -174,8 +177,9 @@ print(json.dumps(run_here(sys.argv[1], int(sys.argv[2]), ast.literal_eval(sys.ar
 @pytest.fixture(scope="module")
 def ran(tiny, request):
   """Every experiment a selected test of this file reads, run as `_settings` says, one
-  after the other in one process of their own (one start and one jax import for all);
-  `run_here`'s record of them."""
+  after the other in one process of their own (one start and one jax import for all; it
+  reads the tiny job's programs from the shared compilation cache), after the test
+  bodies here that restore models (_BODIES); `run_here`'s record of them."""
   config, workdir = tiny
   selected = [item.name for item in request.session.items if item.path == request.path]
   runs = {
@@ -183,10 +187,22 @@ def ran(tiny, request):
     for name, kwargs in _settings(config).items()
     if any(t.startswith(f"test_{name}_") for t in selected)
   }
+  runs = {**{body: {} for body in _BODIES if f"test{body}" in selected}, **runs}
   command = [sys.executable, "-c", _CHILD_ALL, workdir, str(config.experiment_seeds), repr(runs)]
   child = subprocess.run(command, capture_output=True, text=True, timeout=1100, env=ENV)
   assert child.returncode == 0, child.stderr[-3000:]
   return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+# The bodies of this file's tests that restore the tiny job's models: `ran` runs them
+# first, where the programs that restoring compiles are the cache's.
+_BODIES = ("_the_reported_gate_is_an_average_and_normalized",)
+
+
+def _passed(ran, body) -> None:
+  """Fails with its traceback unless test body `body` ran in `ran`'s process and passed."""
+  assert body in ran, f"{body} did not run"
+  assert ran[body]["error"] is None, ran[body]["error"][-3000:]
 
 
 def _ran(tiny, ran, name) -> dict:
@@ -262,10 +278,14 @@ def test_every_experiment_has_tests_of_its_own_here():
   assert untested == []
 
 
-def test_the_reported_gate_is_an_average_and_normalized(tiny):
+def test_the_reported_gate_is_an_average_and_normalized(ran):
   """The main job reports the EMA of the robust gate's parameters: not the last iterate,
-  and a causal gated model whose every next-token conditional sums to 1 (G_1)."""
-  config, workdir = tiny
+  and a causal gated model whose every next-token conditional sums to 1 (G_1). (Its body
+  restores the models: it runs where `ran` runs the experiments.)"""
+  _passed(ran, "_the_reported_gate_is_an_average_and_normalized")
+
+
+def _the_reported_gate_is_an_average_and_normalized(config, workdir):
   m = pipeline.load_models(config, workdir, log=QUIET)
   robust = m.gates.robust_gate
   assert config.gate.ema_decay > 0
