@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import traceback
 
 import jax
 import numpy as np
@@ -55,19 +56,15 @@ def _results(workdir) -> dict:
   return json.loads(pathlib.Path(workdir, "results.json").read_text())
 
 
-def _run(tiny, name, in_process=False, **kwargs) -> dict:
+def _run(tiny, name, **kwargs) -> dict:
   """Runs experiment `name` on the tiny job; checks what every experiment writes.
 
-  By default in a process of its own (as the launcher runs it), which finds what the
-  tiny job and the experiment's earlier seeds compiled in the tests' shared compilation
-  cache (the programs take data and seeds as arguments), and which leaves the pytest
-  worker's own process free of training (BUILD_NOTES: the workers' crashes). A test
-  that patches the library runs it in-process."""
+  In a process of its own (as the launcher runs it), which finds what the tiny job and
+  the experiment's earlier seeds compiled in the tests' shared compilation cache (the
+  programs take data and seeds as arguments), and which leaves the pytest worker's own
+  process free of training (BUILD_NOTES: the workers' crashes). This file's tests run
+  their experiments all in one such process instead (`ran`)."""
   config, workdir = tiny
-  if in_process:
-    out = EXPERIMENTS[name](config, workdir, log=QUIET, **kwargs)
-    assert _written(tiny, name) == json.loads(json.dumps(out))  # the JSON is what it returned
-    return out
   command = [
     sys.executable,
     "-c",
@@ -98,6 +95,121 @@ with open(os.path.join(workdir, "experiments", name + ".json")) as f:
   assert json.load(f) == json.loads(json.dumps(out)), "the JSON is not what it returned"
 assert repr(config.to_dict()) == before, "the experiment changed its caller's config"
 """
+
+
+# What this file's tests run each experiment with: its keyword arguments.
+def _settings(config) -> dict[str, dict]:
+  return {
+    "mixtures": dict(resolution=3),
+    "conflict": dict(points=3),
+    "jsd": dict(similarities=(1.0,)),
+    "gate_size": dict(hiddens=(4, 16), fractions=(0.5, 1.0)),
+    "prior": {},
+    "extend": {},
+    "prune": {},  # on a test split made worse for one expert (`_worse_test_for_prune`)
+    "ema": dict(decays=(config.gate.ema_decay, 0.0), points=4),
+    "convergence": dict(points=4),
+    "sequence_gate": dict(train_samples=64, eval_samples=256, distill_samples=64),
+  }
+
+
+def _worse_test_for_prune(config, workdir, monkeypatch) -> dict:
+  """Makes `common.load` return the tiny job with one expert other than validation's
+  least used explaining test 20 nats per token worse, so that test usage (and
+  results.json's, recomputed on that test) puts it last; what the prune test checks
+  against: validation's usage, that expert, the domains, test's least used expert."""
+  results, m = common.load(config, workdir)
+  gate = m.gates.robust_gate
+  on_validation = prune.expert_mass(gate, common.gate_data(m.caches).selection)
+  unused = (int(np.argmin(on_validation)) + 1) % 3  # unused on test only
+  te = m.caches.test
+  worse_M = np.where(np.arange(3) == unused, 20.0, 0.0).astype(te.cache_NxTxM.dtype)
+  test = dataclasses.replace(te, cache_NxTxM=te.cache_NxTxM - worse_M)
+  results["gate_usage"]["robust_gate"] = evaluate.gate_logprobs_and_usage(
+    gate.cfg, gate.params, test.data, test.cache_NxTxM
+  )[1].tolist()
+  changed = dataclasses.replace(m, caches=dataclasses.replace(m.caches, test=test))
+  monkeypatch.setattr(common, "load", lambda config, workdir: (results, changed))
+  return {
+    "on_validation": np.asarray(on_validation).tolist(),
+    "unused": unused,
+    "names": list(test.data.domains),
+    "least_used_on_test": int(np.argmin(prune.expert_mass(gate, test))),
+  }
+
+
+def run_here(workdir: str, seeds: int, runs: dict[str, dict]) -> dict[str, dict]:
+  """Runs each experiment of `runs` ({name: keyword arguments}) in this process, one
+  after the other, on the tiny config with `seeds` seeds; {name: {"error": its traceback
+  or None, "prune": what `_worse_test_for_prune` returned}}. Checks, as `_CHILD` does,
+  that each JSON written is what the experiment returned and that the caller's config
+  is unchanged. A name `_<test>` is that test's body, called with the config and workdir."""
+  done = {}
+  for name, kwargs in runs.items():
+    config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
+    config.experiment_seeds = seeds
+    done[name] = {"error": None}
+    try:
+      if name.startswith("_"):
+        globals()[name](config, workdir)
+        continue
+      with pytest.MonkeyPatch.context() as mp:
+        if name == "prune":
+          done[name]["prune"] = _worse_test_for_prune(config, workdir, mp)
+        before = repr(config.to_dict())
+        out = EXPERIMENTS[name](config, workdir, log=QUIET, **kwargs)
+      with open(os.path.join(workdir, "experiments", name + ".json")) as f:
+        assert json.load(f) == json.loads(json.dumps(out)), "the JSON is not what it returned"
+      assert repr(config.to_dict()) == before, "the experiment changed its caller's config"
+    except Exception:  # pylint: disable=broad-except  # reported by the experiment's test
+      done[name]["error"] = traceback.format_exc()
+  return done
+
+
+_CHILD_ALL = f"""
+import ast, json, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from test_experiments import run_here
+print(json.dumps(run_here(sys.argv[1], int(sys.argv[2]), ast.literal_eval(sys.argv[3]))))
+"""
+
+
+@pytest.fixture(scope="module")
+def ran(tiny, request):
+  """Every experiment a selected test of this file reads, run as `_settings` says, one
+  after the other in one process of their own (one start and one jax import for all; it
+  reads the tiny job's programs from the shared compilation cache), after the test
+  bodies here that restore models (_BODIES); `run_here`'s record of them."""
+  config, workdir = tiny
+  selected = [item.name for item in request.session.items if item.path == request.path]
+  runs = {
+    name: kwargs
+    for name, kwargs in _settings(config).items()
+    if any(t.startswith(f"test_{name}_") for t in selected)
+  }
+  runs = {**{body: {} for body in _BODIES if f"test{body}" in selected}, **runs}
+  command = [sys.executable, "-c", _CHILD_ALL, workdir, str(config.experiment_seeds), repr(runs)]
+  child = subprocess.run(command, capture_output=True, text=True, timeout=1100, env=ENV)
+  assert child.returncode == 0, child.stderr[-3000:]
+  return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+# The bodies of this file's tests that restore the tiny job's models: `ran` runs them
+# first, where the programs that restoring compiles are the cache's.
+_BODIES = ("_the_reported_gate_is_an_average_and_normalized",)
+
+
+def _passed(ran, body) -> None:
+  """Fails with its traceback unless test body `body` ran in `ran`'s process and passed."""
+  assert body in ran, f"{body} did not run"
+  assert ran[body]["error"] is None, ran[body]["error"][-3000:]
+
+
+def _ran(tiny, ran, name) -> dict:
+  """The JSON experiment `name` wrote when `ran` ran it, checked as every experiment's is."""
+  assert name in ran, f"{name} did not run"
+  assert ran[name]["error"] is None, ran[name]["error"][-3000:]
+  return _written(tiny, name)
 
 
 def _written(tiny, name) -> dict:
@@ -166,10 +278,14 @@ def test_every_experiment_has_tests_of_its_own_here():
   assert untested == []
 
 
-def test_the_reported_gate_is_an_average_and_normalized(tiny):
+def test_the_reported_gate_is_an_average_and_normalized(ran):
   """The main job reports the EMA of the robust gate's parameters: not the last iterate,
-  and a causal gated model whose every next-token conditional sums to 1 (G_1)."""
-  config, workdir = tiny
+  and a causal gated model whose every next-token conditional sums to 1 (G_1). (Its body
+  restores the models: it runs where `ran` runs the experiments.)"""
+  _passed(ran, "_the_reported_gate_is_an_average_and_normalized")
+
+
+def _the_reported_gate_is_an_average_and_normalized(config, workdir):
   m = pipeline.load_models(config, workdir, log=QUIET)
   robust = m.gates.robust_gate
   assert config.gate.ema_decay > 0
@@ -191,8 +307,8 @@ def test_mixtures_simplex_grid_is_every_lattice_point_once():
   assert len({tuple(r) for r in g}) == len(g) and g.min() >= 0
 
 
-def test_mixtures_grid_worst_is_the_simplex_worst(tiny):
-  out = _run(tiny, "mixtures", resolution=3)
+def test_mixtures_grid_worst_is_the_simplex_worst(tiny, ran):
+  out = _ran(tiny, ran, "mixtures")
   results = _results(tiny[1])
   lam = np.array(list(results["lambda_bar"].values()))
   for name, m in out["methods"].items():
@@ -204,8 +320,8 @@ def test_mixtures_grid_worst_is_the_simplex_worst(tiny):
   assert out["grid_points"] == math.comb(3 + 2, 2)  # K = 3 domains
 
 
-def test_conflict_cosines_over_training(tiny):
-  out = _run(tiny, "conflict", points=3)
+def test_conflict_cosines_over_training(tiny, ran):
+  out = _ran(tiny, ran, "conflict")
   config = tiny[0]
   assert set(out["models"]) == {"monolithic", "gate"}
   for name, steps in (("monolithic", config.monolithic.steps), ("gate", config.gate.steps)):
@@ -245,11 +361,11 @@ def test_jsd_identity_holds_exactly_for_the_trained_models(tiny):
     assert m["linearized_at_lambda_bar"] >= run["jsd_lambda_bar_bits_per_token"] - 1e-9
 
 
-def test_jsd_run_trains_and_scores_a_main_job_per_similarity_and_seed(tiny):
+def test_jsd_run_trains_and_scores_a_main_job_per_similarity_and_seed(tiny, ran):
   """`run` at one similarity: identical domains (JSD 0), a main job of that similarity
   for each seed in `s=<s>/seed=<seed>/`, and the provenance of what it read there."""
   config, workdir = tiny
-  out = _run(tiny, "jsd", similarities=(1.0,))
+  out = _ran(tiny, ran, "jsd")
   assert out["similarities"] == [1.0] and len(out["runs"]) == 1
   row = out["runs"][0]
   assert row["similarity"] == 1.0
@@ -270,8 +386,8 @@ def test_jsd_run_trains_and_scores_a_main_job_per_similarity_and_seed(tiny):
   assert config.seed == out["seeds"][0]
 
 
-def test_gate_size_runs_every_width_on_every_fraction(tiny):
-  out = _run(tiny, "gate_size", hiddens=(4, 16), fractions=(0.5, 1.0))
+def test_gate_size_runs_every_width_on_every_fraction(tiny, ran):
+  out = _ran(tiny, ran, "gate_size")
   runs = {(r["hidden"], r["fraction"]): r for r in out["runs"]}
   assert set(runs) == {(4, 0.5), (16, 0.5), (4, 1.0), (16, 1.0)}
   # Validation's fit part: 3 domains × 40 sequences, half of each held out for the dual.
@@ -284,8 +400,8 @@ def test_gate_size_runs_every_width_on_every_fraction(tiny):
     assert r["test_worst_final"]["per_seed"] == [max(c[-1]["test"]) for c in r["curves"]]
 
 
-def test_prior_worst_over_the_simplex_bounds_every_smaller_set(tiny):
-  out = _run(tiny, "prior")
+def test_prior_worst_over_the_simplex_bounds_every_smaller_set(tiny, ran):
+  out = _ran(tiny, ran, "prior")
   assert set(out["trained_on"]) == {"simplex", "box", "kl_ball"}
   for r in out["trained_on"].values():  # the simplex contains box and KL ball, for every seed
     within = np.maximum(r["worst_in_box"]["per_seed"], r["worst_in_kl_ball"]["per_seed"])
@@ -317,8 +433,8 @@ def test_extend_expanded_gate_keeps_the_old_experts_relative_weights():
   np.testing.assert_allclose(jax.nn.logsumexp(ln, -1), 0.0, atol=1e-5)  # in G_1
 
 
-def test_extend_adds_the_last_domain_to_a_gate_on_the_others(tiny):
-  out = _run(tiny, "extend")
+def test_extend_adds_the_last_domain_to_a_gate_on_the_others(tiny, ran):
+  out = _ran(tiny, ran, "extend")
   assert out["new_domain"] == "chain_2" and out["old_domains"] == ["chain_0", "chain_1"]
   assert set(out["runs"]) == {"warm start", "from scratch"}
   for r in out["runs"].values():
@@ -329,26 +445,15 @@ def test_extend_adds_the_last_domain_to_a_gate_on_the_others(tiny):
   assert len(hits) == TEST_SEEDS and None not in hits
 
 
-def test_prune_path_drops_the_least_used_expert_on_validation_first(tiny, monkeypatch):
+def test_prune_path_drops_the_least_used_expert_on_validation_first(tiny, ran):
   """The order is the gate's mass on validation. Here one expert other than validation's
   least used explains test 20 nats per token worse, so that test usage (and results.json's,
-  recomputed on that test) puts it last: the path must not follow test."""
-  config, workdir = tiny
-  results, m = common.load(config, workdir)
-  gate = m.gates.robust_gate
-  on_validation = prune.expert_mass(gate, common.gate_data(m.caches).selection)
-  unused = (int(np.argmin(on_validation)) + 1) % 3  # unused on test only
-  te = m.caches.test
-  worse_M = np.where(np.arange(3) == unused, 20.0, 0.0).astype(te.cache_NxTxM.dtype)
-  test = dataclasses.replace(te, cache_NxTxM=te.cache_NxTxM - worse_M)
-  results["gate_usage"]["robust_gate"] = evaluate.gate_logprobs_and_usage(
-    gate.cfg, gate.params, test.data, test.cache_NxTxM
-  )[1].tolist()
-  changed = dataclasses.replace(m, caches=dataclasses.replace(m.caches, test=test))
-  monkeypatch.setattr(common, "load", lambda config, workdir: (results, changed))
-  assert np.argmin(prune.expert_mass(gate, test)) == unused  # else this test could not fail
-  names = list(test.data.domains)
-  out = _run(tiny, "prune", in_process=True)
+  recomputed on that test) puts it last: the path must not follow test
+  (`_worse_test_for_prune`, applied where `ran` runs the experiment)."""
+  out = _ran(tiny, ran, "prune")
+  made = ran["prune"]["prune"]
+  on_validation, unused, names = made["on_validation"], made["unused"], made["names"]
+  assert made["least_used_on_test"] == unused  # else this test could not fail
   path, mass = out["path"], out["mass_under_lambda_bar"]
   np.testing.assert_allclose(list(mass.values()), on_validation, rtol=F32_RTOL)
   assert "validation" in out["order_chosen_on"]
@@ -358,12 +463,13 @@ def test_prune_path_drops_the_least_used_expert_on_validation_first(tiny, monkey
   assert path[-1]["expert_flops_per_token"] == pytest.approx(path[0]["expert_flops_per_token"] / 3)
 
 
-def test_ema_at_the_config_decay_refits_the_main_jobs_gate(tiny):
+def test_ema_at_the_config_decay_refits_the_main_jobs_gate(tiny, ran):
   """The config's decay and seed refit the main job's robust gate; decay 0 (the last
   iterate) reports another gate."""
   config = tiny[0]
-  decays = (config.gate.ema_decay, 0.0)
-  out = _run(tiny, "ema", decays=decays, points=4)
+  decays = _settings(config)["ema"]["decays"]
+  assert decays == (config.gate.ema_decay, 0.0)
+  out = _ran(tiny, ran, "ema")
   averaged, last = out["runs"][:2]
   assert (averaged["seed"], averaged["ema_decay"]) == (config.seed, config.gate.ema_decay)
   assert averaged["test_worst_final"] == pytest.approx(
@@ -376,11 +482,11 @@ def test_ema_at_the_config_decay_refits_the_main_jobs_gate(tiny):
   assert out["decay_chosen_on_validation"] == min(decays, key=lambda d: late[d])
 
 
-def test_convergence_lower_is_at_most_upper_at_every_point(tiny):
+def test_convergence_lower_is_at_most_upper_at_every_point(tiny, ran):
   """Weak duality along every game, on validation and test; the constant-step game at the
   main job's seed is the main job's robust gate; the variant reported is validation's."""
   config, workdir = tiny
-  out = _run(tiny, "convergence", points=4)
+  out = _ran(tiny, ran, "convergence")
   curves, final = out["curves"], out["final"]
   assert curves["steps"] == [0, 10, 20, 30, 40] and set(final) == set(convergence.VARIANTS)
   for name in convergence.VARIANTS:
@@ -403,12 +509,12 @@ def test_convergence_lower_is_at_most_upper_at_every_point(tiny):
     assert all(g.startswith(("EMA", "last", "best")) for g in out["lower_gate_final"][name])
 
 
-def test_sequence_gate_is_scored_on_test_beside_the_causal_gate_and_its_distillation(tiny):
+def test_sequence_gate_is_scored_on_test_beside_the_causal_gate_and_its_distillation(tiny, ran):
   """At config.seed the causal gate has the main job's numbers and intervals (the same
   gate, resamples and key) and, paired with itself, exactly 0; the sequence gate's log Z
   is corrected by σ²/2 and its noise is in the sequence gate's intervals."""
   config, workdir = tiny
-  out = _run(tiny, "sequence_gate", train_samples=64, eval_samples=256, distill_samples=64)
+  out = _ran(tiny, ran, "sequence_gate")
   main = _results(workdir)["methods"]["robust_gate"]
   assert set(out["summary"]) == {"sequence_gate", "causal_gate", "distilled_gate"}
   assert [r["seed"] for r in out["per_seed"]] == common.seeds(config)

@@ -11,12 +11,14 @@ SIGKILLs itself at a named point of a named model's training (`_kill_self_at`).
 
 import json
 import os
+import pathlib
 import runpy
 import shutil
 import signal
 import subprocess
 import sys
 
+import children
 import numpy as np
 import pytest
 from tolerances import F32_RTOL
@@ -169,11 +171,35 @@ def test_rerun_resumes_everything_and_refuses_another_config(tiny_run, tmp_path)
   assert listing() == files
 
 
-def test_the_gates_train_gate_returns_stay_usable_in_its_process(tiny_run, tmp_path):
+# The bodies of the tests below that train in a process (children.py): they run in one
+# child on the launchers' compilation cache, which holds the tiny job's programs.
+_TRAINING = (
+  "_the_gates_train_gate_returns_stay_usable_in_its_process",
+  "_a_robust_gate_at_dual_lr_0_plays_a_point_of_its_set",
+  "_a_workdir_from_before_a_config_field_loads_at_the_field_s_old_value",
+)
+
+
+@pytest.fixture(scope="module")
+def trained_in_child(finished_tiny_job, tmp_path_factory, request):
+  """children.run's record of the selected bodies of _TRAINING, each given the finished
+  tiny job and a directory of its own."""
+  job = str(finished_tiny_job[0])
+  calls = {n: [job, str(tmp_path_factory.mktemp("child"))] for n in _TRAINING}
+  run = {n: calls[n] for n in children.selected(request, calls)}
+  return children.run("test_pipeline", run, ENV)
+
+
+def test_the_gates_train_gate_returns_stay_usable_in_its_process(trained_in_child):
   """The best response warm-starts from the robust gate's parameters, and the run that
   trains it donates its state: the robust gate train_gate returns must survive that,
   and the best response it trains in this process is the launcher's."""
-  workdir = shutil.copytree(tiny_run[0], tmp_path / "workdir")
+  children.check(trained_in_child, "_the_gates_train_gate_returns_stay_usable_in_its_process")
+
+
+def _the_gates_train_gate_returns_stay_usable_in_its_process(job, tmp):
+  job, tmp = pathlib.Path(job), pathlib.Path(tmp)
+  workdir = shutil.copytree(job, tmp / "workdir")
   shutil.rmtree(workdir / "best_response")
   config, lines = config_files.load(TINY), []
   gates = pipeline.train_gate(config, str(workdir), log=lines.append)
@@ -182,21 +208,26 @@ def test_the_gates_train_gate_returns_stay_usable_in_its_process(tiny_run, tmp_p
   restored = pipeline.train_gate(config, str(workdir), log=lambda s: None)
   assert {name: experts.params_fingerprint(g.state) for name, g in restored.items()} == trained
   metrics = lambda w: (w / "best_response" / "metrics.jsonl").read_bytes()
-  assert metrics(workdir) == metrics(tiny_run[0])
+  assert metrics(workdir) == metrics(job)
 
 
-def test_a_robust_gate_at_dual_lr_0_plays_a_point_of_its_set(tiny_run, monkeypatch):
+def test_a_robust_gate_at_dual_lr_0_plays_a_point_of_its_set(trained_in_child):
   """gate.dual_lr = 0 with a Λ that excludes the uniform mixture: λ stays at Λ's prior,
   so λ̄ is a point of the Λ evaluation's certificate maximizes over. (The config's sets
   all hold the uniform mixture; a narrower one reaches the phase through from_config.)"""
+  children.check(trained_in_child, "_a_robust_gate_at_dual_lr_0_plays_a_point_of_its_set")
+
+
+def _a_robust_gate_at_dual_lr_0_plays_a_point_of_its_set(job, tmp):
   config = config_files.load(TINY)
-  caches = pipeline.load_models(config, str(tiny_run[0]), log=lambda s: None).caches
+  caches = pipeline.load_models(config, job, log=lambda s: None).caches
   box = uncertainty.box([0.5, 0.1, 0.1], [0.8, 0.4, 0.4])
-  monkeypatch.setattr(uncertainty, "from_config", lambda config, num_domains: box)
   config.gate.dual_lr = 0.0
   quiet = lambda s: None
   fit = lambda game: train.fit(game.step, game.state, game.steps, name=game.name, log=quiet)[0]
-  robust = phases.train_gates(config, caches, fit).robust_gate.state
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    monkeypatch.setattr(uncertainty, "from_config", lambda config, num_domains: box)
+    robust = phases.train_gates(config, caches, fit).robust_gate.state
   np.testing.assert_allclose(robust.lam_avg_K, box.prior_K, rtol=F32_RTOL)
   np.testing.assert_allclose(robust.lam_K, box.prior_K, rtol=F32_RTOL)
   certificate.check_in_set(robust.lam_avg_K, box, "lam_bar_K")  # as evaluation checks it
@@ -263,11 +294,17 @@ def _assert_same_results(one, eight):
     np.testing.assert_allclose(eight["gate_usage"][name], use, rtol=1e-5, atol=1e-6)
 
 
-def test_a_workdir_from_before_a_config_field_loads_at_the_field_s_old_value(tiny_run, tmp_path):
+def test_a_workdir_from_before_a_config_field_loads_at_the_field_s_old_value(trained_in_child):
   """A workdir made before config.distill.weights existed: its student was distilled
   with λ̄ and its config.json lacks the field. saved_config gives it the old value, so
   load_models restores that student; the new default is refused, naming the field."""
-  workdir = shutil.copytree(tiny_run[0], tmp_path / "workdir")
+  children.check(
+    trained_in_child, "_a_workdir_from_before_a_config_field_loads_at_the_field_s_old_value"
+  )
+
+
+def _a_workdir_from_before_a_config_field_loads_at_the_field_s_old_value(job, tmp):
+  workdir = shutil.copytree(job, pathlib.Path(tmp) / "workdir")
   shutil.rmtree(workdir / "student")
   old = config_files.load(TINY)
   old.distill.weights = "lam_bar"

@@ -1,8 +1,11 @@
 """The protocol: only the evaluation phase reads the test split, and what the duals see
 is a held-out part of validation.
 
-The training phases of the tiny job run twice in this process, once with the test
-split's tokens replaced by garbage (so that its cache and b_k differ too). Every trained
+The training phases of the tiny job run twice, once with the test split's tokens
+replaced by garbage (so that its cache and b_k differ too), in a process of their own
+that reads and writes the launchers' compilation cache (tests/test_pipeline.py's ENV):
+this file runs alone after the rest of the suite, whose tiny jobs compiled the same
+programs, and the pytest process itself trains nothing. Every trained
 model's final state (parameters, optimizer, λ, λ̄, EMA, key) and every step's metrics
 must be bitwise the same. A control shows that the check can fail: with the robust
 gate's dual player fed the test split instead of validation's holdout, the runs differ.
@@ -12,21 +15,19 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from test_pipeline import ENV
 
 from robust_gate import config_files, data, experts, layout, phases, pipeline, scoring
 from robust_gate.checks import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny.py")
-TRAINING = (
-  pipeline.train_experts,
-  pipeline.train_gate,
-  pipeline.distill_student,
-  pipeline.train_baselines,
-)
+TRAINING = ("train_experts", "train_gate", "distill_student", "train_baselines")
 
 
 def _garbage_test(load_splits):
@@ -58,9 +59,10 @@ def _leaky(score):
   return leaky
 
 
-def _train(workdir, phases_run, *, garbage: bool, dual_sees_test: bool = False) -> dict:
-  """Runs `phases_run` on the tiny config in `workdir`; {model: digest of its final
-  GameState} for every model they trained or restored."""
+def _train_here(workdir, phases_run, *, garbage: bool, dual_sees_test: bool = False) -> dict:
+  """Runs the pipeline phases named `phases_run` on the tiny config in `workdir`, in this
+  process; {model: digest of its final GameState} for every model they trained or
+  restored."""
   digests = {}
   run_or_restore, score = phases.run_or_restore, scoring.score
 
@@ -76,8 +78,28 @@ def _train(workdir, phases_run, *, garbage: bool, dual_sees_test: bool = False) 
     if dual_sees_test:  # the leak the protocol forbids
       mp.setattr(scoring, "score", _leaky(score))
     for phase in phases_run:
-      phase(config_files.load(TINY), str(workdir), log=lambda s: None)
+      getattr(pipeline, phase)(config_files.load(TINY), str(workdir), log=lambda s: None)
   return digests
+
+
+# `_train_here` for each run of argv[1] (a JSON list of its keyword arguments), one after
+# the other in this child: the list of their digests, printed as the last line.
+_CHILD = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from test_protocol import _train_here
+print(json.dumps([_train_here(**run) for run in json.loads(sys.argv[1])]))
+"""
+
+
+def _train(*runs: dict) -> list[dict]:
+  """`_train_here(**run)` for each of `runs`, in order, in one process of their own."""
+  runs_json = json.dumps([{**r, "workdir": str(r["workdir"])} for r in runs])
+  child = subprocess.run(
+    [sys.executable, "-c", _CHILD, runs_json], capture_output=True, text=True, timeout=900, env=ENV
+  )
+  assert child.returncode == 0, child.stderr[-3000:]
+  return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +107,11 @@ def trained(tmp_path_factory):
   """(clean workdir, garbage workdir, their digests): the training phases of the tiny
   job, with the test split as it is and with garbage in its place."""
   clean, garbage = tmp_path_factory.mktemp("clean"), tmp_path_factory.mktemp("garbage")
-  return (
-    clean,
-    garbage,
-    _train(clean, TRAINING, garbage=False),
-    _train(garbage, TRAINING, garbage=True),
+  clean_digests, garbage_digests = _train(
+    dict(workdir=clean, phases_run=TRAINING, garbage=False),
+    dict(workdir=garbage, phases_run=TRAINING, garbage=True),
   )
+  return clean, garbage, clean_digests, garbage_digests
 
 
 def test_no_training_phase_reads_the_test_split(trained):
@@ -107,7 +128,8 @@ def test_no_training_phase_reads_the_test_split(trained):
 def test_the_dual_players_see_a_stratified_holdout_of_validation(trained):
   clean, *_ = trained
   config = config_files.load(TINY)
-  c = pipeline.load_models(config, str(clean), log=lambda s: None).caches
+  # The caches alone (load_models would restore, and compile for, every model as well).
+  c = pipeline._Workdir(config, str(clean), lambda s: None).caches
   va, fit, held = c.validation, c.fit, c.holdout
   rows = lambda d: sorted(map(bytes, np.concatenate([d.inputs_NxT, d.targets_NxT], axis=1)))
   assert sorted(rows(fit.data) + rows(held.data)) == rows(va.data)  # a partition of validation
@@ -131,13 +153,16 @@ def test_the_check_fails_when_a_dual_player_sees_the_test_split(trained, tmp_pat
   """The control: the same two runs of the gate phase (from the same experts), with the
   robust gate's dual fed the test split, end with different robust gates."""
   clean, garbage, clean_digests, _ = trained
-  digests = []
+  runs = []
   for name, source in (("clean", clean), ("garbage", garbage)):
     workdir = tmp_path / name
     shutil.copytree(source / "experts", workdir / "experts")
-    digests.append(
-      _train(workdir, [pipeline.train_gate], garbage=name == "garbage", dual_sees_test=True)
+    runs.append(
+      dict(
+        workdir=workdir, phases_run=["train_gate"], garbage=name == "garbage", dual_sees_test=True
+      )
     )
+  digests = _train(*runs)
   assert digests[0]["experts"] == digests[1]["experts"] == clean_digests["experts"]
   assert digests[0]["erm_gate"] == digests[1]["erm_gate"] == clean_digests["erm_gate"]
   assert digests[0]["robust_gate"] != digests[1]["robust_gate"]

@@ -1,5 +1,7 @@
 """The student against the same-size models over seeds (experiments/student_seeds.py),
-on a copy of the finished tiny main job (conftest.py)."""
+on a copy of the finished tiny main job (conftest.py). The tests' bodies train: they run
+in one process of their own on the launchers' compilation cache (children.py), which
+holds the tiny job's programs."""
 
 import copy
 import json
@@ -7,9 +9,11 @@ import os
 import pathlib
 import shutil
 
+import children
 import jax
 import numpy as np
 import pytest
+from test_pipeline import ENV
 from tolerances import F32_RTOL
 
 from robust_gate import config_files, pipeline
@@ -19,19 +23,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = lambda s: None
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, finished_tiny_job):
+def _tiny(job: str, tmp: str):
+  """(config, workdir): the tiny config at 2 seeds, a copy of the finished job `job`."""
   config = config_files.load(os.path.join(ROOT, "launch", "configs", "tiny.py"))
-  workdir = str(shutil.copytree(finished_tiny_job[0], tmp_path_factory.mktemp("s") / "tiny"))
+  workdir = str(shutil.copytree(job, pathlib.Path(tmp) / "tiny"))
   config = copy.deepcopy(config)
   config.experiment_seeds = 2
   return config, workdir
 
 
-def test_a_seed_is_trained_as_the_main_job_trains_it(tiny):
+_BODIES = (
+  "_a_seed_is_trained_as_the_main_job_trains_it",
+  "_student_seeds_reports_every_seed_beside_the_main_jobs",
+)
+
+
+@pytest.fixture(scope="module")
+def ran(finished_tiny_job, tmp_path_factory, request):
+  """children.run's record of the selected bodies of _BODIES, in one child, each on a
+  copy of the finished tiny job of its own."""
+  job = str(finished_tiny_job[0])
+  calls = {n: [job, str(tmp_path_factory.mktemp("s"))] for n in _BODIES}
+  run = {n: calls[n] for n in children.selected(request, calls)}
+  return children.run("test_student_seeds", run, ENV)
+
+
+def test_a_seed_is_trained_as_the_main_job_trains_it(ran):
   """At config.seed, the phase functions run in memory give the main job's own models
   (trained by launch/main.py in a process of its own, with checkpoints): the same code."""
-  config, workdir = tiny
+  children.check(ran, "_a_seed_is_trained_as_the_main_job_trains_it")
+
+
+def _a_seed_is_trained_as_the_main_job_trains_it(job, tmp):
+  config, workdir = _tiny(job, tmp)
   m = pipeline.load_models(config, workdir, log=QUIET)
   again = student_seeds.train_seed(config, m, config.seed, log=QUIET)
   main = student_seeds._trained(m)
@@ -45,8 +69,12 @@ def test_a_seed_is_trained_as_the_main_job_trains_it(tiny):
       )
 
 
-def test_student_seeds_reports_every_seed_beside_the_main_jobs(tiny):
-  config, workdir = tiny
+def test_student_seeds_reports_every_seed_beside_the_main_jobs(ran):
+  children.check(ran, "_student_seeds_reports_every_seed_beside_the_main_jobs")
+
+
+def _student_seeds_reports_every_seed_beside_the_main_jobs(job, tmp):
+  config, workdir = _tiny(job, tmp)
   out = student_seeds.run(config, workdir, log=QUIET)
   written = json.loads(pathlib.Path(workdir, "experiments", "student_seeds.json").read_text())
   assert written == json.loads(json.dumps(out)) and written["experiment"] == "student_seeds"

@@ -8,14 +8,15 @@ import json
 import os
 import pathlib
 import shutil
-import time
 
+import children
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from test_experiments import _run as run_experiment
+from test_experiments import _written, run_here
+from test_pipeline import ENV
 from tolerances import F32_RTOL
 
 from robust_gate import (
@@ -48,24 +49,47 @@ def teacher():
   return experts_M, jax.jit(models.init_gate, static_argnums=0)(GATE, jax.random.key(1))
 
 
+def _tiny_config():
+  config = copy.deepcopy(config_files.load(os.path.join(CONFIGS, "tiny.py")))
+  config.experiment_seeds = 2
+  return config
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, finished_tiny_job):
   """A copy of the finished tiny main job every file shares (conftest.py): the experiment
   writes into it."""
-  config = config_files.load(os.path.join(CONFIGS, "tiny.py"))
   workdir = str(shutil.copytree(finished_tiny_job[0], tmp_path_factory.mktemp("s") / "tiny"))
-  config = copy.deepcopy(config)
-  config.experiment_seeds = 2
-  return config, workdir
+  return _tiny_config(), workdir
+
+
+def _experiment(workdir):
+  """The experiment on the tiny job, 10 steps a student (a third of the monolithic's),
+  checked as tests/test_experiments.py checks every experiment's run."""
+  done = run_here(workdir, 2, {"student_size": {"steps": 10}})
+  assert done["student_size"]["error"] is None, done["student_size"]["error"]
+
+
+# What runs in a process of its own (children.py), on the launchers' compilation cache
+# (which holds the tiny job's programs, and the experiment's for the tests after it): the
+# experiment, and the test bodies that restore or train models.
+_IN_CHILD = (
+  "_experiment",
+  "_student_size_selection_part_and_held_out_source_partition_validation",
+  "_student_size_students_are_normalized_models",
+)
 
 
 @pytest.fixture(scope="module")
-def ran(tiny):
-  """The experiment on the tiny job, 10 steps a student (a third of the monolithic's), in
-  a process of its own as tests/test_experiments.py runs every experiment: its JSON."""
-  start = time.perf_counter()
-  out = run_experiment(tiny, "student_size", steps=10)
-  return out, time.perf_counter() - start
+def in_child(tiny, request):
+  """children.run's record of what _IN_CHILD this session's tests need, one after the
+  other in one child, on the tiny job's copy (the experiment writes its JSON there)."""
+  need = children.selected(request, _IN_CHILD)
+  if children.selected(
+    request, ["_student_size_chooses_on_validation_and_reports_test_as_results_json"]
+  ):
+    need.insert(0, "_experiment")
+  return children.run("test_student_size", {n: [tiny[1]] for n in need}, ENV)
 
 
 def _expert_configs():
@@ -169,11 +193,15 @@ def _rows(d) -> list[bytes]:
   return sorted(x.tobytes() + y.tobytes() for x, y in zip(d.inputs_NxT, d.targets_NxT))
 
 
-def test_student_size_selection_part_and_held_out_source_partition_validation(tiny):
+def test_student_size_selection_part_and_held_out_source_partition_validation(in_child):
   """With the dual holdout, the parts are the gates' (fit, holdout); without one, halves
   of validation drawn from config.seed; either way they partition validation, and the
   selection part's b_k is its own."""
-  config, workdir = tiny
+  children.check(in_child, "_student_size_selection_part_and_held_out_source_partition_validation")
+
+
+def _student_size_selection_part_and_held_out_source_partition_validation(workdir):
+  config = _tiny_config()
   m = pipeline.load_models(config, workdir, log=QUIET)
   va = m.caches.validation
   for fraction in (config.gate.dual_holdout, 0.0):
@@ -195,9 +223,10 @@ def test_student_size_selection_part_and_held_out_source_partition_validation(ti
     assert ("dual-holdout part" in parts.selection_is) == bool(fraction)
 
 
-def test_student_size_chooses_on_validation_and_reports_test_as_results_json(tiny, ran):
+def test_student_size_chooses_on_validation_and_reports_test_as_results_json(tiny, in_child):
   config, workdir = tiny
-  out, seconds = ran
+  children.check(in_child, "_experiment")
+  out = _written(tiny, "student_size")
   written = json.loads(pathlib.Path(workdir, "experiments", "student_size.json").read_text())
   assert written == out and written["experiment"] == "student_size"  # `_run` read it back
   assert list(written[provenance.INPUTS_KEY]) == [*provenance.MODEL_DIRS, "results.json"]
@@ -251,13 +280,16 @@ def test_student_size_chooses_on_validation_and_reports_test_as_results_json(tin
   assert out["teacher_samples"]["sequences"] == out["sources"]["teacher_samples"]["sequences"]
   assert out["sources"]["held_out"]["sequences"] == out["teacher_samples"]["sequences"]
   assert sum(out["teacher_samples"]["likeliest_expert_fraction"].values()) == pytest.approx(1.0)
-  print(f"student_size on the tiny job: {seconds:.1f}s")
 
 
-def test_student_size_students_are_normalized_models(tiny):
+def test_student_size_students_are_normalized_models(in_child):
   """A student of each size is a normalized next-token model over the teacher's vocabulary
   after distillation on the teacher's samples (every source's loss is finite)."""
-  config, workdir = tiny
+  children.check(in_child, "_student_size_students_are_normalized_models")
+
+
+def _student_size_students_are_normalized_models(workdir):
+  config = _tiny_config()
   m = pipeline.load_models(config, workdir, log=QUIET)
   s = student_size.settings(config, steps=2)
   parts = student_size.validation_parts(config, m.caches)
