@@ -1,10 +1,13 @@
 """The wordfreq main job with larger models and batches, for an accelerator.
 
 Six languages of 40,000 training words each; experts of 3.3M parameters; 5,000 steps of
-every model. One H200 at 2365eb7: 754 s of phases (experts 303, of which training 78 and
-reading the prepared dataset into splits most of the rest; gates 38; student 63;
-baselines 302; evaluation 48); results in docs/results.md. The experts see each training
-word 32 times and overfit it (BUILD_NOTES, "wordfreq_large on one H200").
+every model but the large monolithic one, which has about all experts' parameters and
+as many steps as give it at least their compute (850 × 6 × 256 words × 20.2M ≥
+5,000 × 6 × 256 × 3.3M), as source_h200's does. Compute in bfloat16 (parameters and
+optimizer float32), as source_h200. Sized so that the job and `student_seeds` on it fit
+one 10-minute device command (BUILD_NOTES, "Session 13"). In float32 with the large
+model at 5,000 steps (6 times the experts' compute), one H200 took 754 s of phases at
+2365eb7 and 456 s of models at e2c1b51, 149 of them the large model's.
 """
 
 import os
@@ -16,6 +19,7 @@ def get_config():
   c = config_files.load(os.path.join(os.path.dirname(__file__), "wordfreq.py"))
   c.data.options.examples_per_split = (40000, 4000, 4000)  # per language
   c.data.options.wordlist_size = 50000
+  c.dtype = "bfloat16"
   for m in (c.expert,):
     m.d_model, m.num_layers, m.num_heads, m.d_ff = 256, 4, 8, 1024
     m.steps, m.per_domain, m.lr = 5000, 256, 1e-3
@@ -23,7 +27,7 @@ def get_config():
   # About six experts' parameters (6 × 3.3M ≈ 20M).
   c.monolithic_large.d_model, c.monolithic_large.num_layers = 576, 5
   c.monolithic_large.num_heads, c.monolithic_large.d_ff = 8, 2304
-  c.monolithic_large.steps, c.monolithic_large.lr = 5000, 5e-4
+  c.monolithic_large.steps, c.monolithic_large.lr = 850, 5e-4  # ≥ the experts' compute
   c.gate.steps, c.gate.per_domain = 5000, 256
   c.distill.steps, c.distill.per_domain = 5000, 64
   return c
