@@ -1,13 +1,12 @@
 """The wordfreq main job with larger models and batches, for an accelerator.
 
-Six languages of 40,000 training words each; experts of 3.3M parameters; 5,000 steps of
+Six languages of 40,000 training words each; experts of 3.3M parameters; 2,500 steps of
 every model but the large monolithic one, which has about all experts' parameters and
-as many steps as give it at least their compute (850 × 6 × 256 words × 20.2M ≥
-5,000 × 6 × 256 × 3.3M), as source_h200's does. Compute in bfloat16 (parameters and
-optimizer float32), as source_h200. Sized so that the job and `student_seeds` on it fit
-one 10-minute device command (BUILD_NOTES, "Session 13"). In float32 with the large
-model at 5,000 steps (6 times the experts' compute), one H200 took 754 s of phases at
-2365eb7 and 456 s of models at e2c1b51, 149 of them the large model's.
+as many steps as give it at least their compute (425 × 6 × 256 words × 20.2M ≥
+2,500 × 6 × 256 × 3.3M), as source_h200's does. Compute in bfloat16 (parameters and
+optimizer float32), as source_h200. Sized, by time alone, so that the job and
+`student_seeds` on it fit one 10-minute device command (BUILD_NOTES, "Session 13"): at
+5,000 steps the job alone took 389 s on one H200 and each further seed about 190 s.
 """
 
 import os
@@ -22,12 +21,12 @@ def get_config():
   c.dtype = "bfloat16"
   for m in (c.expert,):
     m.d_model, m.num_layers, m.num_heads, m.d_ff = 256, 4, 8, 1024
-    m.steps, m.per_domain, m.lr = 5000, 256, 1e-3
-  c.monolithic.steps, c.monolithic.per_domain, c.monolithic.lr = 5000, 256, 1e-3
+    m.steps, m.per_domain, m.lr = 2500, 256, 1e-3
+  c.monolithic.steps, c.monolithic.per_domain, c.monolithic.lr = 2500, 256, 1e-3
   # About six experts' parameters (6 × 3.3M ≈ 20M).
   c.monolithic_large.d_model, c.monolithic_large.num_layers = 576, 5
   c.monolithic_large.num_heads, c.monolithic_large.d_ff = 8, 2304
-  c.monolithic_large.steps, c.monolithic_large.lr = 850, 5e-4  # ≥ the experts' compute
+  c.monolithic_large.steps, c.monolithic_large.lr = 425, 5e-4  # ≥ the experts' compute
   c.gate.steps, c.gate.per_domain = 5000, 256
-  c.distill.steps, c.distill.per_domain = 5000, 64
+  c.distill.steps, c.distill.per_domain = 2500, 64
   return c
