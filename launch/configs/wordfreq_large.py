@@ -6,7 +6,9 @@ as many steps as give it at least their compute (425 × 6 × 256 words × 20.2M 
 2,500 × 6 × 256 × 3.3M), as source_h200's does. Compute in bfloat16 (parameters and
 optimizer float32), as source_h200. Sized, by time alone, so that the job and
 `student_seeds` on it fit one 10-minute device command (BUILD_NOTES, "Session 13"): at
-5,000 steps the job alone took 389 s on one H200 and each further seed about 190 s.
+5,000 steps the job alone took 389 s on one H200 and each further seed about 190 s; at
+2,500 the job took 317 s and `student_seeds` over 2 seeds 148 s (3 would need about 600 s
+in all).
 """
 
 import os
