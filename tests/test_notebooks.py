@@ -20,12 +20,21 @@ import nbformat
 import pytest
 from absl import logging as absl_logging
 from nbclient import NotebookClient
+from test_pipeline import ENV
 
 from robust_gate import config_files, pipeline, preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 LANGUAGES = os.path.join(ROOT, "notebooks", "02_languages.ipynb")
+# The launchers' persistent compilation cache (tests/test_pipeline.py's ENV), which holds
+# the finished tiny job's programs: notebook 02's kernel, a process of its own like a
+# launcher, restores and evaluates that job's models with them instead of compiling.
+_CACHE = (
+  "JAX_COMPILATION_CACHE_DIR",
+  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES",
+)
 
 
 def _execute(path):
@@ -47,6 +56,8 @@ def test_notebook_02_executes_on_a_finished_job(finished_tiny_job, tmp_path, mon
   workdir = tmp_path / "job"  # a copy: the notebook's loads must not touch the shared one
   shutil.copytree(finished_tiny_job[0], workdir)
   monkeypatch.setenv("ROBUST_GATE_WORKDIR", str(workdir))
+  for name in _CACHE:  # the kernel reads the tiny job's programs, as a launcher does
+    monkeypatch.setenv(name, ENV[name])
   code = _execute(LANGUAGES)
   printed = "".join(o.get("text", "") for o in code[0].outputs if o.output_type == "stream")
   assert str(workdir) in printed and "robust_gate" in printed

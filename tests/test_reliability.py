@@ -3,7 +3,9 @@
 Every case ends in one of three ways: the workdir resumes to the same results, the run
 is refused with one line, or a repair is announced; nothing already saved is lost. The
 launchers' body (`cli.run_phase`) runs in this process on copies of one finished tiny
-job; processes of their own only where two runs must be alive at once (the lock).
+job, or, where a test trains or evaluates, in one child on the launchers' compilation
+cache (children.py); processes of their own where two runs must be alive at once (the
+lock).
 """
 
 import contextlib
@@ -11,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -18,11 +21,13 @@ import subprocess
 import sys
 import traceback
 
+import children
 import jax
 import numpy as np
 import pytest
 from jax.experimental import multihost_utils
 from test_hostile import QUIET, ROOT, TINY, one_line, tiny
+from test_pipeline import ENV
 
 from robust_gate import checkpoints, cli, phases, pipeline, provenance, workdirs
 from robust_gate.checks import InputError
@@ -83,10 +88,15 @@ def test_extending_a_model_others_were_built_from_is_refused_up_front(
   assert _files(workdir) == before
 
 
-def test_the_original_command_finishes_the_same_after_extensions(finished, tmp_path):
+def test_the_original_command_finishes_the_same_after_extensions(trained_in_child):
   """A refused extension, then an allowed one (nothing is built from the monolithic
   baselines): the finished 30-step checkpoints stay, and the original command ends
   with the original results, every number."""
+  children.check(trained_in_child, "_the_original_command_finishes_the_same_after_extensions")
+
+
+def _the_original_command_finishes_the_same_after_extensions(finished, tmp):
+  finished, tmp_path = pathlib.Path(finished), pathlib.Path(tmp)
   workdir = _copy(finished, tmp_path)
   one_line(pipeline.run, tiny(**{"expert.steps": 50}), workdir)
   lines = []
@@ -104,8 +114,12 @@ def test_the_original_command_finishes_the_same_after_extensions(finished, tmp_p
   assert json.loads((workdir / "config.json").read_text())["monolithic"]["steps"] == 30
 
 
-def test_a_damaged_spec_json_is_one_line_naming_it(finished, tmp_path):
-  workdir = _copy(finished, tmp_path)
+def test_a_damaged_spec_json_is_one_line_naming_it(trained_in_child):
+  children.check(trained_in_child, "_a_damaged_spec_json_is_one_line_naming_it")
+
+
+def _a_damaged_spec_json_is_one_line_naming_it(finished, tmp):
+  workdir = _copy(pathlib.Path(finished), pathlib.Path(tmp))
   spec = workdir / "robust_gate" / "spec.json"
   spec.write_text(spec.read_text()[:40])  # truncated
   message = one_line(pipeline.train_gate, tiny(), workdir)
@@ -113,9 +127,14 @@ def test_a_damaged_spec_json_is_one_line_naming_it(finished, tmp_path):
   assert f"delete {workdir / 'robust_gate'} to train robust_gate again" in message
 
 
-def test_lost_metric_rows_are_announced_evaluated_around_and_rebuilt(finished, tmp_path):
+def test_lost_metric_rows_are_announced_evaluated_around_and_rebuilt(trained_in_child):
   """metrics.jsonl deleted: evaluate announces the gap and leaves it out of the λ plot;
   the model's phase run again rebuilds the file by replay, as it was."""
+  children.check(trained_in_child, "_lost_metric_rows_are_announced_evaluated_around_and_rebuilt")
+
+
+def _lost_metric_rows_are_announced_evaluated_around_and_rebuilt(finished, tmp):
+  finished, tmp_path = pathlib.Path(finished), pathlib.Path(tmp)
   workdir = _copy(finished, tmp_path)
   path = workdir / "robust_gate" / "metrics.jsonl"
   original = path.read_text()
@@ -130,6 +149,27 @@ def test_lost_metric_rows_are_announced_evaluated_around_and_rebuilt(finished, t
   assert f"robust_gate: {path} lacks the metric rows of steps 1–40 of the checkpoint's 40" in log
   assert f"robust_gate: rebuilt steps 1–40 of {path}; the replay's digest matches." in log
   assert path.read_text() == original
+
+
+# The bodies of the tests above that restore, train and evaluate the tiny job's models
+# (children.py; the damaged spec.json's reads the data and caches before its refusal):
+# they run one after the other in one child on the launchers' compilation cache, which
+# holds the tiny job's programs, instead of compiling them in this worker.
+_TRAINING = (
+  "_the_original_command_finishes_the_same_after_extensions",
+  "_a_damaged_spec_json_is_one_line_naming_it",
+  "_lost_metric_rows_are_announced_evaluated_around_and_rebuilt",
+)
+
+
+@pytest.fixture(scope="module")
+def trained_in_child(finished_tiny_job, tmp_path_factory, request):
+  """children.run's record of the selected bodies of _TRAINING, each given the finished
+  tiny job (never changed: each body copies it) and a directory of its own."""
+  job = str(finished_tiny_job[0])
+  calls = {n: [job, str(tmp_path_factory.mktemp("child"))] for n in _TRAINING}
+  run = {n: calls[n] for n in children.selected(request, calls)}
+  return children.run("test_reliability", run, ENV)
 
 
 def test_a_bug_inside_a_phase_propagates_and_releases_the_lock(tmp_path, monkeypatch):
