@@ -22,7 +22,9 @@ for name, args in json.loads(sys.argv[2]).items():
   try:
     getattr(module, name)(*args)
     done[name] = None
-  except Exception:
+  except (KeyboardInterrupt, SystemExit):
+    raise
+  except BaseException:  # pytest.fail and a failed pytest.raises are BaseExceptions too
     done[name] = traceback.format_exc()
 print(json.dumps(done))
 """
