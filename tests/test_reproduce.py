@@ -25,8 +25,9 @@ DIGITS = (
 
 # A stand-in for `python3 launch/{main,experiment}.py --experiment=E --workdir=W`: the main
 # job makes W; an experiment refuses a workdir another run holds (as workdirs.lock does),
-# counts the experiments running at once in $RUNNING, and writes W/experiments/E.{json,png}.
-# $FAIL names an experiment that exits 1 instead.
+# looks 10 times, $STEP seconds apart, at how many experiments run ($RUNNING) and writes
+# the most it saw to $RUNNING.counts, then writes W/experiments/E.{json,png}. An
+# experiment named in $FAIL exits 1 instead.
 _FAKE_PYTHON = r"""#!/usr/bin/env bash
 launcher=$1; shift
 for a in "$@"; do
@@ -34,15 +35,18 @@ for a in "$@"; do
 done
 if [ "$launcher" = launch/main.py ]; then mkdir -p "$w" && echo '{}' > "$w/results.json"; exit; fi
 mkdir "$w/lock" 2>/dev/null || { echo "another run is using the workdir $w" >&2; exit 3; }
-touch "$RUNNING/$e.$$"; ls "$RUNNING" | wc -l >> "$RUNNING.counts"; sleep 0.5
-rm "$RUNNING/$e.$$"
-if [ "$e" = "${FAIL:-}" ]; then rmdir "$w/lock"; exit 1; fi
+touch "$RUNNING/$e.$$"; most=0
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  n=$(ls "$RUNNING" | wc -l); [ "$n" -gt "$most" ] && most=$n; sleep "$STEP"
+done
+echo "$most" >> "$RUNNING.counts"; rm "$RUNNING/$e.$$"
+case " $FAIL " in *" $e "*) rmdir "$w/lock"; exit 1;; esac
 mkdir -p "$w/experiments" && echo "{\"workdir\": \"$w\"}" > "$w/experiments/$e.json"
 touch "$w/experiments/$e.png"; rmdir "$w/lock"
 """
 
 
-def _reproduce(tmp_path, jobs: int | None, fail: str = "") -> subprocess.CompletedProcess:
+def _reproduce(tmp_path, jobs, fail: str = "") -> subprocess.CompletedProcess:
   bin_dir, running = tmp_path / "bin", tmp_path / "running"
   bin_dir.mkdir()
   running.mkdir()
@@ -52,6 +56,8 @@ def _reproduce(tmp_path, jobs: int | None, fail: str = "") -> subprocess.Complet
   env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RUNNING": str(running)}
   env.pop("RG_JOBS", None)
   env["FAIL"] = fail
+  # Side by side, a second of looking: the pool's last start is well inside it.
+  env["STEP"] = "0.1" if jobs not in (None, 1) else "0.01"
   if jobs is not None:
     env["RG_JOBS"] = str(jobs)
   return subprocess.run(
@@ -86,13 +92,22 @@ def test_every_experiment_lands_in_the_main_workdir_at_most_jobs_at_a_time(tmp_p
     assert not copies.exists()
 
 
-def test_a_failed_experiment_fails_the_run_by_name_and_keeps_the_others(tmp_path):
-  run = _reproduce(tmp_path, 3, fail="prior")
+def test_failed_experiments_fail_the_run_by_name_and_keep_the_others(tmp_path):
+  run = _reproduce(tmp_path, 3, fail="prior conflict")
   assert run.returncode == 1
   assert "reproduce: digits failed" in run.stderr
-  assert "reproduce: digits prior failed" in (tmp_path / "root" / "digits.log").read_text()
+  log = (tmp_path / "root" / "digits.log").read_text()
+  assert "reproduce: digits prior failed" in log and "reproduce: digits conflict failed" in log
   written = {p.stem for p in (tmp_path / "root" / "digits" / "experiments").glob("*.json")}
-  assert written == set(DIGITS) - {"prior"}
-  # The failed one's copy stays, for its log and files; its log is where the script says.
+  assert written == set(DIGITS) - {"prior", "conflict"}
+  # A failed one's copy stays, for its files; its log is where the script says.
   assert (tmp_path / "root" / "parallel" / "digits.prior").is_dir()
   assert (tmp_path / "root" / "digits.prior.log").exists()
+
+
+@pytest.mark.parametrize("jobs", ["0", "abc", "-2", "2.5"])
+def test_rg_jobs_that_is_not_a_positive_integer_is_one_clear_line(tmp_path, jobs):
+  run = _reproduce(tmp_path, jobs)
+  assert run.returncode == 2
+  assert run.stderr.strip() == f"reproduce: RG_JOBS must be a positive integer, got '{jobs}'"
+  assert not (tmp_path / "root").exists()  # nothing started
