@@ -1,8 +1,9 @@
 """The wordfreq main job with larger models and batches, for an accelerator.
 
 Six languages of 40,000 training words each; experts of 3.3M parameters; 2,500 steps of
-every model but the large monolithic one, which has about all experts' parameters and
-as many steps as give it at least their compute (425 × 6 × 256 words × 20.2M ≥
+the experts, the expert-sized monolithic and group-DRO models and the student, 5,000 of
+each gate; the large monolithic model has about all experts' parameters and as many
+steps as give it at least their compute (425 × 6 × 256 words × 20.2M ≥
 2,500 × 6 × 256 × 3.3M), as source_h200's does. Compute in bfloat16 (parameters and
 optimizer float32), as source_h200. Sized, by time alone, so that the job and
 `student_seeds` on it fit one 10-minute device command (BUILD_NOTES, "Session 13"): at
