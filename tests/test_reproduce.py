@@ -4,6 +4,7 @@ themselves are tested elsewhere; the real chains take minutes.)"""
 
 import os
 import pathlib
+import signal
 import subprocess
 
 import pytest
@@ -60,13 +61,22 @@ def _reproduce(tmp_path, jobs, fail: str = "") -> subprocess.CompletedProcess:
   env["STEP"] = "0.1" if jobs not in (None, 1) else "0.01"
   if jobs is not None:
     env["RG_JOBS"] = str(jobs)
-  return subprocess.run(
+  # A session of its own, killed whole on a timeout: a broken pool must not leave its
+  # background chain running after the test.
+  with subprocess.Popen(
     ["bash", str(SCRIPT), str(tmp_path / "root"), "digits"],
-    capture_output=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
     text=True,
-    timeout=120,
     env=env,
-  )
+    start_new_session=True,
+  ) as p:
+    try:
+      out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      os.killpg(p.pid, signal.SIGKILL)
+      raise
+  return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def _counts(tmp_path) -> list[int]:
