@@ -51,6 +51,13 @@ def selected(request, names) -> list[str]:
   return [n for n in names if f"test{n}" in tests]
 
 
+def run_on_job(request, names, job: str, tmp_path_factory, env: dict) -> dict[str, str | None]:
+  """`run`'s record of the bodies among `names` whose tests this session runs, in one
+  child of `request`'s module, each given `job` and a directory of its own."""
+  calls = {n: [job, str(tmp_path_factory.mktemp("child"))] for n in selected(request, names)}
+  return run(request.path.stem, calls, env)
+
+
 def check(done: dict[str, str | None], name: str) -> None:
   """Fails with the child's traceback unless body `name` ran and passed."""
   assert name in done, f"{name} did not run"

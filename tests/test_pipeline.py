@@ -184,10 +184,7 @@ _TRAINING = (
 def trained_in_child(finished_tiny_job, tmp_path_factory, request):
   """children.run's record of the selected bodies of _TRAINING, each given the finished
   tiny job and a directory of its own."""
-  job = str(finished_tiny_job[0])
-  calls = {n: [job, str(tmp_path_factory.mktemp("child"))] for n in _TRAINING}
-  run = {n: calls[n] for n in children.selected(request, calls)}
-  return children.run("test_pipeline", run, ENV)
+  return children.run_on_job(request, _TRAINING, str(finished_tiny_job[0]), tmp_path_factory, ENV)
 
 
 def test_the_gates_train_gate_returns_stay_usable_in_its_process(trained_in_child):

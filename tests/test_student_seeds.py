@@ -42,10 +42,7 @@ _BODIES = (
 def ran(finished_tiny_job, tmp_path_factory, request):
   """children.run's record of the selected bodies of _BODIES, in one child, each on a
   copy of the finished tiny job of its own."""
-  job = str(finished_tiny_job[0])
-  calls = {n: [job, str(tmp_path_factory.mktemp("s"))] for n in _BODIES}
-  run = {n: calls[n] for n in children.selected(request, calls)}
-  return children.run("test_student_seeds", run, ENV)
+  return children.run_on_job(request, _BODIES, str(finished_tiny_job[0]), tmp_path_factory, ENV)
 
 
 def test_a_seed_is_trained_as_the_main_job_trains_it(ran):
