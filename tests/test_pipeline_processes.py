@@ -40,8 +40,16 @@ def test_two_processes_killed_and_resumed_match_one(request, tmp_path):
   env = env_with_devices(2, ENV)
   two = tmp_path / "two"
   procs = _two_processes(two, tmp_path / "killed", env, kill=("robust_gate", 20, "after_save"))
-  for i, p in enumerate(procs):  # each dies once its checkpoint of step 20 is saved
-    assert p.wait(timeout=900) == -signal.SIGKILL, (tmp_path / "killed" / f"{i}.err").read_text()
+  # Each dies once its checkpoint of step 20 is saved. The first to die can take the
+  # other down a moment before its own kill: jax's coordination service sees a task
+  # gone and aborts the rest (SIGABRT, in its own words), as a lost host would. Seen
+  # once in CI (BUILD_NOTES, "Session 13"); either way step 20 must be saved whole.
+  codes = [p.wait(timeout=900) for p in procs]
+  for i, code in enumerate(codes):
+    err = (tmp_path / "killed" / f"{i}.err").read_text()
+    aborted = code == -signal.SIGABRT and "JAX distributed service detected fatal errors" in err
+    assert code == -signal.SIGKILL or aborted, (code, err[-3000:])
+  assert -signal.SIGKILL in codes, codes
   assert _saved(two, "robust_gate") == ([10, 20], 20)
   procs = _two_processes(two, tmp_path / "resumed", env)
   for i, p in enumerate(procs):
