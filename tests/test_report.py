@@ -713,3 +713,45 @@ def test_keep_writes_nothing_when_an_input_is_unreadable_or_names_clash(
   with pytest.raises(InputError, match="has the name 'rg_cur' of a main-job workdir"):
     report.keep([str(cur)], [str(clash)], str(keep), str(r))
   assert not keep.exists()
+
+
+def test_runs_of_one_config_are_pooled_over_seeds_and_stale_ones_left_out(tmp_path, repo):
+  r, first, second = repo
+  cur, _, _ = _workdirs(tmp_path, first, second)
+  body = {k: v for k, v in json.loads((cur / "results.json").read_text()).items()}
+
+  def run(name, seed, commit, worst, device="1 × H100", paired=None):
+    prov = {**_prov(commit, device=device), "config": {"seed": seed, "data_dir": f"/d{seed}"}}
+    methods = json.loads(json.dumps(body["methods"]))
+    methods["robust_gate"]["worst_case"] = worst
+    if paired is not None:
+      methods["monolithic"]["vs_robust_gate"]["worst_case"] = paired
+    _write(
+      tmp_path / name / "results.json",
+      {**body, "methods": methods, "provenance": prov, provenance.INPUTS_KEY: _inputs(x=commit)},
+    )
+    return str(tmp_path / name)
+
+  dirs = [
+    run("s0", 0, second, 0.02),
+    run("s1", 1, second, 0.04, paired=[-0.1, -0.2, -0.05]),  # monolithic better here
+    run("s2", 2, first, 0.9),  # stale: the code changed after it
+    run("other_device", 3, second, 0.5, device="8 × cpu"),
+  ]
+  out = tmp_path / "docs"
+  report.generate(dirs, [], str(out), "cmd", str(r))
+  page = (out / "results.md").read_text()
+  assert page.count("## Over runs:") == 1
+  pooled = page.split("## Over runs: markov, config digits.py")[1].split("\n## ")[0]
+  assert "2 runs of one config (`s0`, `s1`) on 1 × H100: seeds 0, 1," in pooled
+  assert "Left out as STALE: `s2`." in pooled
+  assert "other_device" not in pooled
+  # mean ± sample sd of 0.02 and 0.04, lowest in s0 only (best response's 0.03 is below
+  # 0.04 in s1); in one run the robust gate is better beyond noise than monolithic, in the
+  # other monolithic is; best response is within noise in both.
+  assert "| robust_gate | 0.0300 ± 0.0141 | 0.0200 | 0.0400 | 1 | — | — |" in pooled
+  assert "| monolithic | 0.5123 ± 0.0000 | 0.5123 | 0.5123 | 0 | 1 | 1 |" in pooled
+  assert "| best response to λ̄ | 0.0300 ± 0.0000 | 0.0300 | 0.0300 | 1 | 0 | 0 |" in pooled
+  assert "lowest of these 3 methods in 1 of 2 runs, and below every other's beyond noise in 0" in (
+    pooled
+  )

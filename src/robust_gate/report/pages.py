@@ -13,6 +13,7 @@ import urllib.parse
 from typing import Any
 
 from robust_gate.report import held_out
+from robust_gate.report import runs as over_runs
 from robust_gate.report.inputs import Benchmark, Experiment, Origin, Result
 from robust_gate.report.staleness import short
 from robust_gate.report.tables import body_tables, fmt, measurements_table, profile_table, table
@@ -172,6 +173,10 @@ def results_page(results: list[Result], head: str) -> tuple[str, dict[str, str]]
     "has one, and each section says how many training seeds are behind it.",
     "",
   ]
+  for current, stale in over_runs.groups(results):
+    first = current[0]
+    title = f"{first.results.get('dataset', 'unknown dataset')}, {_config_name(first.origin)}"
+    lines += over_runs.section(current, stale, title)
   for r in results:
     lines += result_section(r, figures)
   return "\n".join(lines).rstrip() + "\n", figures
