@@ -755,3 +755,19 @@ def test_runs_of_one_config_are_pooled_over_seeds_and_stale_ones_left_out(tmp_pa
   assert "lowest of these 3 methods in 1 of 2 runs, and below every other's beyond noise in 0" in (
     pooled
   )
+
+
+def test_the_modular_overhead_is_extrapolated_with_the_gate_s_seconds_held():
+  res = {
+    "modular_overhead": 0.3,
+    "seconds_per_model": {"experts": 100.0, "caches": 20.0, "robust_gate": 10.0},
+    "num_params": {"expert": 7_000_000},
+  }
+  lines = pages._overhead(res)
+  measured = "Overhead of being modular, (caches + robust gate) / experts in wall seconds: 0.300."
+  assert lines[0] == measured
+  # 0.2 + 0.1 × 7M / 7B = 0.2001: the caches' share stays, the gate's shrinks 1000-fold.
+  assert "caches / experts 0.200 + robust gate / experts 0.100 × 7M / 7B = 0.200." in lines[1]
+  # Without the seconds or the parameters: the measured fraction alone; without it, nothing.
+  assert pages._overhead({**res, "num_params": {}}) == [measured, ""]
+  assert pages._overhead({"seconds_per_model": res["seconds_per_model"]}) == []

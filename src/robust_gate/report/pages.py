@@ -149,17 +149,47 @@ def result_section(r: Result, figures: dict[str, str]) -> list[str]:
       if isinstance(res.get(key), dict) and res[key]:
         lines += [f"{title}:", "", *table(list(res[key]), [[fmt(v) for v in res[key].values()]])]
         lines.append("")
-    if isinstance(res.get("modular_overhead"), (int, float)):
-      lines += [
-        f"Overhead of being modular, (caches + robust gate) / experts in wall seconds: "
-        f"{res['modular_overhead']:.3f}.",
-        "",
-      ]
+    lines += _overhead(res)
     for png in r.figures:
       lines += _figure(png, f"{FIGURES}/{r.name}/{os.path.basename(png)}", figures)
   for e in r.experiments:
     lines += _experiment(e, r, figures)
   return lines
+
+
+# The expert size the modular overhead is extrapolated to (issue: 7B-parameter experts).
+EXTRAPOLATED_PARAMS = 7e9
+
+
+def _overhead(res: dict[str, Any]) -> list[str]:
+  """The overhead of being modular as measured, and at EXTRAPOLATED_PARAMS: caching the
+  experts' scores costs forward passes and training them forward and backward passes,
+  both in proportion to the experts' parameters on the same tokens, so their ratio stays;
+  the gate reads the cached [N, T, M] log-probabilities, so its seconds do not grow."""
+  if not isinstance(res.get("modular_overhead"), (int, float)):
+    return []
+  lines = [
+    f"Overhead of being modular, (caches + robust gate) / experts in wall seconds: "
+    f"{res['modular_overhead']:.3f}.",
+  ]
+  seconds, params = res.get("seconds_per_model") or {}, (res.get("num_params") or {}).get("expert")
+  keys = ("experts", "caches", "robust_gate")
+  parts = [float(v) for k in keys if isinstance(v := seconds.get(k), (int, float))]
+  if isinstance(params, int) and params > 0 and len(parts) == 3 and parts[0] > 0:
+    experts, caches, gate = parts
+    cache_share, gate_share = caches / experts, gate / experts
+    at = cache_share + gate_share * params / EXTRAPOLATED_PARAMS
+    lines.append(
+      f"At {EXTRAPOLATED_PARAMS / 1e9:g}B-parameter experts trained and scored on the same "
+      f"tokens, if caching and training grow with the parameters ({params / 1e6:.3g}M here) "
+      f"and the gate's seconds do not: caches / experts {cache_share:.3f} + robust gate / "
+      f"experts {gate_share:.3f} × {params / 1e6:.3g}M / {EXTRAPOLATED_PARAMS / 1e9:g}B = "
+      f"{at:.3f}. This takes the fixed costs in this run's seconds (compilation, writes) to "
+      "grow too; BUILD_NOTES.md estimates the caches' share from FLOPs and measured "
+      'utilization instead, without them ("The overhead of being modular, measured and '
+      'extrapolated").'
+    )
+  return [*lines, ""]
 
 
 def results_page(results: list[Result], head: str) -> tuple[str, dict[str, str]]:

@@ -8,11 +8,13 @@ over the runs, and in how many runs each paired difference from the robust gate 
 its noise. Only current runs are pooled; a STALE one is left out and named.
 """
 
+import dataclasses
 import json
 import statistics
+from typing import Any
 
 from robust_gate.evaluate import REFERENCE
-from robust_gate.report.inputs import Result
+from robust_gate.report.inputs import Origin, Result
 from robust_gate.report.tables import table
 from robust_gate.summary import method_label
 
@@ -20,29 +22,41 @@ from robust_gate.summary import method_label
 _NOT_CONFIG = ("seed", "data_dir")
 
 
-def _key(r: Result) -> str | None:
-  """What runs must share to be pooled; None: this result cannot be pooled."""
-  if r.results is None or r.origin is None or not isinstance(r.origin.provenance, dict):
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A main job that can be pooled: its results.json and where they came from."""
+
+  name: str
+  seed: str
+  results: dict[str, Any]
+  origin: Origin
+
+
+def _keyed(r: Result) -> tuple[str, Run] | None:
+  """(what runs must share to be pooled, the run); None: this result cannot be pooled."""
+  res, origin = r.results, r.origin
+  if res is None or origin is None or not isinstance(origin.provenance, dict):
     return None
-  config = r.origin.provenance.get("config")
-  if not isinstance(config, dict) or not isinstance(r.results.get("methods"), dict):
+  config = origin.provenance.get("config")
+  if not isinstance(config, dict) or not isinstance(res.get("methods"), dict):
     return None
   shared = {k: v for k, v in config.items() if k not in _NOT_CONFIG}
-  res = r.results
-  return json.dumps(
-    [shared, r.origin.field("device"), *(res.get(k) for k in ("dataset", "units", "baseline"))],
+  key = json.dumps(
+    [shared, origin.field("device"), *(res.get(k) for k in ("dataset", "units", "baseline"))],
     sort_keys=True,
   )
+  seed = config.get("seed")
+  return key, Run(r.name, "?" if seed is None else str(seed), res, origin)
 
 
-def groups(results: list[Result]) -> list[tuple[list[Result], list[Result]]]:
+def groups(results: list[Result]) -> list[tuple[list[Run], list[Run]]]:
   """(current runs, stale runs) of each config run more than once, in page order; a
   group needs two current runs."""
-  found: dict[str, list[Result]] = {}
+  found: dict[str, list[Run]] = {}
   for r in results:
-    key = _key(r)
-    if key is not None:
-      found.setdefault(key, []).append(r)
+    keyed = _keyed(r)
+    if keyed is not None:
+      found.setdefault(keyed[0], []).append(keyed[1])
   out = []
   for members in found.values():
     current = [r for r in members if r.origin.stale is None]
@@ -51,12 +65,7 @@ def groups(results: list[Result]) -> list[tuple[list[Result], list[Result]]]:
   return out
 
 
-def _seed(r: Result) -> str:
-  seed = r.origin.provenance["config"].get("seed")
-  return "?" if seed is None else str(seed)
-
-
-def _beyond(r: Result, name: str) -> int:
+def _beyond(r: Run, name: str) -> int:
   """+1: the robust gate is better than `name` beyond noise in run r; −1: `name` is
   better beyond noise; 0: within noise or no paired interval."""
   paired = (r.results["methods"][name].get("vs_robust_gate") or {}).get("worst_case")
@@ -66,7 +75,7 @@ def _beyond(r: Result, name: str) -> int:
   return 1 if low > 0 else -1 if high < 0 else 0
 
 
-def section(runs: list[Result], stale: list[Result], title: str) -> list[str]:
+def section(runs: list[Run], stale: list[Run], title: str) -> list[str]:
   """The markdown of one group: which runs, then one row per method every run has."""
   methods = [m for m in runs[0].results["methods"] if all(m in r.results["methods"] for r in runs)]
   units = runs[0].results.get("units", "bits/token")
@@ -74,7 +83,7 @@ def section(runs: list[Result], stale: list[Result], title: str) -> list[str]:
   lowest = {m: 0 for m in methods}
   for i in range(len(runs)):
     lowest[min(methods, key=lambda m: worst[m][i])] += 1
-  seeds = [_seed(r) for r in runs]
+  seeds = [r.seed for r in runs]
   commits = sorted({r.origin.commit for r in runs})
   same_seed = len(set(seeds)) < len(seeds)
   nondeterminism = " and, between runs of one seed, the device's run-to-run nondeterminism"
