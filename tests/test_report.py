@@ -744,6 +744,7 @@ def test_runs_of_one_config_are_pooled_over_seeds_and_stale_ones_left_out(tmp_pa
   assert page.count("## Over runs:") == 1
   pooled = page.split("## Over runs: markov, config digits.py")[1].split("\n## ")[0]
   assert "2 runs of one config (`s0`, `s1`) on 1 × H100: seeds 0, 1," in pooled
+  assert "which is training's (initialization, minibatches)." in pooled
   assert "Left out as STALE: `s2`." in pooled
   assert "other_device" not in pooled
   # mean ± sample sd of 0.02 and 0.04, lowest in s0 only (best response's 0.03 is below
@@ -755,6 +756,12 @@ def test_runs_of_one_config_are_pooled_over_seeds_and_stale_ones_left_out(tmp_pa
   assert "lowest of these 3 methods in 1 of 2 runs, and below every other's beyond noise in 0" in (
     pooled
   )
+  # Runs of one seed only: their spread is the device's nondeterminism, and said so.
+  again = [run("t0", 0, second, 0.02), run("t0_again", 0, second, 0.021)]
+  report.generate(again, [], str(out), "cmd", str(r))
+  page = (out / "results.md").read_text()
+  assert "seeds 0, 0," in page
+  assert "which is the device's run-to-run nondeterminism alone, as every run has the same" in page
 
 
 def test_the_modular_overhead_is_extrapolated_with_the_gate_s_seconds_held():

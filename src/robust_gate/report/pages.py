@@ -197,7 +197,8 @@ def results_page(results: list[Result], head: str) -> tuple[str, dict[str, str]]
   figures: dict[str, str] = {}
   lines = [head, "", "# Results", ""]
   lines += [
-    "One section per workdir. Losses are bits per token as each JSON states; every table",
+    "First one table for each config run more than once (its runs pooled), then one",
+    "section per workdir. Losses are bits per token as each JSON states; every table",
     "sits under a header naming the commit and device that produced it. Each number of a",
     "main job carries its bootstrap interval over the test sequences where its results.json",
     "has one, and each section says how many training seeds are behind it.",

@@ -85,8 +85,14 @@ def section(runs: list[Run], stale: list[Run], title: str) -> list[str]:
     lowest[min(methods, key=lambda m: worst[m][i])] += 1
   seeds = [r.seed for r in runs]
   commits = sorted({r.origin.commit for r in runs})
-  same_seed = len(set(seeds)) < len(seeds)
-  nondeterminism = " and, between runs of one seed, the device's run-to-run nondeterminism"
+  training = "training's (initialization, minibatches)"
+  nondeterminism = "the device's run-to-run nondeterminism"
+  if len(set(seeds)) == 1:
+    spread = f"{nondeterminism} alone, as every run has the same seed"
+  elif len(set(seeds)) < len(seeds):
+    spread = f"{training} and, between runs of one seed, {nondeterminism}"
+  else:
+    spread = training
   lines = [
     f"## Over runs: {title}",
     "",
@@ -94,9 +100,7 @@ def section(runs: list[Run], stale: list[Run], title: str) -> list[str]:
     f"{runs[0].origin.field('device')}: seeds {', '.join(seeds)}, commit"
     f"{'s' if len(commits) > 1 else ''} {', '.join(commits)}, every one current. Each run's "
     "sections below give its intervals over test sequences; this table gives the spread "
-    "over the runs, which is training's (initialization, minibatches)"
-    + (nondeterminism if same_seed else "")
-    + ".",
+    f"over the runs, which is {spread}.",
     "",
   ]
   if stale:
