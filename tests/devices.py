@@ -1,12 +1,25 @@
-"""The environment of a process a test starts with `n` simulated CPU devices."""
+"""The environment of a process a test starts: the launchers' shared persistent
+compilation cache, and `n` simulated CPU devices where asked."""
 
 import os
 
+# The processes tests start (launchers, children on simulated devices) share one
+# persistent compilation cache: a program compiled once in a run, or in an earlier run
+# on this machine, is read instead of compiled again (the executables are the same, so
+# are the results). The pytest workers themselves keep it off (conftest.py).
+COMPILATION_CACHE = {
+  "JAX_COMPILATION_CACHE_DIR": os.path.join(
+    os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"
+  ),
+  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+
 
 def env_with_devices(n: int, base: dict | None = None) -> dict:
-  """`base` (default: this process's environment) with XLA_FLAGS asking for `n` CPU
-  devices, on top of the flags already there."""
-  env = dict(os.environ if base is None else base)
+  """`base` (default: this process's environment with the shared compilation cache) with
+  XLA_FLAGS asking for `n` CPU devices, on top of the flags already there."""
+  env = dict({**os.environ, **COMPILATION_CACHE} if base is None else base)
   flags = env.get("XLA_FLAGS", "")
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
   return env

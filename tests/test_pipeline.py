@@ -21,6 +21,7 @@ import sys
 import children
 import numpy as np
 import pytest
+from devices import COMPILATION_CACHE
 from tolerances import F32_RTOL
 
 from robust_gate import (
@@ -66,14 +67,7 @@ def _command(workdir, launcher="main", *overrides):
 
 # The launchers run as subprocesses; a shared persistent compilation cache spares
 # each one the compile (the executables are the same, so are the results).
-ENV = {
-  **os.environ,
-  "JAX_COMPILATION_CACHE_DIR": os.path.join(
-    os.environ.get("PYTEST_TMPDIR", "/tmp"), f"robust_gate_jax_cache_{os.getuid()}"
-  ),
-  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
+ENV = {**os.environ, **COMPILATION_CACHE}  # tests/devices.py
 
 
 def run_main(workdir, *overrides, launcher="main"):
