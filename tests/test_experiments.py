@@ -155,7 +155,10 @@ def ran(tiny, request):
 
 # The bodies of this file's tests that restore the tiny job's models: `ran` runs them
 # first, where the programs that restoring compiles are the cache's.
-_BODIES = ("_the_reported_gate_is_an_average_and_normalized",)
+_BODIES = (
+  "_the_reported_gate_is_an_average_and_normalized",
+  "_jsd_identity_holds_exactly_for_the_trained_models",
+)
 
 
 def _passed(ran, body) -> None:
@@ -308,8 +311,14 @@ def test_jsd_is_zero_for_identical_domains_and_positive_otherwise():
   np.testing.assert_allclose(np.exp(diverse).sum(1), 1.0)  # every sequence enumerated
 
 
-def test_jsd_identity_holds_exactly_for_the_trained_models(tiny):
-  config, workdir = tiny  # Markov domains: 4 states, 6 tokens, 4096 sequences
+def test_jsd_identity_holds_exactly_for_the_trained_models(ran):
+  """(Its body restores and scores the models: it runs where `ran` runs the experiments,
+  on the launchers' compilation cache.)"""
+  _passed(ran, "_jsd_identity_holds_exactly_for_the_trained_models")
+
+
+def _jsd_identity_holds_exactly_for_the_trained_models(config, workdir):
+  # Markov domains: 4 states, 6 tokens, 4096 sequences
   run = jsd.point(config, workdir, log=QUIET)
   assert run["jsd_lambda_bar_bits_per_token"] > 0
   for m in run["models"].values():
