@@ -11,12 +11,12 @@ import shutil
 # inherit it; set again below for the case where jax was imported first.
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 # The launchers the end-to-end tests start share one persistent compilation cache
-# (tests/test_pipeline.py's ENV). Without a size limit jax writes an entry in place and
-# reads it without a lock; a limit turns on jax's file lock around every read and write.
-# The pytest workers themselves do not read that cache: twice a worker crashed inside
+# (tests/devices.py, which also says why it has no size limit). The pytest workers
+# themselves do not read that cache: twice a worker crashed inside
 # compilation_cache.get_executable_and_time (a segfault, then an abort, the second time
-# with the lock on), each time in an in-process job, never in a launcher.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
+# with jax's file lock on the cache), each time in an in-process job, never in a
+# launcher. (A worker on the cache was also slower, not faster: the in-process files of a
+# run share few programs, and each write costs what tests/devices.py says.)
 
 import jax
 import numpy as np
@@ -25,9 +25,6 @@ import pytest
 from robust_gate import finite
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update(
-  "jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"])
-)
 
 
 def random_instance(
