@@ -15,8 +15,9 @@ os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 # themselves do not read that cache: twice a worker crashed inside
 # compilation_cache.get_executable_and_time (a segfault, then an abort, the second time
 # with jax's file lock on the cache), each time in an in-process job, never in a
-# launcher. (A worker on the cache was also slower, not faster: the in-process files of a
-# run share few programs, and each write costs what tests/devices.py says.)
+# launcher. (With the cache's old 16 GiB limit, a worker on the cache was also slower, not
+# faster: the in-process files of a run share few programs, and each write then cost what
+# tests/devices.py says. Not measured without the limit.)
 
 import jax
 import numpy as np
