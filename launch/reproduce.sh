@@ -36,6 +36,13 @@ declare -A only=(
   [synthetic]="sequence_gate" [digits]="sequence_gate"
   [source_small]="student_size student_seeds" [source_h200]="student_size student_seeds"
 )
+# Settings of an experiment on one config (launch/experiment.py --setting=NAME=VALUE).
+# source_h200's 4× student at the monolithic model's batch of 5 × 128 asks for one
+# 77 GiB buffer, over one H200's 105 GiB with the rest (BUILD_NOTES, "Session 17"): half
+# the batch for twice the steps, the same tokens.
+declare -A settings=(
+  [source_h200.student_size]="--setting=per_domain=64 --setting=steps=1000"
+)
 [[ ${RG_JOBS:-1} =~ ^[1-9][0-9]*$ ]] || { echo "reproduce: RG_JOBS must be a positive integer, got '${RG_JOBS}'" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 mkdir -p "$root"
@@ -64,7 +71,9 @@ chain() {
     # An experiment already written is kept: started again, the script continues.
     [ -e "$workdir/experiments/$e.json" ] && continue
     if [ "$at_once" -eq 1 ]; then
-      python3 launch/experiment.py --experiment="$e" --config="$config" --workdir="$workdir" ${RG_FLAGS:-}
+      # shellcheck disable=SC2086  # settings[...] is a list of flags
+      python3 launch/experiment.py --experiment="$e" --config="$config" --workdir="$workdir" \
+        ${settings[$name.$e]:-} ${RG_FLAGS:-}
       continue
     fi
     while [ "$(jobs -rp | wc -l)" -ge "$at_once" ]; do wait -n || true; done
@@ -72,8 +81,9 @@ chain() {
     {
       rc=0 copy=$root/parallel/$name.$e
       rm -rf "$copy" && mkdir -p "$root/parallel" && cp -a "$workdir" "$copy"
+      # shellcheck disable=SC2086  # settings[...] is a list of flags
       python3 launch/experiment.py --experiment="$e" --config="$config" --workdir="$copy" \
-        ${RG_FLAGS:-} >"$root/$name.$e.log" 2>&1 || rc=$?
+        ${settings[$name.$e]:-} ${RG_FLAGS:-} >"$root/$name.$e.log" 2>&1 || rc=$?
       if [ $rc = 0 ]; then
         # Moved (a rename on one filesystem), the JSON last: it is the mark of a finished
         # experiment that a rerun skips, so it never stands beside a missing figure.

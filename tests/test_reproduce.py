@@ -28,12 +28,13 @@ DIGITS = (
 # job makes W; an experiment refuses a workdir another run holds (as workdirs.lock does),
 # looks 10 times, $STEP seconds apart, at how many experiments run ($RUNNING) and writes
 # the most it saw to $RUNNING.counts, then writes W/experiments/E.{json,png}. An
-# experiment named in $FAIL exits 1 instead.
+# experiment named in $FAIL exits 1 instead. Every call's arguments go to $RUNNING.args.
 _FAKE_PYTHON = r"""#!/usr/bin/env bash
 launcher=$1; shift
 for a in "$@"; do
   case $a in --experiment=*) e=${a#*=};; --workdir=*) w=${a#*=};; esac
 done
+echo "$launcher $*" >> "$RUNNING.args"
 if [ "$launcher" = launch/main.py ]; then mkdir -p "$w" && echo '{}' > "$w/results.json"; exit; fi
 mkdir "$w/lock" 2>/dev/null || { echo "another run is using the workdir $w" >&2; exit 3; }
 touch "$RUNNING/$e.$$"; most=0
@@ -47,7 +48,7 @@ touch "$w/experiments/$e.png"; rmdir "$w/lock"
 """
 
 
-def _reproduce(tmp_path, jobs, fail: str = "") -> subprocess.CompletedProcess:
+def _reproduce(tmp_path, jobs, fail: str = "", config="digits") -> subprocess.CompletedProcess:
   bin_dir, running = tmp_path / "bin", tmp_path / "running"
   bin_dir.mkdir()
   running.mkdir()
@@ -64,7 +65,7 @@ def _reproduce(tmp_path, jobs, fail: str = "") -> subprocess.CompletedProcess:
   # A session of its own, killed whole on a timeout: a broken pool must not leave its
   # background chain running after the test.
   with subprocess.Popen(
-    ["bash", str(SCRIPT), str(tmp_path / "root"), "digits"],
+    ["bash", str(SCRIPT), str(tmp_path / "root"), config],
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -121,3 +122,17 @@ def test_rg_jobs_that_is_not_a_positive_integer_is_one_clear_line(tmp_path, jobs
   assert run.returncode == 2
   assert run.stderr.strip() == f"reproduce: RG_JOBS must be a positive integer, got '{jobs}'"
   assert not (tmp_path / "root").exists()  # nothing started
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_an_experiments_settings_for_a_config_reach_its_launcher_and_no_other(tmp_path, jobs):
+  """source_h200's student_size gets half the batch for twice the steps (its 4× student
+  fits one H200 then); student_seeds on it, and the main job, get no settings."""
+  done = _reproduce(tmp_path, jobs, config="source_h200")
+  assert done.returncode == 0, done.stderr
+  calls = (tmp_path / "running.args").read_text().splitlines()
+  with_settings = [c for c in calls if "--setting=" in c]
+  assert len(with_settings) == 1, calls
+  assert "--experiment=student_size " in with_settings[0]
+  assert "--setting=per_domain=64 --setting=steps=1000" in with_settings[0]
+  assert any("--experiment=student_seeds" in c for c in calls)
