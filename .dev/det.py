@@ -17,7 +17,11 @@ Run it twice, in separate processes, and compare the sha1 values (equal = bitwis
 deterministic; on CPU they should match):
 
   PYTHONPATH=src python3 .dev/det.py [--steps 200]
-  XLA_FLAGS=--xla_gpu_deterministic_ops=true PYTHONPATH=src python3 .dev/det.py
+  XLA_FLAGS=--xla_gpu_autotune_level=0 PYTHONPATH=src python3 .dev/det.py
+
+On one H200 (jax 0.11.2) the monolithic digest differed between processes by default
+and repeated with autotuning off; --xla_gpu_deterministic_ops=true stopped that jaxlib
+at start-up (BUILD_NOTES, session 19).
 """
 
 import argparse

@@ -7,7 +7,8 @@ if [ ! -e /tmp/site/.done ]; then
     --target /tmp/site .whl/*.whl && touch /tmp/site/.done || return 1
 fi
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/.wfqs_min
-export ROBUST_GATE_COMMIT=$(cat .dev/COMMIT)
+ROBUST_GATE_COMMIT=$(cat .dev/COMMIT) && [ -n "$ROBUST_GATE_COMMIT" ] || { echo "env: no .dev/COMMIT"; return 1; }
+export ROBUST_GATE_COMMIT
 export PYTHONUNBUFFERED=1
 # The wheels of googleapis-common-protos and tensorflow-metadata check the protobuf
 # runtime at import; the image's may be older than they ask.

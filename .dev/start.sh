@@ -5,6 +5,7 @@
 #   bash .dev/start.sh .dev/plans/NAME.sh
 set -eu
 plan=${1:?usage: start.sh PLAN}
+[ -r "$plan" ] || { echo "start: no plan $plan"; exit 1; }
 [ -e /tmp/logs/chain.log ] && { echo "start: a chain already ran on this machine"; exit 1; }
 rm -rf /tmp/repo && cp -a . /tmp/repo && cd /tmp/repo
 # shellcheck disable=SC1091

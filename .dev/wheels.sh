@@ -17,5 +17,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 python3 -m pip wheel -q --no-deps promise==2.3 -w .whl  # no wheel on PyPI
 python3 -m pip install -q --no-deps --no-compile --target .wfqs_min wordfreq==3.1.1 ftfy==6.3.1 \
   langcodes==3.5.1 locate==1.1.1 wcwidth==0.9.4
-find .wfqs_min/wordfreq/data -type f ! -name 'small_[edfp][neirl].msgpack.gz' -delete
+find .wfqs_min/wordfreq/data -type f ! -regex '.*/small_\(en\|de\|fr\|es\|fi\|pl\)\.msgpack\.gz' -delete
 du -sh .whl .wfqs_min
